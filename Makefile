@@ -1,0 +1,31 @@
+# The whole setup is two commands: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-fast demo bench lint clean
+
+install: $(STAMP)
+
+# Reinstall only when the dependency list changes; `make install` is idempotent.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+demo: install
+	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no job/train.py --config job/configs/demo.yaml
+
+bench: install
+	$(BIN)/python bench/data_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

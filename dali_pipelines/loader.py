@@ -1,0 +1,151 @@
+"""The iterator the training loop sees: ``(images, labels)`` torch batches from a DALI pipeline,
+with its length per epoch, its sample counts, and ``set_epoch(epoch, start_step)`` for resume.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from dali_pipelines import sampling
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """How to turn samples into model inputs; the same for the train and eval loaders of a run."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    channels_last: bool = False
+    num_threads: int = 2
+    device_id: int | None = None  # CUDA device for the GPU pipeline; None = CPU-only pipeline
+    prefetch: int = 2  # batches DALI prepares ahead of the loop
+
+
+class _BatchSource:
+    """Callable for ``fn.external_source``: returns the next planned batch, then StopIteration."""
+
+    def __init__(self, images, files, labels, train: bool):
+        self.images, self.files, self.labels, self.train = images, files, labels, train
+        self.plan: list[np.ndarray] = []
+        self.order: np.ndarray | None = None
+        self.aug: sampling.Augmentation | None = None
+        self.cursor = 0
+
+    def __call__(self):
+        if self.cursor >= len(self.plan):
+            raise StopIteration
+        positions = self.plan[self.cursor]
+        self.cursor += 1
+        idx = self.order[positions] if self.order is not None else positions
+        if self.images is not None:
+            # Sorted reads are friendlier to the page cache; the batch order is restored after.
+            sort = np.argsort(idx, kind="stable")
+            batch = np.empty((len(idx), *self.images.shape[1:]), dtype=self.images.dtype)
+            batch[sort] = self.images[idx[sort]]
+        else:
+            batch = [np.fromfile(self.files[i], dtype=np.uint8) for i in idx]
+        out = (batch, self.labels[idx].astype(np.int64))
+        if self.train:
+            out += (self.aug.shift[positions], self.aug.flip[positions])
+        return out
+
+
+class DaliLoader:
+    """Shards, shuffles and augments one split for one rank (rules in dali_pipelines/sampling.py).
+
+    Give it ``images`` (N, H, W, 3) uint8 (may be a memmap) or ``files`` (encoded JPEG/PNG paths),
+    plus ``labels``. Iterate after ``set_epoch(epoch, start_step)``; ``len()`` is the number of
+    batches this rank yields in a full epoch.
+    """
+
+    def __init__(self, *, labels: np.ndarray, spec: LoaderSpec, train: bool, batch_size: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0,
+                 images: np.ndarray | None = None, files: Sequence[str | Path] | None = None):
+        if (images is None) == (files is None):
+            raise ValueError("give exactly one of images= or files=")
+        self.spec, self.train, self.batch_size, self.seed = spec, train, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.num_samples = len(labels)
+        self._source = _BatchSource(images, [str(f) for f in files] if files is not None else None,
+                                    np.asarray(labels), train)
+        self._full_plan = self._plan()
+        self._iterator = None
+        self._exhausted = True
+        self.epoch, self.start_step = 0, 0
+
+    # -- sizes ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._full_plan)
+
+    @property
+    def local_samples(self) -> int:
+        """Samples this rank yields in a full epoch."""
+        return int(sum(len(b) for b in self._full_plan))
+
+    # -- epochs -----------------------------------------------------------------------------
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Prepare epoch ``epoch`` starting at batch ``start_step`` (resume mid-epoch)."""
+        if not 0 <= start_step <= len(self):
+            raise ValueError(f"start_step {start_step} outside [0, {len(self)}]")
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        src = self._source
+        if self.train:
+            src.order = sampling.epoch_permutation(self.num_samples, self.seed, self.epoch)
+            src.aug = sampling.epoch_augmentation(self.num_samples, self.seed, self.epoch)
+            src.plan = sampling.train_batches(self.num_samples, self.world_size, self.rank,
+                                              self.batch_size, src.order)
+        else:
+            src.plan = self._full_plan
+        src.plan = src.plan[self.start_step:]
+        src.cursor = 0
+        if not src.plan:
+            return
+        self._start()
+        for data in self._iterator:
+            images, labels = data[0]["images"], data[0]["labels"].view(-1)
+            if self.spec.channels_last:  # NHWC memory seen as NCHW: channels_last, no copy
+                images = images.permute(0, 3, 1, 2)
+            if self.spec.dtype == "bfloat16":  # DALI has no bfloat16 output; cast where it lives
+                images = images.to(torch.bfloat16)
+            yield images, labels
+        self._exhausted = True
+
+    def _plan(self) -> list[np.ndarray]:
+        if self.train:
+            return sampling.train_batches(self.num_samples, self.world_size, self.rank, self.batch_size,
+                                          np.arange(self.num_samples))
+        return sampling.eval_batches(self.num_samples, self.world_size, self.rank, self.batch_size)
+
+    def _start(self) -> None:
+        """(Re)start the DALI pipeline on the freshly planned epoch."""
+        if self._iterator is not None and self._exhausted:
+            self._exhausted = False
+            self._iterator.reset()
+            return
+        # First epoch, or the previous one was abandoned midway (its prefetched batches are stale).
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        from dali_pipelines.pipelines import image_pipeline
+
+        spec = self.spec
+        pipe = image_pipeline(
+            self._source, train=self.train, encoded=self._source.files is not None,
+            image_size=spec.image_size, mean=spec.mean, std=spec.std,
+            dtype="float32" if spec.dtype == "bfloat16" else spec.dtype,
+            layout="HWC" if spec.channels_last else "CHW",
+            device="cpu" if spec.device_id is None else "gpu",
+            batch_size=self.batch_size + 1,  # a balanced tail batch may hold one extra sample
+            num_threads=spec.num_threads, device_id=spec.device_id, seed=self.seed,
+            prefetch_queue_depth=spec.prefetch)
+        self._iterator = DALIGenericIterator(pipe, ["images", "labels"], size=-1, auto_reset=False)
+        self._exhausted = False

@@ -1,0 +1,53 @@
+"""DALI pipeline graphs: one definition for training and evaluation, raw pixels or encoded files,
+CPU or GPU. Only ``device`` changes between CPU and GPU, so both paths share every operator.
+
+Why ``fn.external_source`` fed from NumPy (and not a DALI reader): CIFAR's raw pixels are a
+150 MB memory-mapped uint8 array; gathering a batch of 32x32 images by index costs microseconds,
+and only those 3 KB images cross PCIe on a GPU machine, where the upscale to 299x299, the flip,
+the normalization and the float conversion then run. The 299x299 float tensors never exist on
+the host. Feeding indices we computed ourselves (dali_pipelines/sampling.py) also gives exact
+rank sharding, per-epoch reshuffles that are identical on every rank, and augmentation
+parameters that are a pure function of (seed, epoch, sample), hence exact mid-epoch resume,
+which DALI's readers (random shuffle buffer, own sharding) cannot promise.
+"""
+from __future__ import annotations
+
+import numpy as np
+from nvidia.dali import fn, pipeline_def, types
+
+_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}
+
+
+@pipeline_def
+def image_pipeline(source, *, train: bool, encoded: bool, image_size: int, mean: tuple[float, ...],
+                   std: tuple[float, ...], dtype: str = "float32", layout: str = "CHW",
+                   device: str = "cpu"):
+    """Batches of (normalized images, labels).
+
+    ``source`` returns per batch: images (uint8 HWC arrays, or encoded file bytes), labels and,
+    when ``train``, a (2,) float shift per sample (fraction of the side, zero padded) and an
+    int32 flip flag. ``mean``/``std`` are in [0, 1] units (timm's pretrained config).
+    """
+    outputs = fn.external_source(source=source, num_outputs=4 if train else 2, batch=True,
+                                 layout=[None if encoded else "HWC", None, None, None][: 4 if train else 2])
+    images, labels = outputs[0], outputs[1]
+    if encoded:
+        images = fn.decoders.image(images, device="mixed" if device == "gpu" else "cpu",
+                                   output_type=types.RGB)
+    elif device == "gpu":
+        images = images.gpu()  # upload the small uint8 image; everything after runs on the GPU
+    mirror = 0
+    if train:
+        shift, mirror = outputs[2], outputs[3]
+        # Random crop with zero padding, expressed as a translation of the whole image so that it
+        # means the same thing for 32x32 CIFAR and for folder images of any size.
+        images = fn.slice(images, shift, np.array([1.0, 1.0], dtype=np.float32), axis_names="WH",
+                          normalized_anchor=True, normalized_shape=True,
+                          out_of_bounds_policy="pad", fill_values=0)
+    images = fn.resize(images, resize_x=image_size, resize_y=image_size,
+                       interp_type=types.INTERP_LINEAR)
+    images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=_DTYPES[dtype], output_layout=layout,
+                                      mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
+    if device == "gpu":
+        labels = labels.gpu()
+    return images, labels
