@@ -394,8 +394,8 @@ def _synthetic_images(rng: np.random.Generator, n: int, num_classes: int) -> tup
     hue = labels / num_classes * 2 * np.pi
     tint = np.stack([np.cos(hue), np.cos(hue - 2.1), np.cos(hue + 2.1)], axis=1)  # (n, 3)
     brightness = rng.uniform(0.7, 1.3, size=(n, 1, 1, 1))
-    img = 128 + brightness * (50 * wave[:, None] + 30 * tint[:, :, None, None])
-    img += rng.normal(0, 20, size=img.shape)
+    img = 128 + brightness * (28 * wave[:, None] + 14 * tint[:, :, None, None])
+    img += rng.normal(0, 45, size=img.shape)
     data = np.clip(img, 0, 255).astype(np.uint8).reshape(n, 3 * 32 * 32)  # channel-major rows
     return data, labels.astype(np.int64)
 
@@ -436,3 +436,25 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ----------------------------------------------------------------------------- loaders
+
+def prepare_from_config(cfg) -> Store:
+    """The store for a run's ``DataConfig`` (prepared if missing or stale)."""
+    store, _ = prepare(cfg.source, cfg.root, Path(cfg.prepared_dir) / cfg.source,
+                       val_fraction=cfg.val_fraction, seed=cfg.split_seed, download=cfg.download,
+                       num_train=cfg.synthetic_train, num_test=cfg.synthetic_test)
+    return store
+
+
+def make_loader(store: Store, split: str, spec, *, train: bool, batch_size: int, rank: int,
+                world_size: int, seed: int):
+    """A DaliLoader over one split of ``store`` for one rank."""
+    from dali_pipelines.loader import DaliLoader
+
+    data = store.split(split)
+    if len(data) == 0:
+        raise DataError(f"{store.path}: split {split!r} is empty; check data.val_fraction and the source")
+    return DaliLoader(labels=data.labels, images=data.images, files=data.files, spec=spec, train=train,
+                      batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)

@@ -1,0 +1,262 @@
+"""The run's configuration: typed sections with their defaults, loaded as defaults < YAML < CLI.
+
+Command-line overrides are ``section.key=value`` words after the options, the value parsed as
+YAML: ``train.epochs=3 model.head_hidden=[512,256] model.weights=null``. Unknown keys and bad
+values are errors that list what is valid. Cluster facts (ranks, addresses) and secrets
+(``WANDB_API_KEY``) come from the environment, never from here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says what is valid."""
+
+
+@dataclass
+class DataConfig:
+    source: Literal["cifar10", "folder", "synthetic"] = "cifar10"
+    # cifar10: cifar-10-batches-py dir or cifar-10-python.tar.gz (the download dir with
+    # download=true); folder: dir with train/ and test/ (optional val/); synthetic: where the
+    # generated batches go (default: beside the prepared store).
+    root: str | None = None
+    download: bool = False  # cifar10 only: fetch and md5-verify the official tarball into root
+    prepared_dir: str = "data/prepared"  # the prepared store lives in {prepared_dir}/{source}
+    image_size: int | None = None  # pixels per side; None = the model's pretrained input size (299)
+    batch_size: int = 64  # images per process per step (global batch = batch_size x processes)
+    val_fraction: float = 0.1  # of train, stratified; an explicit val/ folder wins
+    split_seed: int = 0  # seed of the validation split (and of synthetic data)
+    num_threads: int = 4  # DALI CPU worker threads per process
+    synthetic_train: int = 5000  # images generated for source=synthetic (train + val)
+    synthetic_test: int = 1000
+
+
+@dataclass
+class ModelConfig:
+    name: str = "inception_resnet_v2"  # any timm model name
+    pretrained: bool = True  # ImageNet weights: from `weights` if set, else the Hugging Face Hub
+    weights: str | None = None  # local .safetensors or PyTorch state dict, for offline clusters
+    head_hidden: list[int] = field(default_factory=lambda: [512])  # dense->BN->act->dropout blocks
+    head_dropout: float = 0.3  # after pooling and after each hidden block
+    head_activation: Literal["relu", "gelu", "silu"] = "relu"
+
+
+@dataclass
+class TrainConfig:
+    strategy: Literal["feature_extraction", "finetune", "two_stage"] = "finetune"
+    head_epochs: int = 1  # two_stage: epochs with the backbone frozen before everything trains
+    epochs: int = 10
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 on a GPU that has it
+    seed: int = 0  # model init, dropout, shuffling and augmentation
+    output_dir: str = "runs/default"
+    resume: str = "auto"  # auto (latest checkpoint in output_dir, if any) | never | a checkpoint dir
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping
+    compile: bool = False  # torch.compile the model (GPU runs; minutes of warm-up)
+    channels_last: bool = False  # NHWC memory format end to end (faster convolutions on GPUs)
+    keep_checkpoints: int = 2  # most recent checkpoints kept in output_dir/checkpoints
+    log_every: int = 20  # optimizer steps between step-level logs (each costs one host sync)
+    signal_check_every: int = 10  # steps between cross-rank checks for SIGTERM (one sync each)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw", "adam"] = "sgd"  # sgd = SGD with Nesterov momentum
+    lr: float = 0.01  # peak learning rate for the head, per optimizer step (not scaled by world size)
+    backbone_lr_scale: float = 0.1  # backbone LR = lr x this (finetune, two_stage)
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 1e-4  # not applied to biases and norm parameters
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "step", "plateau"] = "cosine"
+    warmup_epochs: float = 1.0  # linear warm-up from warmup_lr, stepped per optimizer update
+    warmup_lr: float = 1e-5
+    min_lr: float = 1e-6  # cosine floor; plateau never decays below it
+    decay_epochs: float = 3.0  # step: decay every this many epochs
+    decay_rate: float = 0.1  # step and plateau: LR multiplier at each decay
+    plateau_patience: int = 2  # plateau: epochs without val improvement before a decay
+
+
+@dataclass
+class EarlyStoppingConfig:
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    patience: int = 5  # epochs without improvement before stopping; 0 disables early stopping
+    min_delta: float = 0.0  # smallest change that counts as an improvement
+
+
+@dataclass
+class TrackingConfig:
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "cifar-transfer"
+    entity: str | None = None
+    run_name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then ``section.key=value`` overrides; validated."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        section, name = key.split(".", 1)
+        if not isinstance(raw.setdefault(section, {}), dict):
+            raise ConfigError(f"section {section!r} must be a mapping")
+        try:
+            raw[section][name] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raw[section][name] = value
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """A Config from a saved ``config.yaml`` mapping (e.g. a finished run's)."""
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _build(cls, raw: dict[str, Any], prefix: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"section {prefix.rstrip('.')!r}" if prefix else "the config"
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + u for u in unknown)} in {where}; "
+                          f"valid keys: {', '.join(prefix + k for k in fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name} must be a mapping of keys, got {value!r}")
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, e.g. {key}=[512,256]; got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {hint} for {key}")  # a bug in this module
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types cannot express."""
+    checks = [
+        (cfg.data.image_size is None or cfg.data.image_size >= 16, "data.image_size must be >= 16 (or null for the model's size)"),
+        (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
+        (0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)"),
+        (cfg.data.num_threads >= 1, "data.num_threads must be >= 1"),
+        (cfg.data.source != "folder" or cfg.data.root, "data.root is required for data.source=folder"),
+        (not cfg.data.download or cfg.data.source == "cifar10", "data.download only applies to data.source=cifar10"),
+        (all(h >= 1 for h in cfg.model.head_hidden), "model.head_hidden sizes must be >= 1"),
+        (0.0 <= cfg.model.head_dropout < 1.0, "model.head_dropout must be in [0, 1)"),
+        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.train.strategy != "two_stage" or 1 <= cfg.train.head_epochs < cfg.train.epochs,
+         "train.head_epochs must be in [1, train.epochs) for train.strategy=two_stage"),
+        (cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
+        (cfg.train.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)"),
+        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (cfg.train.log_every >= 1 and cfg.train.signal_check_every >= 1,
+         "train.log_every and train.signal_check_every must be >= 1"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (cfg.optim.backbone_lr_scale >= 0, "optim.backbone_lr_scale must be >= 0"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (0.0 <= cfg.optim.label_smoothing < 1.0, "optim.label_smoothing must be in [0, 1)"),
+        (cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs must be >= 0"),
+        (cfg.schedule.min_lr >= 0 and cfg.schedule.warmup_lr >= 0, "schedule.min_lr and warmup_lr must be >= 0"),
+        (cfg.schedule.decay_epochs > 0, "schedule.decay_epochs must be > 0"),
+        (0 < cfg.schedule.decay_rate < 1, "schedule.decay_rate must be in (0, 1)"),
+        (cfg.early_stopping.patience >= 0, "early_stopping.patience must be >= 0 (0 disables it)"),
+        (cfg.early_stopping.min_delta >= 0, "early_stopping.min_delta must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if cfg.train.resume not in ("auto", "never") and not Path(cfg.train.resume).is_dir():
+        raise ConfigError(f"train.resume={cfg.train.resume!r}: not a checkpoint directory; use auto, never or a path")
+
+
+def parse_args(argv: list[str] | None = None, description: str = "") -> Config:
+    """``--config FILE.yaml`` plus ``section.key=value`` overrides -> a validated Config."""
+    parser = argparse.ArgumentParser(description=description,
+                                     epilog="overrides: section.key=value (YAML values), e.g. "
+                                            "train.epochs=3 data.batch_size=128 model.head_hidden=[1024,512]")
+    parser.add_argument("--config", help="YAML file with config sections (see job/configs/)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides)

@@ -1,0 +1,49 @@
+"""Optimizer and LR schedule from timm's factories, with per-part parameter groups."""
+from __future__ import annotations
+
+import torch
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
+
+from job.config import OptimConfig, ScheduleConfig
+from job.model import TransferModel
+
+
+def build_optimizer(model: TransferModel, cfg: OptimConfig, train_backbone: bool) -> torch.optim.Optimizer:
+    """Head groups at ``lr``; backbone groups at ``lr * backbone_lr_scale`` (timm's ``lr_scale``,
+    which its schedulers honour). No weight decay on biases and norm parameters.
+
+    Build it before freezing anything: timm skips parameters that do not require gradients,
+    and ``two_stage`` needs the backbone groups present from the start.
+    """
+    groups = param_groups_weight_decay(model.head, cfg.weight_decay)
+    if train_backbone:
+        for group in param_groups_weight_decay(model.backbone, cfg.weight_decay):
+            groups.append({**group, "lr_scale": cfg.backbone_lr_scale})
+    groups = [g for g in groups if g["params"]]
+    kwargs = {"momentum": cfg.momentum} if cfg.name == "sgd" else {}
+    # timm's "sgd" is SGD with Nesterov momentum.
+    return create_optimizer_v2(groups, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, *, epochs: int,
+                    updates_per_epoch: int, plateau_mode: str) -> Scheduler:
+    """cosine and step are stepped per optimizer update (``step_update``); plateau per epoch
+    with the validation metric (``step(epoch, metric)``)."""
+    per_update = cfg.name != "plateau"
+    # warmup_prefix: warm up first, then decay over the remaining epochs, so the peak LR is
+    # reached at the end of warm-up and the schedule ends exactly at `epochs`.
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.name, num_epochs=max(epochs - cfg.warmup_epochs, 1e-9) if per_update else epochs,
+        warmup_prefix=per_update, decay_epochs=cfg.decay_epochs,
+        decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
+        warmup_epochs=cfg.warmup_epochs, patience_epochs=cfg.plateau_patience,
+        plateau_mode=plateau_mode, step_on_epochs=not per_update,
+        updates_per_epoch=updates_per_epoch if per_update else 0)
+    return scheduler
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The head's learning rate (the first group's), the one the config's ``lr`` names."""
+    return float(optimizer.param_groups[0]["lr"])

@@ -1,0 +1,57 @@
+"""Top-5 classes of image files with a finished run's best model; one JSON line per image.
+
+    python job/predict.py --run runs/demo path/to/cat.jpg path/to/ship.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+
+from dali_pipelines.loader import DaliLoader, LoaderSpec
+from job.data import IMAGE_EXTENSIONS, _check_image
+from job.model import WeightsError, load_trained
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="output_dir of a training run")
+    parser.add_argument("images", nargs="+", help=f"image files ({', '.join(IMAGE_EXTENSIONS)})")
+    parser.add_argument("--top", type=int, default=5)
+    args = parser.parse_args(argv)
+    try:
+        model, meta = load_trained(args.run)
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in args.images:
+        problem = None if Path(path).is_file() else f"{path}: no such file"
+        problem = problem or _check_image(path)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+    # The same DALI evaluation pipeline as training: identical decode, resize and normalization.
+    spec = LoaderSpec(image_size=meta["image_size"], mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+    loader = DaliLoader(labels=np.zeros(len(args.images), dtype=np.int64), files=args.images, spec=spec,
+                        train=False, batch_size=32)
+    names, k = meta["classes"], min(args.top, meta["num_classes"])
+    paths = iter(args.images)
+    with torch.no_grad():
+        for images, _ in loader:
+            probabilities = model(images).softmax(dim=1)
+            top = probabilities.topk(k, dim=1)
+            for p, idx in zip(top.values.tolist(), top.indices.tolist()):
+                print(json.dumps({"image": next(paths), "top": [{"class": names[i], "probability": round(q, 6)}
+                                                                for i, q in zip(idx, p)]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
