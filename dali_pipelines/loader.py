@@ -102,11 +102,7 @@ class DaliLoader:
         if self.train:
             src.order = sampling.epoch_permutation(self.num_samples, self.seed, self.epoch)
             src.aug = sampling.epoch_augmentation(self.num_samples, self.seed, self.epoch)
-            src.plan = sampling.train_batches(self.num_samples, self.world_size, self.rank,
-                                              self.batch_size, src.order)
-        else:
-            src.plan = self._full_plan
-        src.plan = src.plan[self.start_step:]
+        src.plan = self._full_plan[self.start_step:]
         src.cursor = 0
         if not src.plan:
             return
@@ -122,8 +118,7 @@ class DaliLoader:
 
     def _plan(self) -> list[np.ndarray]:
         if self.train:
-            return sampling.train_batches(self.num_samples, self.world_size, self.rank, self.batch_size,
-                                          np.arange(self.num_samples))
+            return sampling.train_batches(self.num_samples, self.world_size, self.rank, self.batch_size)
         return sampling.eval_batches(self.num_samples, self.world_size, self.rank, self.batch_size)
 
     def _start(self) -> None:

@@ -39,9 +39,8 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0]).permutation(num_samples)
 
 
-def train_batches(num_samples: int, world_size: int, rank: int, batch_size: int,
-                  order: np.ndarray) -> list[np.ndarray]:
-    """Positions into ``order`` that ``rank`` reads, one array per step (see module docstring)."""
+def train_batches(num_samples: int, world_size: int, rank: int, batch_size: int) -> list[np.ndarray]:
+    """Positions in the epoch permutation that ``rank`` reads, one array per step (module docstring)."""
     _check_shard_args(num_samples, world_size, rank, batch_size)
     if num_samples < world_size:
         raise ValueError(
@@ -53,9 +52,10 @@ def train_batches(num_samples: int, world_size: int, rank: int, batch_size: int,
     if num_samples - tail_start < world_size:  # a rank would get an empty last batch
         steps -= 1
         tail_start -= global_batch
-    batches = [order[s * global_batch + rank * batch_size: s * global_batch + (rank + 1) * batch_size]
+    positions = np.arange(num_samples)
+    batches = [positions[s * global_batch + rank * batch_size: s * global_batch + (rank + 1) * batch_size]
                for s in range(steps - 1)]
-    batches.append(np.array_split(order[tail_start:], world_size)[rank])
+    batches.append(np.array_split(positions[tail_start:], world_size)[rank])
     return batches
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch
 from accelerate import Accelerator
 
 from dali_pipelines.loader import LoaderSpec
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--batch-size", type=int, default=128, help="images per process per step")
     args = parser.parse_args(argv)
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     try:
         model, meta = load_trained(args.run)
         store = load_store(meta["store"])

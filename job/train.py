@@ -45,6 +45,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     return Accelerator(
+        cpu=not torch.cuda.is_available(),  # without it, N CPU processes would each run alone
         mixed_precision=precision,
         # two_stage unfreezes the backbone after DDP has wrapped the model: DDP must register
         # every parameter up front and tolerate the frozen ones getting no gradient meanwhile.
