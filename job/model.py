@@ -3,7 +3,6 @@ and where the pretrained weights come from (Hugging Face Hub or a local file, ne
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +11,6 @@ from torch import nn
 
 from job.config import ModelConfig
 
-log = logging.getLogger(__name__)
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
@@ -124,7 +122,6 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
         raise WeightsError(f"model.name={cfg.name!r} is not a timm model; see timm.list_models()")
     kwargs = dict(num_classes=0, global_pool="")
     if not cfg.pretrained:
-        log.warning("model.pretrained=false: the %s backbone starts from random weights", cfg.name)
         return timm.create_model(cfg.name, pretrained=False, **kwargs)
     if cfg.weights:
         path = Path(cfg.weights)

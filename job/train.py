@@ -71,6 +71,8 @@ def fit(cfg: Config) -> int:
 
     # ---- model
     model, prep = create_model(cfg.model, num_classes)
+    if not cfg.model.pretrained:
+        accelerator.print(f"model.pretrained=false: the {cfg.model.name} backbone starts from random weights")
     image_size = cfg.data.image_size or prep.image_size
     spec = LoaderSpec(image_size=image_size, mean=prep.mean, std=prep.std, channels_last=cfg.train.channels_last,
                       num_threads=cfg.data.num_threads,
