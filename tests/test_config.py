@@ -1,0 +1,88 @@
+"""Config loading: defaults < YAML < CLI, and every invalid value rejected with a clear message."""
+import pytest
+import yaml
+
+from job.config import Config, ConfigError, config_from_dict, load_config
+
+
+def test_defaults_are_the_products_defaults():
+    cfg = load_config()
+    assert cfg.model.name == "inception_resnet_v2" and cfg.model.pretrained
+    assert cfg.data.image_size is None and cfg.data.val_fraction == 0.1
+    assert cfg.train.strategy == "finetune" and cfg.train.resume == "auto"
+
+
+def test_yaml_then_overrides_win(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"epochs": 7, "strategy": "two_stage"}, "optim": {"lr": 0.5}}))
+    cfg = load_config(path, ["train.epochs=3", "model.head_hidden=[1024,512,256]", "model.weights=null",
+                             "optim.lr=1e-3", "tracking.tags=[a,b]", "data.root=/x/y"])
+    assert cfg.train.epochs == 3 and cfg.train.strategy == "two_stage"
+    assert cfg.model.head_hidden == [1024, 512, 256] and cfg.model.weights is None
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.tracking.tags == ["a", "b"] and cfg.data.root == "/x/y"
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.epochs=4", "schedule.name=plateau"])
+    cfg.save(tmp_path / "config.yaml")
+    again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert again == cfg and isinstance(again, Config)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.epoch=3", "unknown key.*train.epoch.*valid keys: train.strategy"),
+    ("trian.epochs=3", "unknown key.*trian"),
+    ("train.strategy=freeze", "choose one of feature_extraction, finetune, two_stage"),
+    ("optim.name=lion", "choose one of sgd, adamw, adam"),
+    ("schedule.name=linear", "choose one of cosine, step, plateau"),
+    ("train.mixed_precision=fp8", "choose one of auto, bf16, fp16, no"),
+    ("early_stopping.metric=accuracy", "choose one of val_accuracy, val_loss"),
+    ("tracking.wandb=yes", "choose one of auto, online, offline, disabled"),
+    ("data.source=imagenet", "choose one of cifar10, folder, synthetic"),
+    ("train.epochs=three", "train.epochs must be an integer"),
+    ("train.epochs=2.5", "train.epochs must be an integer"),
+    ("model.pretrained=maybe", "model.pretrained must be true or false"),
+    ("model.head_hidden=512", "must be a list"),
+    ("model.head_hidden=[512,x]", r"model.head_hidden\[1\] must be an integer"),
+    ("train.epochs=0", "train.epochs must be >= 1"),
+    ("data.batch_size=0", "data.batch_size must be >= 1"),
+    ("data.val_fraction=1.0", r"data.val_fraction must be in \[0, 1\)"),
+    ("optim.lr=-1", "optim.lr must be > 0"),
+    ("model.head_dropout=1.5", "head_dropout"),
+    ("data.image_size=8", "data.image_size must be >= 16"),
+    ("train.resume=/does/not/exist", "not a checkpoint directory"),
+    ("epochs=3", "section.key=value"),
+])
+def test_invalid_values_are_rejected_with_the_fix(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="head_epochs must be in"):
+        load_config(None, ["train.strategy=two_stage", "train.epochs=2", "train.head_epochs=2"])
+    with pytest.raises(ConfigError, match="data.root is required"):
+        load_config(None, ["data.source=folder"])
+    with pytest.raises(ConfigError, match="download only applies"):
+        load_config(None, ["data.source=synthetic", "data.download=true"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("train: {epochs: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_presets_load(tmp_path):
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).parent.parent / "job" / "configs").glob("*.yaml"))
+    assert {p.stem for p in presets} >= {"demo", "feature_extraction", "finetune"}
+    for preset in presets:
+        load_config(preset)
