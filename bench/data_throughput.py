@@ -1,0 +1,92 @@
+"""Images/s of the DALI training pipeline vs a torchvision DataLoader doing the same work.
+
+Both produce the same thing from the same uint8 32x32 CIFAR arrays: random crop with 4-pixel
+zero padding, horizontal flip, bilinear resize to --size, normalization, NCHW float32 batches,
+with the same number of CPU threads (DALI) / worker processes (DataLoader). Measured in the
+same run, alternating, so a noisy machine affects both alike.
+
+    python bench/data_throughput.py [--size 299] [--batch-size 64] [--workers 2] [--batches 40]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from dali_pipelines.loader import DaliLoader, LoaderSpec
+from job.data import prepare
+
+MEAN = STD = (0.5, 0.5, 0.5)  # Inception-ResNet-V2
+
+
+class CifarArrays(Dataset):
+    def __init__(self, images, labels, size: int):
+        self.images, self.labels = images, labels
+        self.transform = v2.Compose([
+            v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(),
+            v2.Resize((size, size), interpolation=v2.InterpolationMode.BILINEAR, antialias=False),
+            v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image = torch.from_numpy(self.images[i].copy()).permute(2, 0, 1)  # CHW uint8
+        return self.transform(image), int(self.labels[i])
+
+
+def images_per_second(batches, limit: int, warmup: int = 3) -> float:
+    it = iter(batches)
+    for _ in range(warmup):
+        next(it)
+    n, start = 0, time.perf_counter()
+    for _ in range(limit):
+        images, _ = next(it)
+        n += images.shape[0]
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", type=int, default=299)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="DALI threads = DataLoader workers")
+    p.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    torch.set_num_threads(1)  # the workers/threads do the work; keep the main process out of it
+    with tempfile.TemporaryDirectory() as tmp:
+        store, _ = prepare("synthetic", Path(tmp) / "src", Path(tmp) / "store", num_train=5000, num_test=100)
+        train = store.split("train")
+        dali = DaliLoader(labels=train.labels, images=train.images, train=True, batch_size=args.batch_size,
+                          spec=LoaderSpec(image_size=args.size, mean=MEAN, std=STD, num_threads=args.workers))
+        torch_loader = DataLoader(CifarArrays(train.images, train.labels, args.size), batch_size=args.batch_size,
+                                  shuffle=True, num_workers=args.workers, drop_last=True, persistent_workers=True,
+                                  prefetch_factor=2)
+        x, _ = next(iter(dali))
+        y, _ = next(iter(torch_loader))
+        assert x.shape == y.shape and x.dtype == y.dtype, (x.shape, y.shape)
+        results = {"dali": [], "torchvision": []}
+        for repeat in range(args.repeats):
+            dali.set_epoch(repeat)
+            results["dali"].append(images_per_second(dali, args.batches))
+            results["torchvision"].append(images_per_second(torch_loader, args.batches))
+    print(f"{'pipeline':<14}{'images/s (median)':>20}{'runs':>40}")
+    for name, values in results.items():
+        print(f"{name:<14}{statistics.median(values):>20.1f}{'  '.join(f'{v:.1f}' for v in values):>40}")
+    print(f"output: {args.batch_size}x3x{args.size}x{args.size} float32, {args.workers} threads/workers")
+    ratio = statistics.median(results["dali"]) / statistics.median(results["torchvision"])
+    print(f"ratio dali/torchvision = {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The real entry points end to end on CPU: train, evaluate, predict, 2 processes, SIGTERM + resume."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import CIFAR_MINI, FOLDER_MINI, PYTHON, REPO, accelerate_launch, run
+
+pytestmark = pytest.mark.slow
+
+
+def small_run(out: Path, prepared: Path, *extra: str) -> list[str]:
+    """Real CIFAR-10 samples, a small timm model at 32x32: seconds per epoch on 2 cores."""
+    return ["--config", "job/configs/demo.yaml", f"train.output_dir={out}", "data.source=cifar10",
+            f"data.root={CIFAR_MINI}", f"data.prepared_dir={prepared}", "data.num_threads=1",
+            "model.name=test_resnet", "model.head_hidden=[64]", "model.head_dropout=0.1", "optim.name=adamw",
+            "optim.lr=0.003", "optim.weight_decay=0.01", "tracking.wandb=disabled", "train.log_every=5", *extra]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return tmp_path_factory.mktemp("prepared")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, prepared):
+    out = tmp_path_factory.mktemp("run") / "cifar"
+    run([PYTHON, "job/train.py", *small_run(out, prepared, "train.epochs=8", "early_stopping.patience=0")])
+    return out
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_learns_well_above_chance_and_writes_every_output(trained):
+    m = _metrics(trained)
+    assert m["test_accuracy"] > 0.30, m["test_accuracy"]  # chance is 0.10; ~0.45 measured
+    assert m["test_samples"] == 1000 and m["world_size"] == 1 and m["epochs_completed"] == 8
+    assert not m["stopped_early"] and m["train_images_per_second"] > 0
+    assert sum(sum(row) for row in m["confusion_matrix"]) == 1000
+    history = [json.loads(line) for line in (trained / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == list(range(8))
+    for key in ("lr", "train_loss", "val_loss", "val_accuracy", "epoch_seconds", "images_per_second"):
+        assert all(key in h for h in history)
+    assert all(h["val_samples"] == 200 and h["train_samples"] == 1800 for h in history)
+    assert m["best_val_accuracy"] == max(h["val_accuracy"] for h in history)
+    assert m["best_epoch"] == max(range(8), key=lambda e: (history[e]["val_accuracy"], -e))
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert (trained / "config.yaml").is_file() and (trained / "best" / "model.safetensors").is_file()
+    meta = json.loads((trained / "best" / "model.json").read_text())
+    assert meta["epoch"] == m["best_epoch"] and meta["classes"][0] == "airplane"
+    assert len(list((trained / "checkpoints").iterdir())) == 2  # keep_checkpoints
+
+
+def test_evaluate_gives_identical_results_on_1_and_2_processes(trained):
+    one = json.loads(run([PYTHON, "job/evaluate.py", "--run", str(trained)]).stdout.strip().splitlines()[-1])
+    two = json.loads(run(accelerate_launch(2, "job/evaluate.py", "--run", str(trained), "--batch-size", "48"))
+                     .stdout.strip().splitlines()[-1])
+    assert one["samples"] == two["samples"] == 1000 and two["world_size"] == 2
+    assert one["accuracy"] == two["accuracy"] == _metrics(trained)["test_accuracy"]
+    assert one["per_class_accuracy"] == two["per_class_accuracy"]
+    val = json.loads(run([PYTHON, "job/evaluate.py", "--run", str(trained), "--split", "val"]).stdout.splitlines()[-1])
+    assert val["samples"] == 200
+
+
+def test_predict_prints_top5_for_image_files(trained):
+    images = [sorted((FOLDER_MINI / "test" / c).iterdir())[0] for c in ("cat", "ship")]
+    lines = run([PYTHON, "job/predict.py", "--run", str(trained), *map(str, images)]).stdout.strip().splitlines()
+    assert len(lines) == 2
+    for line, image in zip(lines, images):
+        result = json.loads(line)
+        probs = [t["probability"] for t in result["top"]]
+        assert result["image"] == str(image) and len(probs) == 5
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+        assert all(t["class"] in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                  "ship", "truck") for t in result["top"])
+    bad = run([PYTHON, "job/predict.py", "--run", str(trained), "/nope.jpg"], check=False)
+    assert bad.returncode == 2 and "/nope.jpg: no such file" in bad.stderr
+
+
+def test_two_processes_stop_early_together_and_count_exactly(tmp_path, prepared):
+    out = tmp_path / "ddp"
+    # min_delta 1.0: no epoch after the first can improve, so patience 1 stops after epoch 2.
+    proc = run(accelerate_launch(2, "job/train.py", *small_run(out, prepared, "train.epochs=5",
+                                                                "early_stopping.patience=1",
+                                                                "early_stopping.min_delta=1.0")))
+    m = _metrics(out)
+    assert m["world_size"] == 2 and m["test_samples"] == 1000
+    assert m["stopped_early"] and m["epochs_completed"] == 2 and m["best_epoch"] == 0
+    assert proc.stdout.count("early stopping") == 1  # printed once, not once per rank
+    assert proc.stdout.count("test accuracy") == 1
+    # The test ran on the restored best (epoch 0) weights:
+    again = json.loads(run([PYTHON, "job/evaluate.py", "--run", str(out)]).stdout.splitlines()[-1])
+    assert again["accuracy"] == m["test_accuracy"]
+
+
+def _train_until_sigterm(args: list[str], at_step: int) -> int:
+    proc = subprocess.Popen([PYTHON, "job/train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith(f"step {at_step}:"):
+            proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=300)
+
+
+def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, prepared):
+    common = ("train.epochs=3", "train.log_every=1", "train.signal_check_every=1", "early_stopping.patience=0")
+    reference = tmp_path / "reference"
+    run([PYTHON, "job/train.py", *small_run(reference, prepared, *common)])
+    resumed = tmp_path / "resumed"
+    args = small_run(resumed, prepared, *common)
+    assert _train_until_sigterm(args, at_step=40) == 143  # 29 batches/epoch: mid epoch 2
+    checkpoints = sorted(p.name for p in (resumed / "checkpoints").iterdir())
+    assert checkpoints[-1] == "epoch0001-step0000040" and not (resumed / "metrics.json").exists()
+    out = run([PYTHON, "job/train.py", *args]).stdout
+    assert "resumed from" in out and "epoch 1, batch 11" in out
+    ref_hist = [json.loads(x) for x in (reference / "history.jsonl").read_text().splitlines()]
+    res_hist = [json.loads(x) for x in (resumed / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in res_hist] == [0, 1, 2]
+    for a, b in zip(ref_hist, res_hist):
+        for key in ("lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "step", "train_samples"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
+    ref_m, res_m = _metrics(reference), _metrics(resumed)
+    for key in ("test_accuracy", "test_samples", "best_epoch", "best_val_accuracy", "epochs_completed"):
+        assert res_m[key] == ref_m[key], key
+
+
+def test_bad_config_and_data_exit_2_with_a_message(tmp_path):
+    proc = run([PYTHON, "job/train.py", "--config", "job/configs/demo.yaml", "train.strategy=bogus"], check=False)
+    assert proc.returncode == 2 and "choose one of feature_extraction, finetune, two_stage" in proc.stderr
+    proc = run([PYTHON, "job/train.py", "--config", "job/configs/demo.yaml", "data.source=folder",
+                f"data.root={tmp_path}", f"train.output_dir={tmp_path / 'o'}"], check=False)
+    assert proc.returncode == 2 and "missing train/ folder" in proc.stderr
+    assert not (tmp_path / "o").exists()
