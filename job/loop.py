@@ -150,3 +150,25 @@ def evaluate(model, loader, accelerator: Accelerator, num_classes: int) -> dict:
     return {"accuracy": float(confusion.diag().sum()) / max(samples, 1), "loss": loss_sum / max(samples, 1),
             "samples": samples, "per_class_accuracy": (confusion.diag() / per_class_total).tolist(),
             "confusion": confusion.tolist()}
+
+
+@torch.no_grad()
+def sample_predictions(model, store, spec, device, count: int = 16) -> list[dict]:
+    """The first ``count`` test images with the model's prediction (for the W&B / PNG grid)."""
+    import numpy as np
+    from PIL import Image
+
+    from dali_pipelines.loader import DaliLoader
+
+    split = store.split("test")
+    k = min(count, len(split))
+    loader = DaliLoader(labels=split.labels[:k], images=None if split.images is None else split.images[:k],
+                        files=None if split.files is None else split.files[:k], spec=spec, train=False, batch_size=k)
+    was_training = model.training
+    model.eval()
+    preds = torch.cat([model(x.to(device)).argmax(1).cpu() for x, _ in loader]).tolist()
+    model.train(was_training)
+    pixels = (split.images[:k] if split.images is not None
+              else [np.asarray(Image.open(f).convert("RGB")) for f in split.files[:k]])
+    return [{"image": np.asarray(pixels[i]), "pred": store.classes[preds[i]], "true": store.classes[split.labels[i]]}
+            for i in range(k)]

@@ -34,10 +34,10 @@ from job.checkpoint import EXIT_PREEMPTED, Checkpointer, PreemptionSignal, load_
 from job.config import Config, ConfigError, parse_args
 from job.data import DataError, make_loader, prepare_from_config
 from job.early_stopping import EarlyStopping
-from job.loop import StepLog, TrainState, evaluate, train_one_epoch
+from job.loop import StepLog, TrainState, evaluate, sample_predictions, train_one_epoch
 from job.model import WeightsError, create_model
 from job.optim import build_optimizer, build_scheduler, current_lr
-from job.tracking import Tracker
+from job.tracking import Tracker, TrackingError, sweep_output_dir
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -61,7 +61,7 @@ def backbone_frozen(cfg: Config, epoch: int) -> bool:
 
 def fit(cfg: Config) -> int:
     accelerator = build_accelerator(cfg)
-    out = Path(cfg.train.output_dir)
+    out = Path(sweep_output_dir(cfg.train.output_dir))
     set_seed(cfg.train.seed)
 
     # ---- data: the main process prepares the store once, the others reuse it
@@ -104,8 +104,10 @@ def fit(cfg: Config) -> int:
         accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, batch {state.step_in_epoch})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        cfg.train.output_dir = str(out)
         cfg.save(out / "config.yaml")
-    tracker = Tracker(accelerator, out, start_epoch=state.epoch)
+    tracker = Tracker(accelerator, cfg, out, start_epoch=state.epoch, run_id=state.run_id)
+    state.run_id = tracker.run_id  # saved with the checkpoints: a resumed job continues the same W&B run
     preemption = PreemptionSignal(accelerator)
     best_meta = {"model": cfg.model.name, "num_classes": num_classes, "classes": store.classes,
                  "head_hidden": cfg.model.head_hidden, "head_dropout": cfg.model.head_dropout,
@@ -172,7 +174,9 @@ def fit(cfg: Config) -> int:
                "confusion_matrix": test["confusion"], "classes": store.classes}
     if accelerator.is_main_process:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    tracker.finish(metrics)
+    samples = (sample_predictions(accelerator.unwrap_model(model), store, spec, accelerator.device)
+               if accelerator.is_main_process else None)
+    tracker.finish(metrics, samples)
     accelerator.print(f"test accuracy {metrics['test_accuracy']:.4f} on {metrics['test_samples']} images "
                       f"(best epoch {stopper.best_epoch}); outputs in {out.resolve()}")
     accelerator.end_training()
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv, description=__doc__.split("\n")[0])
         return fit(cfg)
-    except (ConfigError, DataError, WeightsError) as e:
+    except (ConfigError, DataError, WeightsError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
