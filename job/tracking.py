@@ -104,7 +104,7 @@ class Tracker:
             run = wandb.init(project=tc.project, entity=tc.entity, name=tc.run_name, group=tc.group,
                              tags=tc.tags or None, id=self.run_id, resume="allow", mode=self.mode,
                              dir=str(self.output_dir), config={**cfg.to_dict(), "run": run_facts(accelerator)},
-                             settings=wandb.Settings(init_timeout=120, console="off", silent=True))
+                             settings=wandb.Settings(console="off", silent=True))  # WANDB_INIT_TIMEOUT applies
         except Exception as e:  # noqa: BLE001 - wandb raises many types for auth/network/disk problems
             hint = ("check WANDB_API_KEY (wandb.ai/authorize) and network access to the W&B server, or use "
                     "tracking.wandb=offline and `wandb sync` later" if self.mode == "online" else

@@ -41,7 +41,7 @@ def folder_store(tmp_path_factory):
 def run(args: list[str], *, env: dict | None = None, timeout: int = 600, check: bool = True,
         cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run a command from the repo root; on failure show its output."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
     proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} exited {proc.returncode}\n"

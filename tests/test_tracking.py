@@ -1,0 +1,118 @@
+"""W&B (offline: no server here) and local plots, read back from the files they write."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PYTHON, REPO, accelerate_launch, run
+from job.config import load_config
+from wandb_log import summarize
+
+pytestmark = pytest.mark.slow
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def wandb_runs(out: Path) -> list[Path]:
+    return sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def demo_args(out: Path, *extra: str) -> list[str]:
+    return ["--config", "job/configs/demo.yaml", f"train.output_dir={out}", "model.name=test_resnet",
+            "data.synthetic_train=1000", "data.synthetic_test=300", f"data.prepared_dir={out.parent / 'prepared'}",
+            "train.epochs=2", "tracking.wandb=offline", "data.num_threads=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wandb") / "demo"
+    run([PYTHON, "job/train.py", *demo_args(out)])
+    return out
+
+
+def test_offline_run_records_config_summary_and_model(offline_run):
+    files = wandb_runs(offline_run)
+    assert len(files) == 1, files
+    log = summarize(files[0])
+    metrics = json.loads((offline_run / "metrics.json").read_text())
+    assert len(log["run_ids"]) == 1 and files[0].name == f"run-{log['run_ids'].pop()}.wandb"
+    config = log["config"]
+    assert config["train"]["epochs"] == 2 and config["model"]["name"] == "test_resnet"
+    assert config["run"]["world_size"] == 1 and "torch" in config["run"] and "git_commit" in config["run"]
+    summary = log["summary"]
+    assert summary["test_accuracy"] == metrics["test_accuracy"]
+    assert summary["test_samples"] == metrics["test_samples"] == 300
+    assert summary["best_epoch"] == metrics["best_epoch"] and summary["epoch"] == 2
+    epochs = [h for h in log["history"] if "val/accuracy" in h]
+    assert [h["epoch"] for h in epochs] == [1, 2]
+    assert any("train/loss" in h and "train/images_per_second" in h for h in log["history"])
+    assert summary["test/samples/count"] == 16 and "pred: " in summary["test/samples/captions"][0]
+    assert {"name": f"model-{files[0].stem[4:]}", "aliases": ["latest", "best"], "type": "model"} in \
+        [{**a, "aliases": sorted(a["aliases"], reverse=True)} for a in log["artifacts"]]
+
+
+def test_pngs_and_confusion_counts(offline_run):
+    metrics = json.loads((offline_run / "metrics.json").read_text())
+    assert png_size(offline_run / "curves.png") == (1500, 400)
+    assert png_size(offline_run / "confusion_matrix.png") == (800, 700)
+    assert png_size(offline_run / "test_samples.png")[0] == 1600
+    assert sum(map(sum, metrics["confusion_matrix"])) == metrics["test_samples"]
+    table = next(wandb_runs(offline_run)[0].parent.glob("files/media/table/test/confusion_matrix_table_*.json"))
+    rows = json.loads(table.read_text())["data"]
+    assert sum(row[2] for row in rows) == metrics["test_samples"]
+
+
+def test_two_processes_write_exactly_one_run(tmp_path):
+    out = tmp_path / "ddp"
+    run(accelerate_launch(2, "job/train.py", *demo_args(out, "train.epochs=1")))
+    files = wandb_runs(out)
+    assert len(files) == 1
+    assert summarize(files[0])["config"]["run"]["world_size"] == 2
+
+
+def test_sigterm_then_resume_continues_the_same_run(tmp_path):
+    import signal
+    import subprocess
+
+    out = tmp_path / "resume"
+    args = demo_args(out, "train.epochs=2", "train.log_every=1", "train.signal_check_every=1")
+    proc = subprocess.Popen([PYTHON, "job/train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 20:"):
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 143
+    run([PYTHON, "job/train.py", *args])
+    files = wandb_runs(out)
+    assert len(files) == 2, "one offline run directory per process start"
+    assert files[0].name == files[1].name, "same W&B run id after resume"
+    assert json.loads((out / "metrics.json").read_text())["epochs_completed"] == 2
+
+
+def test_online_without_a_server_fails_fast_and_clearly(tmp_path):
+    proc = run([PYTHON, "job/train.py", *demo_args(tmp_path / "o", "tracking.wandb=online")], check=False,
+               env={"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "8"})
+    assert proc.returncode == 2
+    assert "W&B could not start in online mode" in proc.stderr and "tracking.wandb=offline" in proc.stderr
+
+
+def test_sweep_parameters_are_real_config_keys():
+    sweep = yaml.safe_load((REPO / "job" / "sweeps" / "finetune_bayes.yaml").read_text())
+    assert sweep["method"] == "bayes" and sweep["early_terminate"]["type"] == "hyperband"
+    assert sweep["command"][1:4] == ["accelerate", "launch", "${program}"] and sweep["program"] == "job/train.py"
+    overrides = []
+    for key, spec in sweep["parameters"].items():
+        value = spec.get("value", (spec.get("values") or [spec.get("min")])[0])
+        overrides.append(f"{key}={value}")
+    cfg = load_config(REPO / sweep["command"][5], overrides)  # raises on any unknown key or bad value
+    assert cfg.train.output_dir == "runs/sweep"
+    for key in ("optim.lr", "optim.weight_decay", "optim.label_smoothing", "data.image_size", "train.strategy"):
+        assert key in sweep["parameters"]
