@@ -107,7 +107,9 @@ def prepare(source: str, root: str | Path | None, out: str | Path, *, val_fracti
         raise DataError(f"--root is required for source {source!r}")
     root = Path(root)
     if source == "cifar10" and download:
-        root = download_cifar10(root, url=url or os.environ.get("CIFAR10_URL", CIFAR10_URL))
+        # The tarball lands in root; root stays the directory, so a later run without
+        # --download on the same root sees the same inputs and reuses the store.
+        download_cifar10(root, url=url or os.environ.get("CIFAR10_URL", CIFAR10_URL))
     if not root.exists():
         hint = " (or add --download to fetch it)" if source == "cifar10" else ""
         raise DataError(f"data root {root} does not exist{hint}")
