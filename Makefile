@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench lint clean
+.PHONY: install test test-fast demo bench lock clean
 
 install: $(STAMP)
 
@@ -26,6 +26,15 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/data_throughput.py
+
+# Exact versions for the container image, from a fresh venv of the runtime dependencies.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet .
+	{ echo "# Exact versions for the container image (pip install --requirement). Regenerate after changing"; \
+	  echo "# pyproject.toml: make lock (pip freeze of a fresh venv without the dev tools)."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^cifar-transfer'; } > docker/requirements.lock
+	rm -rf .venv-lock
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -5,6 +5,7 @@
 #   k8s/submit.sh --image ... --name irv2-fe --config job/configs/feature_extraction.yaml -- train.epochs=20
 #   k8s/submit.sh --image ... --name irv2-kf --kubeflow --nodes 2 --gpus 8      # Kubeflow TrainJob
 #   k8s/submit.sh ... --dry-run > job.yaml                                      # print, do not apply
+#   k8s/submit.sh --image REGISTRY/cifar-transfer:0.1.0 --prepare-data          # PVCs + data-prep Job
 #
 # Words after `--` are config overrides (section.key=value) appended to the job's arguments.
 # The run name names the Job/Service (cifar-transfer-NAME), the output directory /runs/NAME and
@@ -13,7 +14,7 @@ set -euo pipefail
 
 usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
-image="" name="" nodes=1 gpus=1 spot=0 kubeflow=0 dry_run=0 config="job/configs/finetune.yaml"
+image="" name="" nodes=1 gpus=1 spot=0 kubeflow=0 dry_run=0 prepare=0 config="job/configs/finetune.yaml"
 overrides=()
 while (($#)); do
   case "$1" in
@@ -25,6 +26,7 @@ while (($#)); do
     --spot) spot=1; shift ;;
     --kubeflow) kubeflow=1; shift ;;
     --dry-run) dry_run=1; shift ;;
+    --prepare-data) prepare=1; name="${name:-data}"; shift ;;
     -h|--help) usage 0 ;;
     --) shift; overrides=("$@"); break ;;
     *) echo "submit.sh: unknown option $1" >&2; usage 2 ;;
@@ -60,7 +62,15 @@ args_patch() {  # JSON-patch ops that set the config file and append overrides
   done
 }
 
-if (( kubeflow )); then
+if (( prepare )); then
+  {
+    echo "apiVersion: kustomize.config.k8s.io/v1beta1"
+    echo "kind: Kustomization"
+    echo "resources: [../../data]"
+    echo "images:"
+    echo "  - {name: ghcr.io/example/cifar-transfer, newName: $repo, newTag: \"$tag\"}"
+  } >"$work/kustomization.yaml"
+elif (( kubeflow )); then
   {
     echo "apiVersion: kustomize.config.k8s.io/v1beta1"
     echo "kind: Kustomization"
@@ -139,7 +149,9 @@ if (( dry_run )); then
   exit 0
 fi
 printf '%s\n' "$rendered" | kubectl apply -f -
-if (( kubeflow )); then
+if (( prepare )); then
+  echo "submitted the data volumes and Job cifar-prepare: kubectl wait --for=condition=complete job/cifar-prepare --timeout=30m"
+elif (( kubeflow )); then
   echo "submitted TrainJob $full: kubectl get trainjob $full; kubectl logs -f -l trainer.kubeflow.org/trainjob-name=$full"
 else
   echo "submitted Job $full: kubectl get pods -l batch.kubernetes.io/job-name=$full; kubectl logs -f $full-0-<suffix>"

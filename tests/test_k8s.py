@@ -47,6 +47,7 @@ def all_rendered() -> dict[str, list[dict]]:
     rendered["submit 3x4 spot"] = submit("--image", IMAGE, "--name", "exp-7", "--nodes", "3", "--gpus", "4", "--spot",
                                          "--", "train.epochs=5")
     rendered["submit kubeflow"] = submit("--image", IMAGE, "--name", "kf", "--kubeflow", "--nodes", "2", "--gpus", "8")
+    rendered["submit data"] = submit("--image", IMAGE, "--prepare-data")
     rendered["secret example"] = [yaml.safe_load((REPO / "k8s" / "secret-example.yaml").read_text())]
     return rendered
 
@@ -72,7 +73,7 @@ def test_builtin_kinds_validate_strictly(manifests):
                 continue
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
             checked += 1
-    assert checked == 14  # 4 overlays x (Service, Job), data (2 PVCs, Job), submit (Service, Job), Secret
+    assert checked == 17  # 4 overlays x (Service, Job), 2 x data (2 PVCs, Job), submit (Service, Job), Secret
 
 
 QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
@@ -253,6 +254,12 @@ def test_data_preparation_job(manifests):
     assert "--download" in container["args"] and container["args"][container["args"].index("--out") + 1] == \
         "/data/prepared/cifar10"
     assert job["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"]
+
+
+def test_submit_prepare_data_uses_the_given_image(manifests):
+    (job,) = by_kind(manifests["submit data"], "Job")
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE
+    assert len(by_kind(manifests["submit data"], "PersistentVolumeClaim")) == 2
 
 
 def test_secret_example_holds_no_real_key(manifests):

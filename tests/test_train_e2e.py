@@ -116,9 +116,12 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, prepared):
     args = small_run(resumed, prepared, *common)
     assert _train_until_sigterm(args, at_step=40) == 143  # 29 batches/epoch: mid epoch 2
     checkpoints = sorted(p.name for p in (resumed / "checkpoints").iterdir())
-    assert checkpoints[-1] == "epoch0001-step0000040" and not (resumed / "metrics.json").exists()
+    # The signal lands at step 40 or a step or two later: the checkpoint is mid epoch 2 (steps 30-58).
+    step = int(checkpoints[-1].split("step")[1])
+    assert checkpoints[-1].startswith("epoch0001-") and 40 <= step < 58, checkpoints
+    assert not (resumed / "metrics.json").exists()
     out = run([PYTHON, "job/train.py", *args]).stdout
-    assert "resumed from" in out and "epoch 1, batch 11" in out
+    assert "resumed from" in out and f"epoch 1, batch {step - 29}" in out
     ref_hist = [json.loads(x) for x in (reference / "history.jsonl").read_text().splitlines()]
     res_hist = [json.loads(x) for x in (resumed / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in res_hist] == [0, 1, 2]
