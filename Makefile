@@ -21,8 +21,10 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+# accelerate launch pins CPU runs to 1 thread unless told otherwise: give the demo every core.
 demo: install
-	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no job/train.py --config job/configs/demo.yaml
+	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		--num_cpu_threads_per_process $(shell nproc) job/train.py --config job/configs/demo.yaml
 
 bench: install
 	$(BIN)/python bench/data_throughput.py

@@ -55,6 +55,19 @@ def images_per_second(batches, limit: int, warmup: int = 3) -> float:
     return n / (time.perf_counter() - start)
 
 
+def _synchronized(loader):
+    class Synced:
+        def __iter__(self):
+            for images, labels in loader:
+                torch.cuda.synchronize()
+                yield images, labels
+
+        def set_epoch(self, *a):
+            loader.set_epoch(*a)
+
+    return Synced()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=299)
@@ -62,27 +75,31 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="DALI threads = DataLoader workers")
     p.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="DALI operators on CPU or GPU 0")
     args = p.parse_args()
     torch.set_num_threads(1)  # the workers/threads do the work; keep the main process out of it
     with tempfile.TemporaryDirectory() as tmp:
         store, _ = prepare("synthetic", Path(tmp) / "src", Path(tmp) / "store", num_train=5000, num_test=100)
         train = store.split("train")
         dali = DaliLoader(labels=train.labels, images=train.images, train=True, batch_size=args.batch_size,
-                          spec=LoaderSpec(image_size=args.size, mean=MEAN, std=STD, num_threads=args.workers))
+                          spec=LoaderSpec(image_size=args.size, mean=MEAN, std=STD, num_threads=args.workers,
+                                          device_id=0 if args.device == "gpu" else None))
         torch_loader = DataLoader(CifarArrays(train.images, train.labels, args.size), batch_size=args.batch_size,
                                   shuffle=True, num_workers=args.workers, drop_last=True, persistent_workers=True,
                                   prefetch_factor=2)
         x, _ = next(iter(dali))
         y, _ = next(iter(torch_loader))
         assert x.shape == y.shape and x.dtype == y.dtype, (x.shape, y.shape)
+        if args.device == "gpu":  # count only batches that are ready on the GPU
+            dali = _synchronized(dali)
         results = {"dali": [], "torchvision": []}
         for repeat in range(args.repeats):
             dali.set_epoch(repeat)
             results["dali"].append(images_per_second(dali, args.batches))
             results["torchvision"].append(images_per_second(torch_loader, args.batches))
-    print(f"{'pipeline':<14}{'images/s (median)':>20}{'runs':>40}")
+    print(f"{'pipeline':<14}{'images/s (median)':>20}   runs")
     for name, values in results.items():
-        print(f"{name:<14}{statistics.median(values):>20.1f}{'  '.join(f'{v:.1f}' for v in values):>40}")
+        print(f"{name:<14}{statistics.median(values):>20.1f}   {'  '.join(f'{v:.1f}' for v in values)}")
     print(f"output: {args.batch_size}x3x{args.size}x{args.size} float32, {args.workers} threads/workers")
     ratio = statistics.median(results["dali"]) / statistics.median(results["torchvision"])
     print(f"ratio dali/torchvision = {ratio:.2f}")
