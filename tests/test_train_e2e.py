@@ -86,9 +86,12 @@ def test_predict_prints_top5_for_image_files(trained):
 def test_two_processes_stop_early_together_and_count_exactly(tmp_path, prepared):
     out = tmp_path / "ddp"
     # min_delta 1.0: no epoch after the first can improve, so patience 1 stops after epoch 2.
+    # two_stage with head_epochs 1: epoch 2 runs after the backbone is unfrozen under DDP.
     proc = run(accelerate_launch(2, "job/train.py", *small_run(out, prepared, "train.epochs=5",
                                                                 "early_stopping.patience=1",
-                                                                "early_stopping.min_delta=1.0")))
+                                                                "early_stopping.min_delta=1.0",
+                                                                "train.strategy=two_stage",
+                                                                "train.head_epochs=1")))
     m = _metrics(out)
     assert m["world_size"] == 2 and m["test_samples"] == 1000
     assert m["stopped_early"] and m["epochs_completed"] == 2 and m["best_epoch"] == 0
@@ -97,6 +100,21 @@ def test_two_processes_stop_early_together_and_count_exactly(tmp_path, prepared)
     # The test ran on the restored best (epoch 0) weights:
     again = json.loads(run([PYTHON, "job/evaluate.py", "--run", str(out)]).stdout.splitlines()[-1])
     assert again["accuracy"] == m["test_accuracy"]
+
+
+def test_folder_source_bf16_channels_last_and_accumulation(tmp_path):
+    """Your own JPEG folders end to end, with the mixed-precision / memory-format / accumulation
+    branches a GPU run takes (bf16 autocast and channels_last also run on CPU)."""
+    out = tmp_path / "folder"
+    run([PYTHON, "job/train.py", *small_run(out, tmp_path / "prep", "data.source=folder", f"data.root={FOLDER_MINI}",
+                                            "train.epochs=1", "train.mixed_precision=bf16",
+                                            "train.channels_last=true", "train.grad_accum_steps=2",
+                                            "train.strategy=feature_extraction", "data.batch_size=32")])
+    m = _metrics(out)
+    assert m["test_samples"] == 500 and m["epochs_completed"] == 1
+    history = json.loads((out / "history.jsonl").read_text().splitlines()[0])
+    assert history["train_samples"] == 900 and history["val_samples"] == 100
+    assert history["step"] == 15  # 29 batches of 32 (the last one 4), 2 per optimizer update
 
 
 def _train_until_sigterm(args: list[str], at_step: int) -> int:
