@@ -31,15 +31,9 @@ if [[ -n "${PET_NNODES:-}" ]]; then            # Kubeflow Trainer
   master_addr="${PET_MASTER_ADDR:-}"
   master_port="${PET_MASTER_PORT:-29500}"
   nproc="${PET_NPROC_PER_NODE:-${NPROC_PER_NODE:-auto}}"
-elif [[ -n "${JOB_COMPLETION_INDEX:-}" ]]; then # Indexed Job
+else                                            # Indexed Job, plain variables, or a single node
   nnodes="${NNODES:-1}"
-  node_rank="$JOB_COMPLETION_INDEX"
-  master_addr="${MASTER_ADDR:-}"
-  master_port="${MASTER_PORT:-29500}"
-  nproc="${NPROC_PER_NODE:-auto}"
-else                                            # plain variables, or a single node
-  nnodes="${NNODES:-1}"
-  node_rank="${NODE_RANK:-0}"
+  node_rank="${JOB_COMPLETION_INDEX:-${NODE_RANK:-0}}"  # an Indexed Job's index is the node rank
   master_addr="${MASTER_ADDR:-}"
   master_port="${MASTER_PORT:-29500}"
   nproc="${NPROC_PER_NODE:-auto}"
