@@ -130,7 +130,8 @@ def evaluate(model, loader, accelerator: Accelerator, num_classes: int) -> dict:
     """Accuracy, loss and per-class counts over the whole split; every sample counted once.
 
     Each rank evaluates its own contiguous chunk; one all-reduce of the confusion matrix and the
-    loss sum at the end gives exact totals however the count divides.
+    loss sum at the end gives exact totals however the count divides. Pass the bare model, not
+    the DDP wrapper: ranks may run different numbers of batches here.
     """
     was_training = model.training
     model.eval()

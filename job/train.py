@@ -136,7 +136,7 @@ def fit(cfg: Config) -> int:
             accelerator.print(f"SIGTERM: saved {path}; exiting with {EXIT_PREEMPTED} to be restarted")
             accelerator.end_training()
             return EXIT_PREEMPTED
-        val = evaluate(model, val_loader, accelerator, num_classes)
+        val = evaluate(_eval_model(accelerator, model), val_loader, accelerator, num_classes)
         metric = val["accuracy"] if cfg.early_stopping.metric == "val_accuracy" else val["loss"]
         scheduler.step(epoch + 1, metric)
         if stopper.update(metric, epoch):
@@ -158,7 +158,7 @@ def fit(cfg: Config) -> int:
     # ---- test, once, with the best weights
     accelerator.wait_for_everyone()
     load_best_weights(accelerator.unwrap_model(model), out)
-    test = evaluate(model, loader("test", False), accelerator, num_classes)
+    test = evaluate(accelerator.unwrap_model(model), loader("test", False), accelerator, num_classes)
     history = tracker.history()
     train_seconds = sum(h["epoch_seconds"] for h in history)
     train_images = sum(h["train_samples"] for h in history)
@@ -181,6 +181,22 @@ def fit(cfg: Config) -> int:
                       f"(best epoch {stopper.best_epoch}); outputs in {out.resolve()}")
     accelerator.end_training()
     return 0
+
+
+def _eval_model(accelerator: Accelerator, model):
+    """The bare model, with rank 0's batch-norm statistics on every rank.
+
+    Evaluating through the DDP wrapper would broadcast buffers at every forward: a collective
+    that ranks with different numbers of evaluation batches could not match. Each rank's
+    running statistics drift apart after the last broadcast; copying rank 0's makes validation
+    use exactly the weights that ``best/`` saves.
+    """
+    bare = accelerator.unwrap_model(model)
+    if accelerator.num_processes > 1:
+        from timm.utils import distribute_bn
+
+        distribute_bn(bare, accelerator.num_processes, reduce=False)
+    return bare
 
 
 def _progress(accelerator: Accelerator, total: int, start: int, epoch: int, epochs: int):
