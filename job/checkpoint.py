@@ -3,7 +3,8 @@
 Layout of ``output_dir``::
 
     checkpoints/epoch0003-step0000420/   model, optimizer, scheduler, scaler, RNG of every rank,
-                                         TrainState and EarlyStopping (custom_checkpoint_*.pkl)
+                                         TrainState and EarlyStopping (custom_checkpoint_*.pkl),
+                                         config.yaml (the resolved config that wrote it)
     best/model.safetensors               unwrapped weights (no ``module.`` / ``_orig_mod.`` prefixes)
     best/model.json                      what is needed to rebuild the model and its inputs
 """
@@ -24,8 +25,8 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM: "terminated, restart me"
 
 
 class Checkpointer:
-    def __init__(self, accelerator: Accelerator, output_dir: str | Path, keep: int):
-        self.accelerator, self.keep = accelerator, keep
+    def __init__(self, accelerator: Accelerator, output_dir: str | Path, keep: int, config=None):
+        self.accelerator, self.keep, self.config = accelerator, keep, config
         self.dir = Path(output_dir) / "checkpoints"
 
     def save(self, epoch: int, global_step: int) -> Path:
@@ -41,6 +42,8 @@ class Checkpointer:
         acc.save_state(str(tmp), safe_serialization=True)
         acc.wait_for_everyone()
         if acc.is_main_process:
+            if self.config is not None:
+                self.config.save(tmp / "config.yaml")
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in self.all()[:-self.keep]:

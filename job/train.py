@@ -97,7 +97,7 @@ def fit(cfg: Config) -> int:
         accelerator.register_for_checkpointing(obj)
 
     # ---- resume
-    checkpointer = Checkpointer(accelerator, out, cfg.train.keep_checkpoints)
+    checkpointer = Checkpointer(accelerator, out, cfg.train.keep_checkpoints, config=cfg)
     resume_from = checkpointer.resolve(cfg.train.resume)
     if resume_from is not None:
         checkpointer.load(resume_from)

@@ -54,7 +54,9 @@ def test_learns_well_above_chance_and_writes_every_output(trained):
     assert (trained / "config.yaml").is_file() and (trained / "best" / "model.safetensors").is_file()
     meta = json.loads((trained / "best" / "model.json").read_text())
     assert meta["epoch"] == m["best_epoch"] and meta["classes"][0] == "airplane"
-    assert len(list((trained / "checkpoints").iterdir())) == 2  # keep_checkpoints
+    checkpoints = sorted((trained / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["epoch0007-step0000203", "epoch0008-step0000232"]  # keep 2
+    assert (checkpoints[-1] / "config.yaml").read_text() == (trained / "config.yaml").read_text()
 
 
 def test_evaluate_gives_identical_results_on_1_and_2_processes(trained):
