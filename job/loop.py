@@ -52,7 +52,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator: Accelerato
     or None when preemption was requested: then ``state`` points at the next batch to run."""
     model.train()
     device = accelerator.device
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, correct, samples (this rank)
+    # Device-side running sums (loss_sum, correct) for this rank: adding to them never waits for
+    # the GPU; the sample count is known on the host.
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    samples = 0
     window_images, window_start, window_wait = 0, time.perf_counter(), 0.0
     epoch_start, wait_seconds = time.perf_counter(), 0.0
     batches = iter(loader)
@@ -75,8 +78,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator: Accelerato
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
             accelerator.backward(loss / grad_accum_steps)
         n = labels.shape[0]
-        sums += torch.stack([loss.detach().double() * n, (logits.detach().argmax(1) == labels).sum().double(),
-                             torch.tensor(float(n), dtype=torch.float64, device=device)])
+        sums += torch.stack([loss.detach().double() * n, (logits.detach().argmax(1) == labels).sum().double()])
+        samples += n
         window_images += n
         if progress is not None:
             progress.update(1)
@@ -98,9 +101,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator: Accelerato
             on_log(log)
             window_images, window_start, window_wait = 0, time.perf_counter(), 0.0
         if state.global_step % signal_check_every == 0 and preempt_requested():
-            _accumulate_partial(state, accelerator, sums, time.perf_counter() - epoch_start, wait_seconds)
+            _accumulate_partial(state, accelerator, sums, samples, time.perf_counter() - epoch_start, wait_seconds)
             return None
-    _accumulate_partial(state, accelerator, sums, time.perf_counter() - epoch_start, wait_seconds)
+    _accumulate_partial(state, accelerator, sums, samples, time.perf_counter() - epoch_start, wait_seconds)
     p = state.partial
     metrics = {"train_loss": p["loss_sum"] / max(p["samples"], 1), "train_accuracy": p["correct"] / max(p["samples"], 1),
                "train_samples": int(p["samples"]), "epoch_seconds": p["seconds"],
@@ -111,10 +114,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator: Accelerato
     return metrics
 
 
-def _accumulate_partial(state: TrainState, accelerator: Accelerator, sums: torch.Tensor,
+def _accumulate_partial(state: TrainState, accelerator: Accelerator, sums: torch.Tensor, samples: int,
                         seconds: float, wait_seconds: float) -> None:
     """Fold this rank's sums into the global partial sums (one all-reduce per epoch or preemption)."""
-    total = accelerator.reduce(sums, reduction="sum").tolist()
+    local = torch.cat([sums, torch.tensor([float(samples)], dtype=torch.float64, device=sums.device)])
+    total = accelerator.reduce(local, reduction="sum").tolist()
     times = accelerator.gather(torch.tensor([[seconds, wait_seconds]], dtype=torch.float64,
                                             device=sums.device)).cpu()
     p = state.partial
@@ -142,7 +146,8 @@ def evaluate(model, loader, accelerator: Accelerator, num_classes: int) -> dict:
         with accelerator.autocast():
             logits = model(images)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes ** 2)
+        cells = labels * num_classes + logits.argmax(1)
+        confusion.index_add_(0, cells, torch.ones_like(cells))  # unlike bincount, no host sync on GPU
     confusion = accelerator.reduce(confusion, reduction="sum").view(num_classes, num_classes).cpu()
     loss_sum = accelerator.reduce(loss_sum, reduction="sum").item()
     model.train(was_training)
