@@ -29,6 +29,11 @@ class LoaderSpec:
     prefetch: int = 2  # batches DALI prepares ahead of the loop
 
 
+def dali_device_id(device: torch.device) -> int | None:
+    """The CUDA device DALI's GPU operators should use for a torch device; None = CPU pipeline."""
+    return (device.index or 0) if device.type == "cuda" else None
+
+
 class _BatchSource:
     """Callable for ``fn.external_source``: returns the next planned batch, then StopIteration."""
 

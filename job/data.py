@@ -333,13 +333,14 @@ def read_image_folder(root: Path) -> tuple[list[str], dict]:
             labels += [classes.index(entry.name)] * len(images)
         splits[split] = {"files": files, "labels": np.asarray(labels, dtype=np.int64)}
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for problem in pool.map(_check_image, [f for s in splits.values() for f in s["files"]]):
+        for problem in pool.map(check_image, [f for s in splits.values() for f in s["files"]]):
             if problem:
                 raise DataError(problem)
     return classes, splits
 
 
-def _check_image(path: str) -> str | None:
+def check_image(path: str) -> str | None:
+    """None if ``path`` decodes completely, else a message naming the file and the problem."""
     from PIL import Image
 
     try:

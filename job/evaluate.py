@@ -16,7 +16,7 @@ if __package__ in (None, ""):
 import torch
 from accelerate import Accelerator
 
-from dali_pipelines.loader import LoaderSpec
+from dali_pipelines.loader import LoaderSpec, dali_device_id
 from job.data import DataError, load_store, make_loader
 from job.loop import evaluate
 from job.model import WeightsError, load_trained
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         model, meta = load_trained(args.run)
         store = load_store(meta["store"])
         spec = LoaderSpec(image_size=meta["image_size"], mean=tuple(meta["mean"]), std=tuple(meta["std"]),
-                          device_id=(accelerator.device.index or 0) if accelerator.device.type == "cuda" else None)
+                          device_id=dali_device_id(accelerator.device))
         loader = make_loader(store, args.split, spec, train=False, batch_size=args.batch_size,
                              rank=accelerator.process_index, world_size=accelerator.num_processes, seed=0)
     except (DataError, WeightsError) as e:

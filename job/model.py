@@ -118,7 +118,7 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
     """timm model without classifier or pooling; pretrained weights through timm's own loader."""
     import timm
 
-    if cfg.name not in timm.list_models() and not timm.is_model(cfg.name):
+    if not timm.is_model(cfg.name):
         raise WeightsError(f"model.name={cfg.name!r} is not a timm model; see timm.list_models()")
     kwargs = dict(num_classes=0, global_pool="")
     if not cfg.pretrained:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dali_pipelines.loader import DaliLoader, LoaderSpec
-from job.data import IMAGE_EXTENSIONS, _check_image
+from job.data import IMAGE_EXTENSIONS, check_image
 from job.model import WeightsError, load_trained
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for path in args.images:
         problem = None if Path(path).is_file() else f"{path}: no such file"
-        problem = problem or _check_image(path)
+        problem = problem or check_image(path)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2

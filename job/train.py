@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin, set_seed
 
-from dali_pipelines.loader import LoaderSpec
+from dali_pipelines.loader import LoaderSpec, dali_device_id
 from job.checkpoint import EXIT_PREEMPTED, Checkpointer, PreemptionSignal, load_best_weights, save_best
 from job.config import Config, ConfigError, parse_args
 from job.data import DataError, make_loader, prepare_from_config
@@ -76,7 +76,7 @@ def fit(cfg: Config) -> int:
     image_size = cfg.data.image_size or prep.image_size
     spec = LoaderSpec(image_size=image_size, mean=prep.mean, std=prep.std, channels_last=cfg.train.channels_last,
                       num_threads=cfg.data.num_threads,
-                      device_id=(accelerator.device.index or 0) if accelerator.device.type == "cuda" else None)
+                      device_id=dali_device_id(accelerator.device))
     loader = lambda split, train: make_loader(  # noqa: E731
         store, split, spec, train=train, batch_size=cfg.data.batch_size, rank=accelerator.process_index,
         world_size=accelerator.num_processes, seed=cfg.train.seed)
