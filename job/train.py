@@ -91,6 +91,8 @@ def fit(cfg: Config) -> int:
     stopper = EarlyStopping(cfg.early_stopping.metric, cfg.early_stopping.patience, cfg.early_stopping.min_delta)
     scheduler = build_scheduler(optimizer, cfg.schedule, epochs=cfg.train.epochs, updates_per_epoch=updates_per_epoch,
                                 plateau_mode=stopper.mode)
+    # The scheduler is not prepared: Accelerate's wrapper would step it once per process per
+    # update. We step it ourselves with the optimizer-update count (tests/test_optim.py).
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
     for obj in (scheduler, stopper, state):
