@@ -20,6 +20,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from job.atomic import atomic_directory
+
 _NAME = re.compile(r"^epoch(\d+)-step(\d+)$")
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: "terminated, restart me"
 
@@ -75,19 +77,10 @@ def save_best(accelerator: Accelerator, model, output_dir: str | Path, meta: dic
     state = accelerator.get_state_dict(model)  # collective-safe; unwrapped names
     if not accelerator.is_main_process:
         return
-    best = Path(output_dir) / "best"
-    tmp = best.with_name(".best.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
-              metadata={"format": "pt"})
-    (tmp / "model.json").write_text(json.dumps(meta, indent=2))
-    old = best.with_name(".best.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if best.exists():
-        best.rename(old)
-    tmp.rename(best)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(Path(output_dir) / "best") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "model.json").write_text(json.dumps(meta, indent=2))
 
 
 def load_best_weights(model: torch.nn.Module, output_dir: str | Path) -> None:

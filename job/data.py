@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from job.atomic import atomic_directory
+
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_TARBALL = "cifar-10-python.tar.gz"
@@ -155,12 +157,8 @@ def stratified_split(data: dict, val_fraction: float, seed: int) -> tuple[dict, 
 
 def _write_store(out: Path, fmt: str, classes: list[str], splits: dict, fingerprint: str,
                  source: str) -> None:
-    """Write into a sibling temp dir, then swap it in: readers see the old store or the new one."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    """Written into a temporary directory swapped in when complete (job/atomic.py)."""
+    with atomic_directory(out) as tmp:
         for name, data in splits.items():
             np.save(tmp / f"{name}_labels.npy", np.asarray(data["labels"], dtype=np.int64))
             if fmt == "raw":
@@ -171,14 +169,6 @@ def _write_store(out: Path, fmt: str, classes: list[str], splits: dict, fingerpr
                 "counts": {k: int(len(splits[k]["labels"])) for k in SPLITS if k in splits},
                 "fingerprint": fingerprint}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _fingerprint(source: str, root: Path, **params) -> str:
@@ -369,20 +359,16 @@ def write_synthetic_cifar(root: Path, *, num_train: int = 5000, num_test: int = 
     if num_train < 5 * num_classes or num_test < num_classes:
         raise DataError(f"synthetic data needs num_train >= {5 * num_classes} and num_test >= {num_classes}")
     rng = np.random.default_rng(seed)
-    tmp = root / f".{CIFAR10_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     names = [f"class_{c}" for c in range(num_classes)] if num_classes != 10 else list(CIFAR10_CLASSES)
-    _dump(tmp / "batches.meta", {b"label_names": [n.encode() for n in names], b"num_vis": 3072})
-    train = _synthetic_images(rng, num_train, num_classes)
-    for i, chunk in enumerate(np.array_split(np.arange(num_train), 5), start=1):
-        _dump(tmp / f"data_batch_{i}", {b"data": train[0][chunk], b"labels": train[1][chunk].tolist(),
-                                        b"batch_label": f"synthetic batch {i} of 5".encode()})
-    test = _synthetic_images(rng, num_test, num_classes)
-    _dump(tmp / "test_batch", {b"data": test[0], b"labels": test[1].tolist(), b"batch_label": b"synthetic test"})
-    (tmp / ".synthetic.json").write_text(json.dumps(params))
-    shutil.rmtree(base, ignore_errors=True)
-    tmp.rename(base)
+    with atomic_directory(base) as tmp:
+        _dump(tmp / "batches.meta", {b"label_names": [n.encode() for n in names], b"num_vis": 3072})
+        train = _synthetic_images(rng, num_train, num_classes)
+        for i, chunk in enumerate(np.array_split(np.arange(num_train), 5), start=1):
+            _dump(tmp / f"data_batch_{i}", {b"data": train[0][chunk], b"labels": train[1][chunk].tolist(),
+                                            b"batch_label": f"synthetic batch {i} of 5".encode()})
+        test = _synthetic_images(rng, num_test, num_classes)
+        _dump(tmp / "test_batch", {b"data": test[0], b"labels": test[1].tolist(), b"batch_label": b"synthetic test"})
+        (tmp / ".synthetic.json").write_text(json.dumps(params))
     return base
 
 

@@ -54,9 +54,9 @@ def run_facts(accelerator: Accelerator) -> dict:
     import timm
     import torch
 
-    facts = {"world_size": accelerator.num_processes,
-             "nodes": max(1, accelerator.num_processes // max(1, torch.cuda.device_count() or 1))
-             if torch.cuda.is_available() else int(os.environ.get("NNODES", os.environ.get("PET_NNODES", 1))),
+    # torchrun (under accelerate launch) sets LOCAL_WORLD_SIZE = processes on this node.
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    facts = {"world_size": accelerator.num_processes, "nodes": accelerator.num_processes // max(per_node, 1),
              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
              "gpus_per_node": torch.cuda.device_count(), "python": sys.version.split()[0],
              "torch": torch.__version__, "timm": timm.__version__}

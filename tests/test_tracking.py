@@ -75,7 +75,8 @@ def test_two_processes_write_exactly_one_run(tmp_path):
     run(accelerate_launch(2, "job/train.py", *demo_args(out, "train.epochs=1")))
     files = wandb_runs(out)
     assert len(files) == 1
-    assert summarize(files[0])["config"]["run"]["world_size"] == 2
+    run_facts = summarize(files[0])["config"]["run"]
+    assert run_facts["world_size"] == 2 and run_facts["nodes"] == 1
 
 
 def test_sigterm_then_resume_continues_the_same_run(tmp_path):
