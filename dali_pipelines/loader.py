@@ -29,6 +29,14 @@ class LoaderSpec:
     prefetch: int = 2  # batches DALI prepares ahead of the loop
 
 
+def make_loader(store, split: str, spec: LoaderSpec, *, train: bool, batch_size: int, rank: int = 0,
+                world_size: int = 1, seed: int = 0) -> "DaliLoader":
+    """A DaliLoader over one split of a prepared store (``job.data.Store``) for one rank."""
+    data = store.split(split)
+    return DaliLoader(labels=data.labels, images=data.images, files=data.files, spec=spec, train=train,
+                      batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+
+
 def dali_device_id(device: torch.device) -> int | None:
     """The CUDA device DALI's GPU operators should use for a torch device; None = CPU pipeline."""
     return (device.index or 0) if device.type == "cuda" else None

@@ -1,20 +1,43 @@
-"""Directories that appear complete or not at all: readers see the old version or the new one."""
+"""Directories that appear complete or not at all, and that replace only what the job wrote."""
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import socket
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+
+class ForeignDirectoryError(FileExistsError):
+    """The target exists and is not something this job wrote: it is never replaced."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = path, why
 
 
 @contextlib.contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
+def atomic_directory(final: Path, *, is_ours: Callable[[Path], bool]) -> Iterator[Path]:
     """Yield a sibling temporary directory to fill; on success it replaces ``final``, on any
-    error it is removed and ``final`` is left untouched."""
+    error it is removed and ``final`` is left untouched.
+
+    ``final`` is replaced only when it is missing, an empty directory, or a directory that
+    ``is_ours`` recognises as written by this job (a store's ``meta.json``, ``best/model.json``):
+    a mistyped path never deletes a user's files. Temporary directories left by a process that
+    was killed (SIGKILL, or SIGTERM before its handler was installed) are removed on the next
+    call from this host.
+    """
+    final = Path(final)
+    if final.is_symlink() or final.exists() and not final.is_dir():
+        raise ForeignDirectoryError(final, "exists and is not a directory")
+    if final.is_dir() and any(final.iterdir()) and not is_ours(final):
+        raise ForeignDirectoryError(final, "is a non-empty directory that this job did not write")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    _remove_abandoned(final)
+    tag = f"{socket.gethostname()}-{os.getpid()}"
+    tmp = final.parent / f".{final.name}.tmp-{tag}"
+    old = final.parent / f".{final.name}.old-{tag}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -27,3 +50,29 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_abandoned(final: Path) -> None:
+    """Clean up after dead processes of this host: remove their ``.NAME.tmp-HOST-PID``, and their
+    ``.NAME.old-HOST-PID`` (or put it back, if ``final`` is missing).
+    (On shared storage other hosts' temporaries are left alone: their PIDs mean nothing here.)"""
+    host = socket.gethostname()
+    for kind in ("tmp", "old"):
+        for path in final.parent.glob(f".{final.name}.{kind}-{host}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not final.exists():
+                path.rename(final)  # killed between the two renames: the old version is the good one
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

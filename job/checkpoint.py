@@ -1,4 +1,4 @@
-"""Checkpoints (Accelerate's save_state, written atomically), the best model, and SIGTERM handling.
+"""Checkpoints (Accelerate's save_state, written atomically) and the best model.
 
 Layout of ``output_dir``::
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import torch
@@ -23,7 +22,6 @@ from safetensors.torch import load_file, save_file
 from job.atomic import atomic_directory
 
 _NAME = re.compile(r"^epoch(\d+)-step(\d+)$")
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: "terminated, restart me"
 
 
 class Checkpointer:
@@ -85,22 +83,3 @@ def save_best(accelerator: Accelerator, model, output_dir: str | Path, meta: dic
 
 def load_best_weights(model: torch.nn.Module, output_dir: str | Path) -> None:
     model.load_state_dict(load_file(str(Path(output_dir) / "best" / "model.safetensors")))
-
-
-class PreemptionSignal:
-    """Records SIGTERM (what Kubernetes sends before it evicts a pod); the loop asks at step
-    boundaries, and the decision is made collectively so every rank saves and stops together."""
-
-    def __init__(self, accelerator: Accelerator):
-        self.accelerator = accelerator
-        self.received = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
-        self.received = True
-
-    def requested(self) -> bool:
-        """Collective: True on every rank if any rank received SIGTERM."""
-        if self.received:
-            self.accelerator.set_trigger()
-        return self.accelerator.check_trigger()

@@ -36,6 +36,7 @@ class DataConfig:
     val_fraction: float = 0.1  # of train, stratified; an explicit val/ folder wins
     split_seed: int = 0  # seed of the validation split (and of synthetic data)
     num_threads: int = 4  # DALI CPU worker threads per process
+    follow_symlinks: bool = False  # folder: follow symlinks leading outside root (refused by default)
     synthetic_train: int = 5000  # images generated for source=synthetic (train + val)
     synthetic_test: int = 1000
 
@@ -224,7 +225,9 @@ def validate(cfg: Config) -> None:
     checks = [
         (cfg.data.image_size is None or cfg.data.image_size >= 16, "data.image_size must be >= 16 (or null for the model's size)"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
-        (0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)"),
+        (0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction must be in (0, 1): training needs a validation "
+                                            "split (a folder source's val/ folder, when present, replaces it)"),
+        (cfg.data.split_seed >= 0 and cfg.train.seed >= 0, "data.split_seed and train.seed must be >= 0"),
         (cfg.data.num_threads >= 1, "data.num_threads must be >= 1"),
         (cfg.data.source != "folder" or cfg.data.root, "data.root is required for data.source=folder"),
         (not cfg.data.download or cfg.data.source == "cifar10", "data.download only applies to data.source=cifar10"),

@@ -16,8 +16,8 @@ if __package__ in (None, ""):
 import torch
 from accelerate import Accelerator
 
-from dali_pipelines.loader import LoaderSpec, dali_device_id
-from job.data import DataError, load_store, make_loader
+from dali_pipelines.loader import LoaderSpec, dali_device_id, make_loader
+from job.data import DataError, load_store
 from job.loop import evaluate
 from job.model import WeightsError, load_trained
 

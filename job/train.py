@@ -5,7 +5,7 @@ your own image folders, fed by DALI, distributed by Accelerate.
     python job/train.py --config job/configs/demo.yaml
     # one node, 8 GPUs
     accelerate launch --multi_gpu --num_processes 8 job/train.py --config job/configs/finetune.yaml
-    # N nodes x 8 GPUs: run on every node with its --machine_rank (job/launch.sh builds this)
+    # N nodes x 8 GPUs: run on every node with its --machine_rank (docker/launch.sh builds this)
     accelerate launch --multi_gpu --num_machines N --num_processes $((8*N)) --machine_rank R \
         --main_process_ip HOST --main_process_port 29500 job/train.py --config job/configs/finetune.yaml
     # overrides: section.key=value after the options
@@ -29,13 +29,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin, set_seed
 
-from dali_pipelines.loader import LoaderSpec, dali_device_id
-from job.checkpoint import EXIT_PREEMPTED, Checkpointer, PreemptionSignal, load_best_weights, save_best
+from dali_pipelines.loader import LoaderSpec, dali_device_id, make_loader
+from job.checkpoint import Checkpointer, load_best_weights, save_best
 from job.config import Config, ConfigError, parse_args
-from job.data import DataError, make_loader, prepare_from_config
+from job.data import DataError, prepare_from_config
 from job.early_stopping import EarlyStopping
 from job.loop import StepLog, TrainState, evaluate, sample_predictions, train_one_epoch
 from job.model import WeightsError, create_model
+from job.preemption import EXIT_BAD_INPUT, EXIT_PREEMPTED, PreemptionSignal, record_exit_code
 from job.optim import build_optimizer, build_scheduler, current_lr
 from job.tracking import Tracker, TrackingError, sweep_output_dir
 
@@ -229,12 +230,16 @@ def _epoch_line(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = 1  # a crash, unless fit() returns or the input is refused
     try:
         cfg = parse_args(argv, description=__doc__.split("\n")[0])
-        return fit(cfg)
+        code = fit(cfg)
     except (ConfigError, DataError, WeightsError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = EXIT_BAD_INPUT
+    finally:
+        record_exit_code(code)
+    return code
 
 
 if __name__ == "__main__":

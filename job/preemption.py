@@ -1,0 +1,53 @@
+"""SIGTERM handling and the job's exit codes: what a pod's orchestrator reads.
+
+Exit codes (the container's too, through docker/launch.sh):
+  0    done
+  2    bad config, data or weights (retrying cannot help)
+  143  preempted: a checkpoint was saved, run the same command again to resume
+  else a crash (retrying may help: a transient GPU or storage error)
+
+``torchrun`` (under ``accelerate launch --multi_gpu``) reports any failed worker as exit 1, so
+each training process also writes its own code to ``$JOB_EXIT_CODE_DIR/<rank>.code`` when the
+launcher sets that variable; the launcher turns those files back into the job's exit code.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: "terminated, restart me"
+EXIT_CODE_DIR_ENV = "JOB_EXIT_CODE_DIR"
+
+
+class PreemptionSignal:
+    """Records SIGTERM (what Kubernetes sends before it evicts a pod); the loop asks at step
+    boundaries, and the decision is made collectively so every rank saves and stops together."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.received = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.received = True
+
+    def requested(self) -> bool:
+        """Collective: True on every rank if any rank received SIGTERM."""
+        if self.received:
+            self.accelerator.set_trigger()
+        return self.accelerator.check_trigger()
+
+
+def record_exit_code(code: int) -> None:
+    """Leave this process's exit code where docker/launch.sh looks for it (no-op without it)."""
+    directory = os.environ.get(EXIT_CODE_DIR_ENV)
+    if not directory:
+        return
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    try:
+        Path(directory, f"{rank}.code").write_text(f"{code}\n")
+    except OSError:
+        pass  # the launcher then falls back to the launcher's own exit code
