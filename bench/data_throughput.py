@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from dali_pipelines.loader import DaliLoader, LoaderSpec
+from dali_pipelines.loader import DaliLoader, LoaderSpec, Preprocessing
 from job.data import prepare
 
 MEAN = STD = (0.5, 0.5, 0.5)  # Inception-ResNet-V2
@@ -82,7 +82,7 @@ def main() -> None:
         store, _ = prepare("synthetic", Path(tmp) / "src", Path(tmp) / "store", num_train=5000, num_test=100)
         train = store.split("train")
         dali = DaliLoader(labels=train.labels, images=train.images, train=True, batch_size=args.batch_size,
-                          spec=LoaderSpec(image_size=args.size, mean=MEAN, std=STD, num_threads=args.workers,
+                          spec=LoaderSpec(Preprocessing(args.size, MEAN, STD), num_threads=args.workers,
                                           device_id=0 if args.device == "gpu" else None))
         torch_loader = DataLoader(CifarArrays(train.images, train.labels, args.size), batch_size=args.batch_size,
                                   shuffle=True, num_workers=args.workers, drop_last=True, persistent_workers=True,

@@ -3,6 +3,7 @@ with its length per epoch, its sample counts, and ``set_epoch(epoch, start_step)
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -12,21 +13,28 @@ import torch
 
 from dali_pipelines import sampling
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a backbone expects of its input, from timm's pretrained config (IRv2: 299 px,
+    mean = std = 0.5); ``mean``/``std`` in [0, 1] units. Saved in every model card."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
 
 
 @dataclass(frozen=True)
 class LoaderSpec:
     """How to turn samples into model inputs; the same for the train and eval loaders of a run."""
 
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    dtype: str = "float32"  # float32 | float16 | bfloat16
+    prep: Preprocessing
+    num_threads: int  # DALI CPU threads (data.num_threads)
+    dtype: str = "float32"  # float32 | float16 | bfloat16: what the model consumes (mixed precision)
     channels_last: bool = False
-    num_threads: int = 2
     device_id: int | None = None  # CUDA device for the GPU pipeline; None = CPU-only pipeline
     prefetch: int = 2  # batches DALI prepares ahead of the loop
+    augment: bool = True  # random shifts and flips on training loaders (data.augment)
 
 
 def make_loader(store, split: str, spec: LoaderSpec, *, train: bool, batch_size: int, rank: int = 0,
@@ -42,31 +50,54 @@ def dali_device_id(device: torch.device) -> int | None:
     return (device.index or 0) if device.type == "cuda" else None
 
 
-class _BatchSource:
-    """Callable for ``fn.external_source``: returns the next planned batch, then StopIteration."""
+def _read_file(path: str) -> np.ndarray:
+    return np.fromfile(path, dtype=np.uint8)
 
-    def __init__(self, images, files, labels, train: bool):
-        self.images, self.files, self.labels, self.train = images, files, labels, train
+
+class _BatchSource:
+    """Callable for ``fn.external_source``: returns the next planned batch, then StopIteration.
+
+    Encoded files are read by a small thread pool (file reads release the GIL), one batch ahead,
+    so reading overlaps the training step instead of running on its thread.
+    """
+
+    def __init__(self, images, files, labels, augment: bool, io_threads: int):
+        self.images, self.files, self.labels, self.augment = images, files, labels, augment
         self.plan: list[np.ndarray] = []
         self.order: np.ndarray | None = None
         self.aug: sampling.Augmentation | None = None
         self.cursor = 0
+        self.pool = ThreadPoolExecutor(max_workers=io_threads) if files is not None else None
+        self.ahead: dict[int, list[Future]] = {}
+
+    def restart(self, plan: list[np.ndarray], order: np.ndarray | None, aug) -> None:
+        self.plan, self.order, self.aug, self.cursor = plan, order, aug, 0
+        self.ahead.clear()
+
+    def _indices(self, cursor: int) -> np.ndarray:
+        positions = self.plan[cursor]
+        return self.order[positions] if self.order is not None else positions
+
+    def _read(self, cursor: int) -> list[Future]:
+        return [self.pool.submit(_read_file, self.files[i]) for i in self._indices(cursor)]
 
     def __call__(self):
         if self.cursor >= len(self.plan):
             raise StopIteration
-        positions = self.plan[self.cursor]
+        cursor, positions = self.cursor, self.plan[self.cursor]
         self.cursor += 1
-        idx = self.order[positions] if self.order is not None else positions
+        idx = self._indices(cursor)
         if self.images is not None:
             # Sorted reads are friendlier to the page cache; the batch order is restored after.
             sort = np.argsort(idx, kind="stable")
             batch = np.empty((len(idx), *self.images.shape[1:]), dtype=self.images.dtype)
             batch[sort] = self.images[idx[sort]]
         else:
-            batch = [np.fromfile(self.files[i], dtype=np.uint8) for i in idx]
+            batch = [f.result() for f in self.ahead.pop(cursor, None) or self._read(cursor)]
+            if self.cursor < len(self.plan):
+                self.ahead[self.cursor] = self._read(self.cursor)
         out = (batch, self.labels[idx].astype(np.int64))
-        if self.train:
+        if self.augment:
             out += (self.aug.shift[positions], self.aug.flip[positions])
         return out
 
@@ -76,34 +107,30 @@ class DaliLoader:
 
     Give it ``images`` (N, H, W, 3) uint8 (may be a memmap) or ``files`` (encoded JPEG/PNG paths),
     plus ``labels``. Iterate after ``set_epoch(epoch, start_step)``; ``len()`` is the number of
-    batches this rank yields in a full epoch.
+    batches this rank yields in a full epoch. ``plan`` replaces the sharding rule with explicit
+    batches of sample indices (the feature cache's extraction order).
     """
 
     def __init__(self, *, labels: np.ndarray, spec: LoaderSpec, train: bool, batch_size: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0,
-                 images: np.ndarray | None = None, files: Sequence[str | Path] | None = None):
+                 images: np.ndarray | None = None, files: Sequence[str | Path] | None = None,
+                 plan: list[np.ndarray] | None = None):
         if (images is None) == (files is None):
             raise ValueError("give exactly one of images= or files=")
         self.spec, self.train, self.batch_size, self.seed = spec, train, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.num_samples = len(labels)
+        self.augment = train and spec.augment
         self._source = _BatchSource(images, [str(f) for f in files] if files is not None else None,
-                                    np.asarray(labels), train)
-        self._full_plan = self._plan()
+                                    np.asarray(labels), self.augment, io_threads=max(2, spec.num_threads))
+        self._full_plan = plan if plan is not None else self._plan()
         self._iterator = None
         self._exhausted = True
         self.epoch, self.start_step = 0, 0
 
-    # -- sizes ------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._full_plan)
 
-    @property
-    def local_samples(self) -> int:
-        """Samples this rank yields in a full epoch."""
-        return int(sum(len(b) for b in self._full_plan))
-
-    # -- epochs -----------------------------------------------------------------------------
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Prepare epoch ``epoch`` starting at batch ``start_step`` (resume mid-epoch)."""
         if not 0 <= start_step <= len(self):
@@ -111,13 +138,10 @@ class DaliLoader:
         self.epoch, self.start_step = epoch, start_step
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        src = self._source
-        if self.train:
-            src.order = sampling.epoch_permutation(self.num_samples, self.seed, self.epoch)
-            src.aug = sampling.epoch_augmentation(self.num_samples, self.seed, self.epoch)
-        src.plan = self._full_plan[self.start_step:]
-        src.cursor = 0
-        if not src.plan:
+        order = sampling.epoch_permutation(self.num_samples, self.seed, self.epoch) if self.train else None
+        aug = sampling.epoch_augmentation(self.num_samples, self.seed, self.epoch) if self.augment else None
+        self._source.restart(self._full_plan[self.start_step:], order, aug)
+        if not self._source.plan:
             return
         self._start()
         for data in self._iterator:
@@ -145,14 +169,15 @@ class DaliLoader:
 
         from dali_pipelines.pipelines import image_pipeline
 
-        spec = self.spec
+        spec, prep = self.spec, self.spec.prep
         pipe = image_pipeline(
-            self._source, train=self.train, encoded=self._source.files is not None,
-            image_size=spec.image_size, mean=spec.mean, std=spec.std,
+            self._source, train=self.augment, encoded=self._source.files is not None,
+            image_size=prep.image_size, mean=prep.mean, std=prep.std,
             dtype="float32" if spec.dtype == "bfloat16" else spec.dtype,
             layout="HWC" if spec.channels_last else "CHW",
             device="cpu" if spec.device_id is None else "gpu",
-            batch_size=self.batch_size + 1,  # a balanced tail batch may hold one extra sample
+            # a balanced training tail batch may hold one extra sample
+            batch_size=max(self.batch_size + 1, *(len(b) for b in self._full_plan)),
             num_threads=spec.num_threads, device_id=spec.device_id, seed=self.seed,
             prefetch_queue_depth=spec.prefetch)
         self._iterator = DALIGenericIterator(pipe, ["images", "labels"], size=-1, auto_reset=False)

@@ -1,12 +1,17 @@
-"""Checkpoints (Accelerate's save_state, written atomically) and the best model.
+"""Checkpoints (Accelerate's save_state plus our JSON state, written atomically) and the best model.
 
 Layout of ``output_dir``::
 
-    checkpoints/epoch0003-step0000420/   model, optimizer, scheduler, scaler, RNG of every rank,
-                                         TrainState and EarlyStopping (custom_checkpoint_*.pkl),
+    checkpoints/epoch0003-step0000420/   model (safetensors), optimizer, grad scaler and RNG of
+                                         every rank (Accelerate's save_state), trainer_state.json
+                                         (epoch/step, early stopping, LR schedule, W&B run id),
                                          config.yaml (the resolved config that wrote it)
-    best/model.safetensors               unwrapped weights (no ``module.`` / ``_orig_mod.`` prefixes)
-    best/model.json                      what is needed to rebuild the model and its inputs
+    best/model.safetensors               the bare model's weights (no ``module.``/``_orig_mod.``)
+    best/model.json                      its model card (job/model.py: ModelCard)
+
+Loading is safe by construction: weights are safetensors, Accelerate reads the optimizer, scaler
+and RNG files with ``torch.load(weights_only=True)``, and our own state is JSON, so a checkpoint
+directory cannot run code. Only directories this job wrote (``trainer_state.json``) are resumed.
 """
 from __future__ import annotations
 
@@ -19,17 +24,19 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from job.atomic import atomic_directory
+from job.atomic import ForeignDirectoryError, atomic_directory
+from job.config import CHECKPOINT_MARKER, Config, ConfigError
+from job.model import ModelCard
 
 _NAME = re.compile(r"^epoch(\d+)-step(\d+)$")
 
 
 class Checkpointer:
-    def __init__(self, accelerator: Accelerator, output_dir: str | Path, keep: int, config=None):
+    def __init__(self, accelerator: Accelerator, output_dir: str | Path, keep: int, config: Config | None = None):
         self.accelerator, self.keep, self.config = accelerator, keep, config
         self.dir = Path(output_dir) / "checkpoints"
 
-    def save(self, epoch: int, global_step: int) -> Path:
+    def save(self, epoch: int, global_step: int, trainer_state: dict) -> Path:
         """All ranks call this. Written under a temporary name and renamed when complete, so a
         job killed mid-save leaves the previous checkpoint as the latest."""
         acc = self.accelerator
@@ -44,6 +51,7 @@ class Checkpointer:
         if acc.is_main_process:
             if self.config is not None:
                 self.config.save(tmp / "config.yaml")
+            (tmp / CHECKPOINT_MARKER).write_text(json.dumps(trainer_state, indent=1))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in self.all()[:-self.keep]:
@@ -52,9 +60,11 @@ class Checkpointer:
         return final
 
     def all(self) -> list[Path]:
+        """Complete checkpoints written by this job, oldest first."""
         if not self.dir.is_dir():
             return []
-        found = [p for p in self.dir.iterdir() if p.is_dir() and _NAME.match(p.name)]
+        found = [p for p in self.dir.iterdir()
+                 if p.is_dir() and _NAME.match(p.name) and (p / CHECKPOINT_MARKER).is_file()]
         return sorted(found, key=lambda p: tuple(int(g) for g in _NAME.match(p.name).groups()))
 
     def resolve(self, resume: str) -> Path | None:
@@ -66,19 +76,29 @@ class Checkpointer:
             return found[-1] if found else None
         return Path(resume)
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path) -> dict:
+        """Restore model, optimizer, scaler and RNG states; return our trainer state."""
+        try:
+            trainer_state = json.loads((path / CHECKPOINT_MARKER).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: not a readable checkpoint of this job ({e}); set train.resume=never "
+                              "to start over or point it at another checkpoint") from None
         self.accelerator.load_state(str(path))
+        return trainer_state
 
 
-def save_best(accelerator: Accelerator, model, output_dir: str | Path, meta: dict) -> None:
-    """Main process writes ``best/`` atomically: weights in safetensors plus ``model.json``."""
-    state = accelerator.get_state_dict(model)  # collective-safe; unwrapped names
+def save_best(accelerator: Accelerator, bare_model: torch.nn.Module, output_dir: str | Path, card: ModelCard) -> None:
+    """Main process writes ``best/`` atomically: the bare model's weights in safetensors plus its card."""
     if not accelerator.is_main_process:
         return
-    with atomic_directory(Path(output_dir) / "best") as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-        (tmp / "model.json").write_text(json.dumps(meta, indent=2))
+    best = Path(output_dir) / "best"
+    try:
+        with atomic_directory(best, is_ours=lambda p: (p / "model.json").is_file()) as tmp:
+            state = {k: v.detach().cpu().contiguous() for k, v in bare_model.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "model.json").write_text(card.to_json())
+    except ForeignDirectoryError as e:
+        raise ConfigError(f"{e}: refusing to replace it with the best model; choose another train.output_dir") from None
 
 
 def load_best_weights(model: torch.nn.Module, output_dir: str | Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+
+CHECKPOINT_MARKER = "trainer_state.json"  # in every checkpoint directory this job writes
 
 
 class ConfigError(ValueError):
@@ -37,6 +41,7 @@ class DataConfig:
     split_seed: int = 0  # seed of the validation split (and of synthetic data)
     num_threads: int = 4  # DALI CPU worker threads per process
     follow_symlinks: bool = False  # folder: follow symlinks leading outside root (refused by default)
+    augment: bool = True  # training crops (zero-padded shifts) and flips; off when features are cached
     synthetic_train: int = 5000  # images generated for source=synthetic (train + val)
     synthetic_test: int = 1000
 
@@ -46,7 +51,7 @@ class ModelConfig:
     name: str = "inception_resnet_v2"  # any timm model name
     pretrained: bool = True  # ImageNet weights: from `weights` if set, else the Hugging Face Hub
     weights: str | None = None  # local .safetensors or PyTorch state dict, for offline clusters
-    head_hidden: list[int] = field(default_factory=lambda: [512])  # dense->BN->act->dropout blocks
+    head_hidden: list[int] = field(default_factory=lambda: [512])  # dense->BN->act->dropout blocks; [] = linear
     head_dropout: float = 0.3  # after pooling and after each hidden block
     head_activation: Literal["relu", "gelu", "silu"] = "relu"
 
@@ -56,27 +61,44 @@ class TrainConfig:
     strategy: Literal["feature_extraction", "finetune", "two_stage"] = "finetune"
     head_epochs: int = 1  # two_stage: epochs with the backbone frozen before everything trains
     epochs: int = 10
-    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 on a GPU that has it
+    # feature_extraction: compute the frozen backbone's features once (no augmentation) and
+    # train the head on them; auto = on for feature_extraction, false = images every epoch.
+    cache_features: Literal["auto", "true", "false"] = "auto"
+    feature_dtype: Literal["float16", "float32"] = "float16"  # of the cached features
+    feature_cache_dir: str | None = None  # None = {data.prepared_dir}/features
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA if it works; error if GPUs exist but it does not
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 on a GPU that has it natively
     seed: int = 0  # model init, dropout, shuffling and augmentation
     output_dir: str = "runs/default"
     resume: str = "auto"  # auto (latest checkpoint in output_dir, if any) | never | a checkpoint dir
     grad_accum_steps: int = 1  # micro-batches per optimizer step
-    grad_clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping
+    grad_clip: float = 0.0  # max global gradient L2 norm; 0 disables clipping (timm's default)
     compile: bool = False  # torch.compile the model (GPU runs; minutes of warm-up)
     channels_last: bool = False  # NHWC memory format end to end (faster convolutions on GPUs)
     keep_checkpoints: int = 2  # most recent checkpoints kept in output_dir/checkpoints
     log_every: int = 20  # optimizer steps between step-level logs (each costs one host sync)
     signal_check_every: int = 10  # steps between cross-rank checks for SIGTERM (one sync each)
+    # Collective timeouts (minutes): generous while ranks wait for data preparation, Hub
+    # downloads and compilation; short once training runs, so ranks whose peer vanished stop
+    # (and the job restarts from its checkpoint) instead of hanging.
+    setup_timeout_minutes: float = 60.0
+    step_timeout_minutes: float = 10.0
 
 
 @dataclass
 class OptimConfig:
     name: Literal["sgd", "adamw", "adam"] = "sgd"  # sgd = SGD with Nesterov momentum
     lr: float = 0.01  # peak learning rate for the head, per optimizer step (not scaled by world size)
-    backbone_lr_scale: float = 0.1  # backbone LR = lr x this (finetune, two_stage)
+    # backbone LR = lr x this (finetune, two_stage); None = 0.1 for a pretrained backbone, 1.0
+    # for a random one (which has nothing to preserve)
+    backbone_lr_scale: float | None = None
     momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-4  # not applied to biases and norm parameters
-    label_smoothing: float = 0.1
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.0  # cross-entropy target smoothing; 0 = plain cross-entropy
 
 
 @dataclass
@@ -113,6 +135,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -150,8 +173,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         except yaml.YAMLError:
             raw[section][name] = value
     cfg = _build(Config, raw, "")
+    cfg.train.output_dir = sweep_output_dir(cfg.train.output_dir)
     validate(cfg)
     return cfg
+
+
+def sweep_output_dir(output_dir: str) -> str:
+    """Inside a W&B sweep every trial gets its own directory under ``output_dir`` (resolved once,
+    when the config is loaded, so every rank and every file agrees on it)."""
+    run_id = os.environ.get("WANDB_RUN_ID")
+    if os.environ.get("WANDB_SWEEP_ID") and run_id:
+        return str(Path(output_dir) / run_id)
+    return output_dir
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -184,6 +217,8 @@ def _build(cls, raw: dict[str, Any], prefix: str):
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
+        if isinstance(value, bool) and str(value).lower() in args:  # YAML reads `true` as a bool
+            value = str(value).lower()
         if value not in args:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, args))}")
         return value
@@ -242,9 +277,15 @@ def validate(cfg: Config) -> None:
         (cfg.train.log_every >= 1 and cfg.train.signal_check_every >= 1,
          "train.log_every and train.signal_check_every must be >= 1"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
-        (cfg.optim.backbone_lr_scale >= 0, "optim.backbone_lr_scale must be >= 0"),
+        (cfg.optim.backbone_lr_scale is None or cfg.optim.backbone_lr_scale >= 0,
+         "optim.backbone_lr_scale must be >= 0 (or null: 0.1 pretrained, 1.0 random)"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
-        (0.0 <= cfg.optim.label_smoothing < 1.0, "optim.label_smoothing must be in [0, 1)"),
+        (0.0 <= cfg.loss.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)"),
+        (cfg.train.cache_features != "true" or cfg.train.strategy == "feature_extraction",
+         "train.cache_features=true needs train.strategy=feature_extraction: features can be cached only while "
+         "the backbone is frozen for the whole run"),
+        (cfg.train.setup_timeout_minutes > 0 and cfg.train.step_timeout_minutes > 0,
+         "train.setup_timeout_minutes and train.step_timeout_minutes must be > 0"),
         (cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs must be >= 0"),
         (cfg.schedule.min_lr >= 0 and cfg.schedule.warmup_lr >= 0, "schedule.min_lr and warmup_lr must be >= 0"),
         (cfg.schedule.decay_epochs > 0, "schedule.decay_epochs must be > 0"),
@@ -255,8 +296,9 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if cfg.train.resume not in ("auto", "never") and not Path(cfg.train.resume).is_dir():
-        raise ConfigError(f"train.resume={cfg.train.resume!r}: not a checkpoint directory; use auto, never or a path")
+    if cfg.train.resume not in ("auto", "never") and not (Path(cfg.train.resume) / CHECKPOINT_MARKER).is_file():
+        raise ConfigError(f"train.resume={cfg.train.resume!r}: not a checkpoint written by this job (no "
+                          f"{CHECKPOINT_MARKER}); use auto, never, or an OUTPUT_DIR/checkpoints/epoch*-step* directory")
 
 
 def parse_args(argv: list[str] | None = None, description: str = "") -> Config:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -10,31 +11,54 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from job.config import TrainConfig
 from job.optim import current_lr
 
 
 @dataclass
-class TrainState:
-    """Where training is; saved in every checkpoint (Accelerate's custom-object protocol)."""
+class EpochSums:
+    """Global sums over (part of) an epoch; an epoch interrupted by preemption carries its
+    partial sums in the checkpoint, so its history line is exact on resume."""
 
-    epoch: int = 0  # the epoch in progress (or next to run)
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    samples: float = 0.0
+    seconds: float = 0.0  # the slowest rank's wall time
+    wait_seconds: float = 0.0  # time spent waiting for batches, averaged over ranks
+
+    def add(self, other: "EpochSums") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def metrics(self, world_size: int) -> dict:
+        n, seconds = max(self.samples, 1), max(self.seconds, 1e-9)
+        return {"train_loss": self.loss_sum / n, "train_accuracy": self.correct / n,
+                "train_samples": int(self.samples), "epoch_seconds": self.seconds,
+                "images_per_second": self.samples / seconds,
+                "images_per_second_per_device": self.samples / seconds / world_size,
+                "data_wait_fraction": self.wait_seconds / seconds}
+
+
+@dataclass
+class TrainState:
+    """Where training is; saved in every checkpoint (``trainer_state.json``)."""
+
+    epoch: int = 0  # the epoch in progress (or next to run), 0-based
     step_in_epoch: int = 0  # batches of `epoch` already consumed
     global_step: int = 0  # optimizer updates so far
-    # Partial sums of an epoch interrupted by preemption, so its history line is exact on resume.
-    partial: dict = field(default_factory=lambda: {"loss_sum": 0.0, "correct": 0.0, "samples": 0.0,
-                                                   "seconds": 0.0, "wait_seconds": 0.0})
+    partial: EpochSums = field(default_factory=EpochSums)
     run_id: str | None = None  # the W&B run this job writes to
 
     def state_dict(self) -> dict:
-        return dict(self.__dict__)
+        return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({**state, "partial": EpochSums(**state["partial"])})
 
 
 @dataclass
 class StepLog:
-    """What ``train_one_epoch`` reports to its ``on_log`` callback every ``log_every`` updates."""
+    """What ``train_one_epoch`` reports every ``log_every`` updates."""
 
     step: int
     loss: float
@@ -43,23 +67,59 @@ class StepLog:
     data_wait_fraction: float
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, accelerator: Accelerator, state: TrainState, *,
-                    label_smoothing: float, grad_clip: float, grad_accum_steps: int, log_every: int,
-                    signal_check_every: int, preempt_requested: Callable[[], bool],
-                    on_log: Callable[[StepLog], None] = lambda _: None,
-                    progress=None) -> dict | None:
+@dataclass
+class TrainParts:
+    """What a training step touches. ``model`` is what is called (possibly compiled), ``ddp`` the
+    DistributedDataParallel module inside it, if any (its ``no_sync`` skips the gradient
+    all-reduce; a compiled wrapper's would not)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # timm Scheduler: step_update(num_updates)
+    accelerator: Accelerator
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ddp: torch.nn.Module | None = None
+
+
+@dataclass
+class StepHooks:
+    stop_requested: Callable[[], bool] = lambda: False  # collective; asked every signal_check_every updates
+    on_log: Callable[[StepLog], None] = lambda _: None
+    on_batch: Callable[[], None] = lambda: None
+
+
+class ThroughputMeter:
+    """Images per second and the fraction of time spent waiting for data, over a window."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.images, self.wait = time.perf_counter(), 0, 0.0
+
+    def add(self, images: int, waited: float) -> None:
+        self.images += images
+        self.wait += waited
+
+    def read(self) -> tuple[float, float]:
+        """(global images/s, data-wait fraction) since the last reset."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return self.images * self.world_size / elapsed, self.wait / elapsed
+
+
+def train_one_epoch(cfg: TrainConfig, parts: TrainParts, loader, state: TrainState,
+                    hooks: StepHooks = StepHooks()) -> dict | None:
     """Train through the rest of ``state.epoch``. Returns the epoch's metrics (reduced over ranks),
-    or None when preemption was requested: then ``state`` points at the next batch to run."""
-    model.train()
-    device = accelerator.device
-    # Device-side running sums (loss_sum, correct) for this rank: adding to them never waits for
+    or None when a stop was requested: then ``state`` points at the next batch to run."""
+    acc = parts.accelerator
+    parts.model.train()
+    # This rank's device-side running sums (loss_sum, correct): adding to them never waits for
     # the GPU; the sample count is known on the host.
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    samples = 0
-    window_images, window_start, window_wait = 0, time.perf_counter(), 0.0
-    epoch_start, wait_seconds = time.perf_counter(), 0.0
+    sums = torch.zeros(2, dtype=torch.float64, device=acc.device)
+    samples, wait_seconds, epoch_start = 0, 0.0, time.perf_counter()
+    window, micro, remaining = ThroughputMeter(acc.num_processes), 0, len(loader) - state.step_in_epoch
     batches = iter(loader)
-    micro = 0
     while True:
         fetch_start = time.perf_counter()
         try:
@@ -68,65 +128,53 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator: Accelerato
             break
         waited = time.perf_counter() - fetch_start
         wait_seconds += waited
-        window_wait += waited
         micro += 1
-        update = micro % grad_accum_steps == 0 or micro == len(loader) - state.step_in_epoch
+        update = micro % cfg.grad_accum_steps == 0 or micro == remaining
         # Skip DDP's gradient all-reduce on micro-batches that do not end in an update.
-        with accelerator.no_sync(model) if not update else contextlib.nullcontext():
-            with accelerator.autocast():
-                logits = model(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-            accelerator.backward(loss / grad_accum_steps)
+        sync = contextlib.nullcontext() if update or parts.ddp is None else parts.ddp.no_sync()
+        with sync:
+            with acc.autocast():
+                logits = parts.model(images)
+                loss = parts.loss_fn(logits.float(), labels)
+            acc.backward(loss / cfg.grad_accum_steps)
         n = labels.shape[0]
         sums += torch.stack([loss.detach().double() * n, (logits.detach().argmax(1) == labels).sum().double()])
         samples += n
-        window_images += n
-        if progress is not None:
-            progress.update(1)
+        window.add(n, waited)
+        hooks.on_batch()
         if not update:
             continue
-        if grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if cfg.grad_clip > 0:
+            acc.clip_grad_norm_(parts.model.parameters(), cfg.grad_clip)
+        parts.optimizer.step()
+        parts.optimizer.zero_grad(set_to_none=True)
         state.global_step += 1
         state.step_in_epoch += micro
+        remaining -= micro
         micro = 0
-        scheduler.step_update(num_updates=state.global_step)
-        if state.global_step % log_every == 0:
-            elapsed = time.perf_counter() - window_start
-            log = StepLog(step=state.global_step, loss=loss.item(), lr=current_lr(optimizer),
-                          images_per_second=window_images * accelerator.num_processes / max(elapsed, 1e-9),
-                          data_wait_fraction=window_wait / max(elapsed, 1e-9))
-            on_log(log)
-            window_images, window_start, window_wait = 0, time.perf_counter(), 0.0
-        if state.global_step % signal_check_every == 0 and preempt_requested():
-            _accumulate_partial(state, accelerator, sums, samples, time.perf_counter() - epoch_start, wait_seconds)
+        parts.scheduler.step_update(num_updates=state.global_step)
+        if state.global_step % cfg.log_every == 0:
+            images_per_second, wait_fraction = window.read()
+            hooks.on_log(StepLog(step=state.global_step, loss=loss.item(), lr=current_lr(parts.optimizer),
+                                 images_per_second=images_per_second, data_wait_fraction=wait_fraction))
+            window.reset()
+        if state.global_step % cfg.signal_check_every == 0 and hooks.stop_requested():
+            state.partial.add(_reduce_sums(acc, sums, samples, time.perf_counter() - epoch_start, wait_seconds))
             return None
-    _accumulate_partial(state, accelerator, sums, samples, time.perf_counter() - epoch_start, wait_seconds)
-    p = state.partial
-    metrics = {"train_loss": p["loss_sum"] / max(p["samples"], 1), "train_accuracy": p["correct"] / max(p["samples"], 1),
-               "train_samples": int(p["samples"]), "epoch_seconds": p["seconds"],
-               "images_per_second": p["samples"] / max(p["seconds"], 1e-9),
-               "images_per_second_per_device": p["samples"] / max(p["seconds"], 1e-9) / accelerator.num_processes,
-               "data_wait_fraction": p["wait_seconds"] / max(p["seconds"], 1e-9)}
-    state.partial = TrainState().partial
+    state.partial.add(_reduce_sums(acc, sums, samples, time.perf_counter() - epoch_start, wait_seconds))
+    metrics = state.partial.metrics(acc.num_processes)
+    state.partial = EpochSums()
     return metrics
 
 
-def _accumulate_partial(state: TrainState, accelerator: Accelerator, sums: torch.Tensor, samples: int,
-                        seconds: float, wait_seconds: float) -> None:
-    """Fold this rank's sums into the global partial sums (one all-reduce per epoch or preemption)."""
+def _reduce_sums(acc: Accelerator, sums: torch.Tensor, samples: int, seconds: float,
+                 wait_seconds: float) -> EpochSums:
+    """This rank's sums -> global sums (one all-reduce and one gather per epoch or preemption)."""
     local = torch.cat([sums, torch.tensor([float(samples)], dtype=torch.float64, device=sums.device)])
-    total = accelerator.reduce(local, reduction="sum").tolist()
-    times = accelerator.gather(torch.tensor([[seconds, wait_seconds]], dtype=torch.float64,
-                                            device=sums.device)).cpu()
-    p = state.partial
-    p["loss_sum"] += total[0]
-    p["correct"] += total[1]
-    p["samples"] += total[2]
-    p["seconds"] += float(times[:, 0].max())  # the slowest rank's wall time is the epoch's
-    p["wait_seconds"] += float(times[:, 1].mean())
+    loss_sum, correct, total = acc.reduce(local, reduction="sum").tolist()
+    times = acc.gather(torch.tensor([[seconds, wait_seconds]], dtype=torch.float64, device=sums.device)).cpu()
+    return EpochSums(loss_sum=loss_sum, correct=correct, samples=total, seconds=float(times[:, 0].max()),
+                     wait_seconds=float(times[:, 1].mean()))
 
 
 @torch.no_grad()
@@ -156,25 +204,3 @@ def evaluate(model, loader, accelerator: Accelerator, num_classes: int) -> dict:
     return {"accuracy": float(confusion.diag().sum()) / max(samples, 1), "loss": loss_sum / max(samples, 1),
             "samples": samples, "per_class_accuracy": (confusion.diag() / per_class_total).tolist(),
             "confusion": confusion.tolist()}
-
-
-@torch.no_grad()
-def sample_predictions(model, store, spec, device, count: int = 16) -> list[dict]:
-    """The first ``count`` test images with the model's prediction (for the W&B / PNG grid)."""
-    import numpy as np
-    from PIL import Image
-
-    from dali_pipelines.loader import DaliLoader
-
-    split = store.split("test")
-    k = min(count, len(split))
-    loader = DaliLoader(labels=split.labels[:k], images=None if split.images is None else split.images[:k],
-                        files=None if split.files is None else split.files[:k], spec=spec, train=False, batch_size=k)
-    was_training = model.training
-    model.eval()
-    preds = torch.cat([model(x.to(device)).argmax(1).cpu() for x, _ in loader]).tolist()
-    model.train(was_training)
-    pixels = (split.images[:k] if split.images is not None
-              else [np.asarray(Image.open(f).convert("RGB")) for f in split.files[:k]])
-    return [{"image": np.asarray(pixels[i]), "pred": store.classes[preds[i]], "true": store.classes[split.labels[i]]}
-            for i in range(k)]

@@ -1,27 +1,34 @@
-"""The network: a timm backbone without its classifier, the user's head on top, freeze rules,
-and where the pretrained weights come from (Hugging Face Hub or a local file, never silently random).
+"""The network: a timm backbone without its classifier, the user's head on top, the strategy that
+says when the backbone is frozen, and the model card that lets a finished run be rebuilt.
+Pretrained weights come from the Hugging Face Hub or a local file (job/weights.py), never
+silently random.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
+import timm.data
 import torch
 from torch import nn
 
-from job.config import ModelConfig
+from dali_pipelines.loader import Preprocessing
+from job.config import ConfigError, ModelConfig, TrainConfig
+from job.weights import WeightsError, load_backbone_weights
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
-class WeightsError(RuntimeError):
-    """Pretrained weights could not be had; the message says how to provide them."""
-
-
 class GlobalAvgPool(nn.Module):
-    """Average over space (NCHW feature maps) or tokens (NLC sequences, e.g. ViTs)."""
+    """Average over space (NCHW feature maps) or tokens (NLC sequences, e.g. ViTs); already
+    pooled (N, C) features (the feature cache's) pass through."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 2:
+            return x
         return x.mean(dim=(2, 3)) if x.ndim == 4 else x.mean(dim=1)
 
 
@@ -29,7 +36,8 @@ def build_head(in_features: int, num_classes: int, hidden: list[int], dropout: f
                activation: str = "relu") -> nn.Sequential:
     """pool -> dropout -> flatten -> [dense -> batch norm -> activation -> dropout] x N -> dense.
 
-    Emits logits: the softmax lives in the loss (cross-entropy) and in predictions.
+    ``hidden=[]`` with ``dropout=0`` is a linear probe. Emits logits: the softmax lives in the
+    loss (cross-entropy) and in predictions.
     """
     layers: list[nn.Module] = [GlobalAvgPool(), nn.Dropout(dropout), nn.Flatten()]
     width = in_features
@@ -49,13 +57,17 @@ class TransferModel(nn.Module):
     so its batch-norm running statistics keep their pretrained values.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Sequential):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.backbone_frozen = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone.forward_features(x))
+
+    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head's first layer makes of the backbone's output: (N, num_features)."""
+        return self.head[0](self.backbone.forward_features(x))
 
     def freeze_backbone(self, frozen: bool) -> None:
         self.backbone_frozen = frozen
@@ -70,70 +82,138 @@ class TransferModel(nn.Module):
 
 
 @dataclass(frozen=True)
-class Preprocessing:
-    """What the backbone expects, from timm's pretrained config (IRv2: 299, mean = std = 0.5)."""
+class Strategy:
+    """When the backbone trains: ``feature_extraction`` never, ``finetune`` always,
+    ``two_stage`` after ``head_epochs`` epochs of the head alone."""
 
+    name: str
+    head_epochs: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "Strategy":
+        return cls(cfg.strategy, cfg.head_epochs if cfg.strategy == "two_stage" else 0)
+
+    def frozen_at(self, epoch: int) -> bool:
+        return self.name == "feature_extraction" or (self.name == "two_stage" and epoch < self.head_epochs)
+
+    @property
+    def trains_backbone(self) -> bool:
+        """Whether the backbone trains at some epoch (then the optimizer needs its groups)."""
+        return self.name != "feature_extraction"
+
+    @property
+    def needs_unused_parameter_check(self) -> bool:
+        """two_stage: DDP is built with every parameter (so that the unfrozen backbone is
+        synchronised later) and must tolerate the frozen ones getting no gradient in stage one."""
+        return self.name == "two_stage"
+
+
+@dataclass
+class ModelCard:
+    """``best/model.json``: everything needed to rebuild the trained model and feed it, and
+    nothing about where the data was (evaluation works wherever the store is mounted)."""
+
+    model: str
+    head_hidden: list[int]
+    head_dropout: float
+    head_activation: str
     image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: list[float]
+    std: list[float]
+    classes: list[str]
+    epoch: int | None = None  # 0-based epoch whose weights these are
+    val_accuracy: float | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.image_size, tuple(self.mean), tuple(self.std))
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(name=self.model, pretrained=False, head_hidden=list(self.head_hidden),
+                           head_dropout=self.head_dropout, head_activation=self.head_activation)
+
+    @classmethod
+    def for_run(cls, cfg: ModelConfig, prep: Preprocessing, classes: list[str]) -> "ModelCard":
+        return cls(model=cfg.name, head_hidden=list(cfg.head_hidden), head_dropout=cfg.head_dropout,
+                   head_activation=cfg.head_activation, image_size=prep.image_size, mean=list(prep.mean),
+                   std=list(prep.std), classes=list(classes))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelCard":
+        raw = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})  # older cards carried extra keys
 
 
-def create_model(cfg: ModelConfig, num_classes: int) -> tuple[TransferModel, Preprocessing]:
+def create_model(cfg: ModelConfig, num_classes: int, image_size: int | None = None
+                 ) -> tuple[TransferModel, Preprocessing]:
+    """The backbone (pretrained as ``cfg`` says) and a new head; ``image_size`` overrides the
+    backbone's pretrained input size and is checked against what the architecture accepts."""
     backbone = create_backbone(cfg)
-    head = build_head(backbone.num_features, num_classes, cfg.head_hidden, cfg.head_dropout,
-                      cfg.head_activation)
-    return TransferModel(backbone, head), preprocessing(backbone)
+    prep = preprocessing(backbone)
+    if image_size is not None and image_size != prep.image_size:
+        check_input_size(backbone, cfg.name, image_size, prep.image_size)
+        prep = dataclasses.replace(prep, image_size=image_size)
+    head = build_head(backbone.num_features, num_classes, cfg.head_hidden, cfg.head_dropout, cfg.head_activation)
+    return TransferModel(backbone, head), prep
 
 
-def load_trained(run_dir: str | Path) -> tuple[TransferModel, dict]:
-    """The best model of a finished run (``run_dir/best``) and its ``model.json`` metadata."""
-    import json
-
-    import timm
+def load_trained(run_dir: str | Path) -> tuple[TransferModel, ModelCard]:
+    """The best model of a finished run (``run_dir/best``) and its model card."""
     from safetensors.torch import load_file
 
     best = Path(run_dir) / "best"
-    if not (best / "model.safetensors").is_file():
-        raise WeightsError(f"{best}/model.safetensors not found: is {run_dir} the output_dir of a run "
-                           "that finished at least one epoch?")
-    meta = json.loads((best / "model.json").read_text())
-    backbone = timm.create_model(meta["model"], pretrained=False, num_classes=0, global_pool="")
-    head = build_head(backbone.num_features, meta["num_classes"], meta["head_hidden"], meta["head_dropout"],
-                      meta["head_activation"])
-    model = TransferModel(backbone, head)
+    if not (best / "model.safetensors").is_file() or not (best / "model.json").is_file():
+        raise WeightsError(f"{best}/model.safetensors or model.json not found: is {run_dir} the output_dir of a "
+                           "run that finished at least one epoch?")
+    card = ModelCard.from_json((best / "model.json").read_text())
+    model, _ = create_model(card.model_config(), card.num_classes)
     model.load_state_dict(load_file(str(best / "model.safetensors")))
-    return model.eval(), meta
+    return model.eval(), card
 
 
 def preprocessing(backbone: nn.Module) -> Preprocessing:
-    import timm.data
-
     data_cfg = timm.data.resolve_model_data_config(backbone)
     return Preprocessing(image_size=int(data_cfg["input_size"][-1]),
                          mean=tuple(float(m) for m in data_cfg["mean"]),
                          std=tuple(float(s) for s in data_cfg["std"]))
 
 
-def create_backbone(cfg: ModelConfig) -> nn.Module:
-    """timm model without classifier or pooling; pretrained weights through timm's own loader."""
-    import timm
+def check_input_size(backbone: nn.Module, name: str, size: int, pretrained_size: int) -> None:
+    """One tiny forward pass: some architectures cannot shrink a small image far enough
+    (Inception-ResNet-V2 needs at least 75 px)."""
+    if size >= pretrained_size:
+        return
+    was_training = backbone.training
+    try:
+        with torch.no_grad():
+            backbone.eval().forward_features(torch.zeros(1, 3, size, size))
+    except RuntimeError as e:
+        raise ConfigError(f"data.image_size={size} is too small for {name} (its pretrained size is "
+                          f"{pretrained_size}): {str(e).splitlines()[0]}. Use a larger data.image_size, or null "
+                          "for the pretrained size") from None
+    finally:
+        backbone.train(was_training)
 
+
+def create_backbone(cfg: ModelConfig) -> nn.Module:
+    """timm model without classifier or pooling. Pretrained weights: ``cfg.weights`` (loaded
+    strictly, every key), else the Hub through timm's own loader."""
     if not timm.is_model(cfg.name):
         raise WeightsError(f"model.name={cfg.name!r} is not a timm model; see timm.list_models()")
     kwargs = dict(num_classes=0, global_pool="")
-    if not cfg.pretrained:
-        return timm.create_model(cfg.name, pretrained=False, **kwargs)
-    if cfg.weights:
-        path = Path(cfg.weights)
-        if not path.is_file():
-            raise WeightsError(f"model.weights={cfg.weights}: no such file; give a .safetensors file or a "
-                               "PyTorch state dict of the ImageNet model")
-        try:
-            # Same loader as the Hub path: timm drops the ImageNet classifier and checks every key.
-            return timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
-                                     **kwargs)
-        except (RuntimeError, KeyError, ValueError, OSError) as e:
-            raise WeightsError(f"model.weights={cfg.weights} does not fit model {cfg.name!r}: {e}") from None
+    if not cfg.pretrained or cfg.weights:
+        backbone = timm.create_model(cfg.name, pretrained=False, **kwargs)
+        if cfg.pretrained:
+            load_backbone_weights(backbone, cfg.weights, cfg.name)
+        return backbone
     try:
         return timm.create_model(cfg.name, pretrained=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
@@ -146,8 +226,23 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
             "weights instead (much lower accuracy).") from None
 
 
-def _hub_id(name: str) -> str:
-    import timm
+def weights_identity(cfg: ModelConfig, seed: int) -> str:
+    """What determines the backbone's weights, for cache keys: the file's hash, the Hub tag, or
+    the seed of a random initialisation."""
+    import hashlib
 
+    if not cfg.pretrained:
+        return f"random:{seed}"
+    if cfg.weights:
+        h = hashlib.sha256()
+        with open(cfg.weights, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return f"file:{h.hexdigest()}"
+    pretrained = timm.models.get_pretrained_cfg(cfg.name)
+    return f"hub:{_hub_id(cfg.name)}:{getattr(pretrained, 'tag', None) or ''}"
+
+
+def _hub_id(name: str) -> str:
     cfg = timm.models.get_pretrained_cfg(name)
     return getattr(cfg, "hf_hub_id", None) or name if cfg is not None else name

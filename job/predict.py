@@ -9,14 +9,16 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # `python job/predict.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch
 
-from dali_pipelines.loader import DaliLoader, LoaderSpec
+from dali_pipelines.loader import DaliLoader, LoaderSpec, dali_device_id
+from job.config import ConfigError
 from job.data import IMAGE_EXTENSIONS, check_image
+from job.distributed import resolve_device
 from job.model import WeightsError, load_trained
 
 
@@ -25,10 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, help="output_dir of a training run")
     parser.add_argument("images", nargs="+", help=f"image files ({', '.join(IMAGE_EXTENSIONS)})")
     parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     args = parser.parse_args(argv)
     try:
-        model, meta = load_trained(args.run)
-    except WeightsError as e:
+        device = torch.device(resolve_device(args.device))
+        model, card = load_trained(args.run)
+    except (ConfigError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path in args.images:
@@ -38,17 +42,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return 2
     # The same DALI evaluation pipeline as training: identical decode, resize and normalization.
-    spec = LoaderSpec(image_size=meta["image_size"], mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+    spec = LoaderSpec(card.preprocessing, num_threads=4, device_id=dali_device_id(device))
     loader = DaliLoader(labels=np.zeros(len(args.images), dtype=np.int64), files=args.images, spec=spec,
                         train=False, batch_size=32)
-    names, k = meta["classes"], min(args.top, meta["num_classes"])
+    model.to(device)
+    k = min(args.top, card.num_classes)
     paths = iter(args.images)
     with torch.no_grad():
         for images, _ in loader:
-            probabilities = model(images).softmax(dim=1)
-            top = probabilities.topk(k, dim=1)
+            top = model(images.to(device)).softmax(dim=1).topk(k, dim=1)
             for p, idx in zip(top.values.tolist(), top.indices.tolist()):
-                print(json.dumps({"image": next(paths), "top": [{"class": names[i], "probability": round(q, 6)}
+                print(json.dumps({"image": next(paths), "top": [{"class": card.classes[i], "probability": round(q, 6)}
                                                                 for i, q in zip(idx, p)]}))
     return 0
 

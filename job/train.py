@@ -6,227 +6,336 @@ your own image folders, fed by DALI, distributed by Accelerate.
     # one node, 8 GPUs
     accelerate launch --multi_gpu --num_processes 8 job/train.py --config job/configs/finetune.yaml
     # N nodes x 8 GPUs: run on every node with its --machine_rank (docker/launch.sh builds this)
-    accelerate launch --multi_gpu --num_machines N --num_processes $((8*N)) --machine_rank R \
+    accelerate launch --multi_gpu --num_machines N --num_processes $((8*N)) --machine_rank R \\
         --main_process_ip HOST --main_process_port 29500 job/train.py --config job/configs/finetune.yaml
     # overrides: section.key=value after the options
     python job/train.py --config job/configs/demo.yaml train.epochs=3 optim.lr=0.05
 
-This file is the only one that knows the order of things: config -> data -> model -> optimizer ->
-resume -> epochs of (train, validate, checkpoint, maybe stop) -> test with the best weights.
-Exit codes: 0 done, 2 bad config or data, 143 preempted (checkpoint saved; run again to resume).
+This file is the only one that knows the order of things: ``fit`` reads as the list of steps,
+``Trainer`` holds the parts they share. Exit codes (job/preemption.py): 0 done, 2 bad config or
+data, 143 preempted (checkpoint saved; run again to resume).
 """
 from __future__ import annotations
 
-import json
 import math
+import os
 import sys
+import zlib
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python job/train.py` / `accelerate launch job/train.py`
+if __package__ in (None, ""):  # `python job/train.py` / `accelerate launch job/train.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin, set_seed
+from accelerate.utils import set_seed
 
 from dali_pipelines.loader import LoaderSpec, dali_device_id, make_loader
 from job.checkpoint import Checkpointer, load_best_weights, save_best
 from job.config import Config, ConfigError, parse_args
 from job.data import DataError, prepare_from_config
+from job.distributed import build_accelerator, once_per_node_first, training_timeouts
 from job.early_stopping import EarlyStopping
-from job.loop import StepLog, TrainState, evaluate, sample_predictions, train_one_epoch
-from job.model import WeightsError, create_model
+from job.features import FeatureLoader, Preempted, cached_features, feature_key
+from job.loop import StepHooks, StepLog, TrainParts, TrainState, evaluate, train_one_epoch
+from job.model import ModelCard, Strategy, WeightsError, create_model
+from job.optim import backbone_lr_scale, build_optimizer, build_scheduler, current_lr
 from job.preemption import EXIT_BAD_INPUT, EXIT_PREEMPTED, PreemptionSignal, record_exit_code
-from job.optim import build_optimizer, build_scheduler, current_lr
-from job.tracking import Tracker, TrackingError, sweep_output_dir
+from job.records import EpochRecord, RunSummary, shown_epoch
+from job.reporting import sample_predictions
+from job.tracking import Trackers, TrackingError, redact
 
-
-def build_accelerator(cfg: Config) -> Accelerator:
-    precision = cfg.train.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),  # without it, N CPU processes would each run alone
-        mixed_precision=precision,
-        # two_stage unfreezes the backbone after DDP has wrapped the model: DDP must register
-        # every parameter up front and tolerate the frozen ones getting no gradient meanwhile.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train.strategy == "two_stage")],
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.train.compile else None,
-    )
-
-
-def backbone_frozen(cfg: Config, epoch: int) -> bool:
-    strategy = cfg.train.strategy
-    return strategy == "feature_extraction" or (strategy == "two_stage" and epoch < cfg.train.head_epochs)
+_INPUT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "no": "float32"}
 
 
 def fit(cfg: Config) -> int:
-    accelerator = build_accelerator(cfg)
-    out = Path(sweep_output_dir(cfg.train.output_dir))
-    set_seed(cfg.train.seed)
-
-    # ---- data: the main process prepares the store once, the others reuse it
-    with accelerator.main_process_first():
-        store = prepare_from_config(cfg.data)
-    num_classes = len(store.classes)
-
-    # ---- model
-    model, prep = create_model(cfg.model, num_classes)
-    if not cfg.model.pretrained:
-        accelerator.print(f"model.pretrained=false: the {cfg.model.name} backbone starts from random weights")
-    image_size = cfg.data.image_size or prep.image_size
-    spec = LoaderSpec(image_size=image_size, mean=prep.mean, std=prep.std, channels_last=cfg.train.channels_last,
-                      num_threads=cfg.data.num_threads,
-                      device_id=dali_device_id(accelerator.device))
-    loader = lambda split, train: make_loader(  # noqa: E731
-        store, split, spec, train=train, batch_size=cfg.data.batch_size, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, seed=cfg.train.seed)
-    train_loader, val_loader = loader("train", True), loader("val", False)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-
-    # ---- optimization
-    optimizer = build_optimizer(model, cfg.optim, train_backbone=cfg.train.strategy != "feature_extraction")
-    model.freeze_backbone(backbone_frozen(cfg, 0))
-    updates_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum_steps)
-    stopper = EarlyStopping(cfg.early_stopping.metric, cfg.early_stopping.patience, cfg.early_stopping.min_delta)
-    scheduler = build_scheduler(optimizer, cfg.schedule, epochs=cfg.train.epochs, updates_per_epoch=updates_per_epoch,
-                                plateau_mode=stopper.mode)
-    # The scheduler is not prepared: Accelerate's wrapper would step it once per process per
-    # update. We step it ourselves with the optimizer-update count (tests/test_optim.py).
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainState()
-    for obj in (scheduler, stopper, state):
-        accelerator.register_for_checkpointing(obj)
-
-    # ---- resume
-    checkpointer = Checkpointer(accelerator, out, cfg.train.keep_checkpoints, config=cfg)
-    resume_from = checkpointer.resolve(cfg.train.resume)
-    if resume_from is not None:
-        checkpointer.load(resume_from)
-        accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, batch {state.step_in_epoch})")
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.train.output_dir = str(out)
-        cfg.save(out / "config.yaml")
-    tracker = Tracker(accelerator, cfg, out, start_epoch=state.epoch, run_id=state.run_id)
-    state.run_id = tracker.run_id  # saved with the checkpoints: a resumed job continues the same W&B run
-    preemption = PreemptionSignal(accelerator)
-    best_meta = {"model": cfg.model.name, "num_classes": num_classes, "classes": store.classes,
-                 "head_hidden": cfg.model.head_hidden, "head_dropout": cfg.model.head_dropout,
-                 "head_activation": cfg.model.head_activation, "image_size": image_size,
-                 "mean": prep.mean, "std": prep.std, "store": str(store.path.resolve())}
-    accelerator.print(f"training {cfg.model.name} ({cfg.train.strategy}) on {cfg.data.source}: "
-                      f"{store.counts} images, {num_classes} classes, {image_size}px, "
-                      f"{accelerator.num_processes} process(es), {len(train_loader)} batches/epoch")
-
-    # ---- epochs
-    stopped_early = False
-    for epoch in range(state.epoch, cfg.train.epochs):
-        accelerator.unwrap_model(model).freeze_backbone(backbone_frozen(cfg, epoch))
-        train_loader.set_epoch(epoch, start_step=state.step_in_epoch)
-        progress = _progress(accelerator, len(train_loader), state.step_in_epoch, epoch, cfg.train.epochs)
-        train_metrics = train_one_epoch(
-            model, train_loader, optimizer, scheduler, accelerator, state,
-            label_smoothing=cfg.optim.label_smoothing, grad_clip=cfg.train.grad_clip,
-            grad_accum_steps=cfg.train.grad_accum_steps, log_every=cfg.train.log_every,
-            signal_check_every=cfg.train.signal_check_every, preempt_requested=preemption.requested,
-            on_log=lambda log: _on_step(accelerator, tracker, progress, log), progress=progress)
-        if progress is not None:
-            progress.close()
-        if train_metrics is None:  # preempted: save where we are and let the orchestrator restart us
-            path = checkpointer.save(epoch, state.global_step)
-            accelerator.print(f"SIGTERM: saved {path}; exiting with {EXIT_PREEMPTED} to be restarted")
-            accelerator.end_training()
-            return EXIT_PREEMPTED
-        val = evaluate(_eval_model(accelerator, model), val_loader, accelerator, num_classes)
-        metric = val["accuracy"] if cfg.early_stopping.metric == "val_accuracy" else val["loss"]
-        scheduler.step(epoch + 1, metric)
-        if stopper.update(metric, epoch):
-            save_best(accelerator, model, out, {**best_meta, "epoch": epoch, "val_accuracy": val["accuracy"]})
-        record = {"epoch": epoch, "step": state.global_step, "lr": current_lr(optimizer), **train_metrics,
-                  "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_samples": val["samples"]}
-        tracker.log_epoch(record)
-        accelerator.print(_epoch_line(record))
-        state.epoch, state.step_in_epoch = epoch + 1, 0
-        checkpointer.save(epoch + 1, state.global_step)
-        if stopper.should_stop:
-            accelerator.set_trigger()  # one decision, made by every rank through the same all-reduce
-        if accelerator.check_trigger():
-            stopped_early = True
-            accelerator.print(f"early stopping: no {cfg.early_stopping.metric} improvement for "
-                              f"{stopper.patience} epochs (best {stopper.best:.4f} at epoch {stopper.best_epoch})")
+    trainer = Trainer(cfg)
+    for epoch in range(trainer.state.epoch, cfg.train.epochs):
+        if not trainer.train_and_validate_epoch(epoch):
+            return trainer.exit_preempted(epoch)
+        if trainer.stopper.should_stop:
+            trainer.announce_early_stop()
             break
-
-    # ---- test, once, with the best weights
-    accelerator.wait_for_everyone()
-    load_best_weights(accelerator.unwrap_model(model), out)
-    test = evaluate(accelerator.unwrap_model(model), loader("test", False), accelerator, num_classes)
-    history = tracker.history()
-    train_seconds = sum(h["epoch_seconds"] for h in history)
-    train_images = sum(h["train_samples"] for h in history)
-    metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_samples": test["samples"],
-               "test_per_class_accuracy": dict(zip(store.classes, test["per_class_accuracy"])),
-               "best_val_accuracy": max(h["val_accuracy"] for h in history) if history else None,
-               "best_epoch": stopper.best_epoch, "epochs_completed": state.epoch, "stopped_early": stopped_early,
-               "world_size": accelerator.num_processes, "global_steps": state.global_step,
-               "train_images_per_second": train_images / max(train_seconds, 1e-9),
-               "train_images_per_second_per_device": train_images / max(train_seconds, 1e-9) / accelerator.num_processes,
-               "data_wait_fraction": (sum(h["data_wait_fraction"] * h["epoch_seconds"] for h in history)
-                                      / max(train_seconds, 1e-9)),
-               "confusion_matrix": test["confusion"], "classes": store.classes}
-    if accelerator.is_main_process:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    samples = (sample_predictions(accelerator.unwrap_model(model), store, spec, accelerator.device)
-               if accelerator.is_main_process else None)
-    tracker.finish(metrics, samples)
-    accelerator.print(f"test accuracy {metrics['test_accuracy']:.4f} on {metrics['test_samples']} images "
-                      f"(best epoch {stopper.best_epoch}); outputs in {out.resolve()}")
-    accelerator.end_training()
+    test = trainer.test_with_best()
+    trainer.summarise_run(test)
     return 0
 
 
-def _eval_model(accelerator: Accelerator, model):
-    """The bare model, with rank 0's batch-norm statistics on every rank.
-
-    Evaluating through the DDP wrapper would broadcast buffers at every forward: a collective
-    that ranks with different numbers of evaluation batches could not match. Each rank's
-    running statistics drift apart after the last broadcast; copying rank 0's makes validation
-    use exactly the weights that ``best/`` saves.
-    """
-    bare = accelerator.unwrap_model(model)
-    if accelerator.num_processes > 1:
-        from timm.utils import distribute_bn
-
-        distribute_bn(bare, accelerator.num_processes, reduce=False)
-    return bare
+def use_feature_cache(cfg: Config) -> bool:
+    """``auto`` caches whenever the backbone is frozen for the whole run."""
+    return cfg.train.strategy == "feature_extraction" and cfg.train.cache_features != "false"
 
 
-def _progress(accelerator: Accelerator, total: int, start: int, epoch: int, epochs: int):
+class Trainer:
+    """The parts of one run, built in ``__init__`` (setup) in the order they depend on each other."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, tc = cfg, cfg.train
+        self.out = Path(tc.output_dir)
+        check_output_dir(self.out)
+        self.strategy = Strategy.from_config(tc)
+        self.cached = use_feature_cache(cfg)
+        acc = self.accelerator = build_accelerator(
+            tc, find_unused_parameters=self.strategy.needs_unused_parameter_check and not self.cached)
+        self.preemption = PreemptionSignal(acc)
+        set_seed(tc.seed)  # the same initial weights on every rank
+
+        # ---- data and model: built once per node first (shared or node-local caches), then everywhere
+        self.store = once_per_node_first(acc, lambda: prepare_from_config(cfg.data))
+        self.num_classes = len(self.store.classes)
+        self.bare, self.prep = once_per_node_first(
+            acc, lambda: create_model(cfg.model, self.num_classes, cfg.data.image_size))
+        if not cfg.model.pretrained:
+            acc.print(f"model.pretrained=false: the {cfg.model.name} backbone starts from random weights")
+        cfg.optim.backbone_lr_scale = backbone_lr_scale(cfg.optim, cfg.model.pretrained)
+        if self.strategy.trains_backbone:
+            acc.print(f"backbone LR = {cfg.optim.backbone_lr_scale:g} x head LR")
+        set_seed(tc.seed, device_specific=True)  # per-rank dropout; the weights above are already equal
+        self.spec = LoaderSpec(self.prep, num_threads=cfg.data.num_threads,
+                               dtype=_INPUT_DTYPES[acc.mixed_precision] if acc.device.type == "cuda" else "float32",
+                               channels_last=tc.channels_last, device_id=dali_device_id(acc.device),
+                               augment=cfg.data.augment and not self.cached)
+        self.bare.to(acc.device)
+        if tc.channels_last:
+            self.bare.to(memory_format=torch.channels_last)
+        self.card = ModelCard.for_run(cfg.model, self.prep, self.store.classes)
+
+        # ---- loaders: images through DALI, or the frozen backbone's features computed once
+        shard = dict(batch_size=cfg.data.batch_size, rank=acc.process_index, world_size=acc.num_processes,
+                     seed=tc.seed)
+        if self.cached:
+            self.bare.freeze_backbone(True)
+            self.features = self._cached_features()
+            self.loaders = {split: FeatureLoader(self.features.features[split], self.features.labels[split],
+                                                 train=split == "train", device=acc.device, **shard)
+                            for split in ("train", "val", "test")}
+            trained = self.bare.head
+        else:
+            self.features = None
+            self.loaders = {split: make_loader(self.store, split, self.spec, train=split == "train", **shard)
+                            for split in ("train", "val")}
+            trained = self.bare
+
+        # ---- optimization. DDP is built while every parameter that will ever train requires a
+        # gradient: it registers only those, so a backbone frozen now and unfrozen later (two_stage)
+        # would otherwise never be synchronised across ranks.
+        optimizer = build_optimizer(self.bare, cfg.optim, train_backbone=self.strategy.trains_backbone)
+        self.bare.freeze_backbone(not self.strategy.trains_backbone or self.cached)
+        prepared, optimizer = acc.prepare(trained, optimizer)
+        ddp = prepared if isinstance(prepared, torch.nn.parallel.DistributedDataParallel) else None
+        # Compiled here rather than by Accelerate's dynamo plugin: the DDP module stays reachable
+        # for no_sync, and freezing, saving and evaluation use the bare module, never the wrapper.
+        call = torch.compile(prepared) if tc.compile else prepared
+        self.stopper = EarlyStopping(cfg.early_stopping.metric, cfg.early_stopping.patience,
+                                     cfg.early_stopping.min_delta)
+        updates_per_epoch = math.ceil(len(self.loaders["train"]) / tc.grad_accum_steps)
+        # Not prepared: Accelerate's wrapper would step it once per process per update; we step it
+        # with the optimizer-update count (tests/test_optim.py).
+        scheduler = build_scheduler(optimizer, cfg.schedule, epochs=tc.epochs, updates_per_epoch=updates_per_epoch,
+                                    plateau_mode=self.stopper.mode)
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.loss.label_smoothing)
+        self.parts = TrainParts(model=call, optimizer=optimizer, scheduler=scheduler, accelerator=acc,
+                                loss_fn=loss_fn, ddp=ddp)
+
+        # ---- resume, outputs, tracking
+        self.state = TrainState()
+        self.checkpointer = Checkpointer(acc, self.out, tc.keep_checkpoints, config=cfg)
+        resume_from = self.checkpointer.resolve(tc.resume)
+        if resume_from is not None:
+            self._load_trainer_state(self.checkpointer.load(resume_from))
+            acc.print(f"resumed from {resume_from} (epoch {shown_epoch(self.state.epoch)}, "
+                      f"batch {self.state.step_in_epoch})")
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out / "config.yaml")
+        self.trackers = Trackers(acc, cfg, self.out, start_epoch=self.state.epoch, run_id=self.state.run_id)
+        self.state.run_id = self.trackers.run_id  # saved with the checkpoints: a resumed job continues the W&B run
+        if self.features is not None:
+            self.trackers.log_summary({"feature_extraction_seconds": self.features.extraction_seconds})
+        training_timeouts(acc, tc)
+        acc.print(f"training {cfg.model.name} ({tc.strategy}{', cached features' if self.cached else ''}) on "
+                  f"{cfg.data.source}: {self.store.counts} images, {self.num_classes} classes, "
+                  f"{self.prep.image_size}px, {acc.num_processes} process(es), "
+                  f"{len(self.loaders['train'])} batches/epoch")
+
+    # ------------------------------------------------------------------------------ the verbs
+    def train_and_validate_epoch(self, epoch: int) -> bool:
+        """One epoch, its validation, the best model and a checkpoint. False when preempted."""
+        acc, tc, state = self.accelerator, self.cfg.train, self.state
+        if not self.cached:
+            self.bare.freeze_backbone(self.strategy.frozen_at(epoch))
+        loader = self.loaders["train"]
+        loader.set_epoch(epoch, start_step=state.step_in_epoch)
+        progress = _progress(acc, len(loader), state.step_in_epoch, epoch, tc.epochs)
+        hooks = StepHooks(stop_requested=self.preemption.requested, on_log=lambda log: self._on_step(log, progress),
+                          on_batch=progress.update if progress is not None else (lambda: None))
+        train = train_one_epoch(tc, self.parts, loader, state, hooks)
+        if progress is not None:
+            progress.close()
+        if train is None:
+            return False
+        val = evaluate(self._eval_model(), self.loaders["val"], acc, self.num_classes)
+        metric = val["accuracy"] if self.cfg.early_stopping.metric == "val_accuracy" else val["loss"]
+        self.parts.scheduler.step(epoch + 1, metric)
+        if self.stopper.update(metric, epoch):
+            self.card.epoch, self.card.val_accuracy = epoch, val["accuracy"]
+            save_best(acc, self.bare, self.out, self.card)
+        record = EpochRecord(epoch=epoch, step=state.global_step, lr=current_lr(self.parts.optimizer), **train,
+                             val_loss=val["loss"], val_accuracy=val["accuracy"], val_samples=val["samples"])
+        self.trackers.log_epoch(record)
+        acc.print(_epoch_line(record))
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+        self.checkpointer.save(state.epoch, state.global_step, self._trainer_state())
+        return True
+
+    def announce_early_stop(self) -> None:
+        # No collective needed: the metric is all-reduced, so every rank's stopper saw the same
+        # values and decided the same. (Preemption, which one rank may see alone, uses
+        # Accelerate's trigger; the two never share it.)
+        s = self.stopper
+        self.accelerator.print(f"early stopping: no {s.metric} improvement for {s.patience} epochs "
+                               f"(best {s.best:.4f} at epoch {shown_epoch(s.best_epoch)})")
+
+    def exit_preempted(self, epoch: int) -> int:
+        """Save where we are and let the orchestrator restart us."""
+        path = self.checkpointer.save(epoch, self.state.global_step, self._trainer_state())
+        self.accelerator.print(f"SIGTERM: saved {path}; exiting with {EXIT_PREEMPTED} to be restarted")
+        self.accelerator.end_training()
+        return EXIT_PREEMPTED
+
+    def test_with_best(self) -> dict:
+        """The test split, touched once, with the best weights (end to end through the backbone)."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        self.replicas_identical = replicas_identical(acc, self.bare) if acc.num_processes > 1 else None
+        load_best_weights(self.bare, self.out)
+        test_loader = make_loader(self.store, "test", self.spec, train=False, batch_size=self.cfg.data.batch_size,
+                                  rank=acc.process_index, world_size=acc.num_processes)
+        test = evaluate(self.bare, test_loader, acc, self.num_classes)
+        if self.cached:
+            cached = evaluate(self.bare.head, self.loaders["test"], acc, self.num_classes)
+            test["accuracy_cached"] = cached["accuracy"]
+            acc.print(f"test accuracy {test['accuracy']:.4f} end to end, {cached['accuracy']:.4f} on cached "
+                      f"features ({self.cfg.train.feature_dtype})")
+        return test
+
+    def summarise_run(self, test: dict) -> None:
+        acc, history = self.accelerator, self.trackers.history.records() if self.accelerator.is_main_process else []
+        seconds = sum(h.epoch_seconds for h in history)
+        images = sum(h.train_samples for h in history)
+        summary = RunSummary(
+            test_accuracy=test["accuracy"], test_loss=test["loss"], test_samples=test["samples"],
+            test_per_class_accuracy=dict(zip(self.store.classes, test["per_class_accuracy"])),
+            best_val_accuracy=max((h.val_accuracy for h in history), default=None),
+            best_epoch=self.stopper.best_epoch, epochs_completed=self.state.epoch,
+            stopped_early=self.stopper.should_stop, world_size=acc.num_processes,
+            global_steps=self.state.global_step, train_images_per_second=images / max(seconds, 1e-9),
+            train_images_per_second_per_device=images / max(seconds, 1e-9) / acc.num_processes,
+            data_wait_fraction=sum(h.data_wait_fraction * h.epoch_seconds for h in history) / max(seconds, 1e-9),
+            confusion_matrix=test["confusion"], classes=self.store.classes,
+            replicas_identical=self.replicas_identical, features_cached=self.cached,
+            feature_extraction_seconds=self.features.extraction_seconds if self.features else None,
+            test_accuracy_cached=test.get("accuracy_cached"))
+        samples = (sample_predictions(self.bare, self.store, self.spec, acc.device)
+                   if acc.is_main_process else [])
+        self.trackers.finish(summary, samples)
+        acc.print(f"test accuracy {summary.test_accuracy:.4f} on {summary.test_samples} images "
+                  f"(best epoch {shown_epoch(summary.best_epoch)}); outputs in {self.out.resolve()}")
+        acc.end_training()
+
+    # ------------------------------------------------------------------------------ helpers
+    def _cached_features(self):
+        cfg, acc = self.cfg, self.accelerator
+        key = feature_key(cfg, self.prep, self.store)
+        root = Path(cfg.train.feature_cache_dir or Path(cfg.data.prepared_dir) / "features")
+        acc.print("train.cache_features: the frozen backbone's features are computed once, so training-time "
+                  "augmentation is off (the fixed-feature protocol)")
+        try:
+            features = cached_features(acc, self.bare, self.store, self.spec, key, root,
+                                       self.cfg.data.batch_size, self.preemption.requested)
+        except Preempted as e:
+            acc.print(f"{e}: nothing kept; exiting with {EXIT_PREEMPTED}, the next run extracts again")
+            acc.end_training()
+            raise SystemExit(EXIT_PREEMPTED) from None
+        verb = "reusing cached features" if features.reused else \
+            f"extracted features in {features.extraction_seconds:.1f}s"
+        acc.print(f"{verb} ({features.path})")
+        return features
+
+    def _eval_model(self) -> torch.nn.Module:
+        """The bare module (ranks may run different numbers of evaluation batches, which the DDP
+        wrapper's per-forward buffer broadcast could not match), with rank 0's batch-norm
+        statistics on every rank: validation then uses exactly the weights ``best/`` saves."""
+        bare = self.bare.head if self.cached else self.bare
+        if self.accelerator.num_processes > 1:
+            from timm.utils import distribute_bn
+
+            distribute_bn(bare, self.accelerator.num_processes, reduce=False)
+        return bare
+
+    def _trainer_state(self) -> dict:
+        scheduler = self.parts.scheduler
+        inner = getattr(scheduler, "lr_scheduler", None)  # timm's plateau wraps torch's ReduceLROnPlateau
+        return {"state": self.state.state_dict(), "early_stopping": self.stopper.state_dict(),
+                "scheduler": scheduler.state_dict(), "plateau": inner.state_dict() if inner is not None else None}
+
+    def _load_trainer_state(self, saved: dict) -> None:
+        self.state.load_state_dict(saved["state"])
+        self.stopper.load_state_dict(saved["early_stopping"])
+        self.parts.scheduler.load_state_dict(saved["scheduler"])
+        inner = getattr(self.parts.scheduler, "lr_scheduler", None)
+        if inner is not None and saved.get("plateau") is not None:
+            inner.load_state_dict(saved["plateau"])
+
+    def _on_step(self, log: StepLog, progress) -> None:
+        self.trackers.log_step({"train/loss": log.loss, "train/lr": log.lr,
+                                "train/images_per_second": log.images_per_second,
+                                "train/data_wait_fraction": log.data_wait_fraction}, step=log.step)
+        if progress is not None:
+            progress.set_postfix(loss=f"{log.loss:.3f}", img_s=f"{log.images_per_second:.0f}",
+                                 wait=f"{log.data_wait_fraction:.0%}", refresh=False)
+        else:
+            self.accelerator.print(f"step {log.step}: loss {log.loss:.4f} lr {log.lr:.2e} "
+                                   f"{log.images_per_second:.0f} img/s data wait {log.data_wait_fraction:.0%}")
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse an unusable output directory before any data or model is built (and create nothing:
+    a refused run leaves no trace)."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        what = "exists and is not a directory" if existing == out else f"is inside {existing}, which is a file"
+        raise ConfigError(f"train.output_dir={out} {what}; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.output_dir={out}: {existing} is not writable; choose a writable path")
+
+
+def replicas_identical(accelerator, model: torch.nn.Module) -> bool:
+    """Whether every rank holds bit-identical parameters (what DDP promises): one CRC32 per tensor,
+    gathered. Logged at the end of every multi-process run; a mismatch is a bug worth a loud line."""
+    crcs = [zlib.crc32(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()) for p in model.parameters()]
+    mine = torch.tensor(crcs, dtype=torch.int64, device=accelerator.device)
+    every = accelerator.gather(mine).view(accelerator.num_processes, -1).cpu().numpy()
+    same = bool(np.all(every == every[0]))
+    accelerator.print(f"replicas {'identical' if same else 'DIFFER'}: {every.shape[1]} parameter tensors "
+                      f"compared across {accelerator.num_processes} processes")
+    return same
+
+
+def _progress(accelerator, total: int, start: int, epoch: int, epochs: int):
     """A live bar on an interactive terminal; in pod logs (no TTY) the step lines say the same."""
     if not accelerator.is_main_process or not sys.stderr.isatty():
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
+    return tqdm(total=total, initial=start, desc=f"epoch {shown_epoch(epoch)}/{epochs}", unit="batch",
                 dynamic_ncols=True, leave=False, file=sys.stderr)
 
 
-def _on_step(accelerator: Accelerator, tracker: Tracker, progress, log: StepLog) -> None:
-    tracker.log_step({"train/loss": log.loss, "train/lr": log.lr, "train/images_per_second": log.images_per_second,
-                      "train/data_wait_fraction": log.data_wait_fraction}, step=log.step)
-    if progress is not None:
-        progress.set_postfix(loss=f"{log.loss:.3f}", img_s=f"{log.images_per_second:.0f}",
-                             wait=f"{log.data_wait_fraction:.0%}", refresh=False)
-    else:
-        accelerator.print(f"step {log.step}: loss {log.loss:.4f} lr {log.lr:.2e} "
-                          f"{log.images_per_second:.0f} img/s data wait {log.data_wait_fraction:.0%}")
-
-
-def _epoch_line(r: dict) -> str:
-    return (f"epoch {r['epoch'] + 1}: train_loss {r['train_loss']:.4f} acc {r['train_accuracy']:.4f} | "
-            f"val_loss {r['val_loss']:.4f} acc {r['val_accuracy']:.4f} | lr {r['lr']:.2e} | "
-            f"{r['images_per_second']:.0f} img/s, data wait {r['data_wait_fraction']:.0%}, {r['epoch_seconds']:.1f}s")
+def _epoch_line(r: EpochRecord) -> str:
+    return (f"epoch {shown_epoch(r.epoch)}: train_loss {r.train_loss:.4f} acc {r.train_accuracy:.4f} | "
+            f"val_loss {r.val_loss:.4f} acc {r.val_accuracy:.4f} | lr {r.lr:.2e} | "
+            f"{r.images_per_second:.0f} img/s, data wait {r.data_wait_fraction:.0%}, {r.epoch_seconds:.1f}s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,8 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(argv, description=__doc__.split("\n")[0])
         code = fit(cfg)
     except (ConfigError, DataError, WeightsError, TrackingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         code = EXIT_BAD_INPUT
+    except SystemExit as e:  # preempted during feature extraction
+        code = e.code if isinstance(e.code, int) else 1
     finally:
         record_exit_code(code)
     return code

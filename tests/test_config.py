@@ -53,7 +53,7 @@ def test_saved_config_round_trips(tmp_path):
     ("optim.lr=-1", "optim.lr must be > 0"),
     ("model.head_dropout=1.5", "head_dropout"),
     ("data.image_size=8", "data.image_size must be >= 16"),
-    ("train.resume=/does/not/exist", "not a checkpoint directory"),
+    ("train.resume=/does/not/exist", "not a checkpoint written by this job"),
     ("epochs=3", "section.key=value"),
 ])
 def test_invalid_values_are_rejected_with_the_fix(override, message):

@@ -8,8 +8,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from job.config import load_config
-from job.model import WeightsError, build_head, create_model
-from job.train import backbone_frozen
+from job.model import Strategy, WeightsError, build_head, create_model
 
 SMALL = ["model.name=test_resnet", "model.pretrained=false"]
 
@@ -57,10 +56,16 @@ def test_feature_extraction_trains_only_the_head_and_freezes_bn_statistics():
 
 
 def test_two_stage_switches_at_head_epochs():
-    cfg = load_config(None, ["train.strategy=two_stage", "train.head_epochs=2", "train.epochs=5"])
-    assert [backbone_frozen(cfg, e) for e in range(5)] == [True, True, False, False, False]
-    assert not any(backbone_frozen(load_config(None, ["train.strategy=finetune"]), e) for e in range(3))
-    assert all(backbone_frozen(load_config(None, ["train.strategy=feature_extraction"]), e) for e in range(3))
+    def strategy(*overrides):
+        return Strategy.from_config(load_config(None, list(overrides)).train)
+
+    two_stage = strategy("train.strategy=two_stage", "train.head_epochs=2", "train.epochs=5")
+    assert [two_stage.frozen_at(e) for e in range(5)] == [True, True, False, False, False]
+    assert two_stage.trains_backbone and two_stage.needs_unused_parameter_check
+    finetune, frozen = strategy("train.strategy=finetune"), strategy("train.strategy=feature_extraction")
+    assert not any(finetune.frozen_at(e) for e in range(3)) and finetune.trains_backbone
+    assert all(frozen.frozen_at(e) for e in range(3)) and not frozen.trains_backbone
+    assert not finetune.needs_unused_parameter_check and not frozen.needs_unused_parameter_check
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth", "pth_wrapped"])

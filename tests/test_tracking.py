@@ -115,5 +115,5 @@ def test_sweep_parameters_are_real_config_keys():
         overrides.append(f"{key}={value}")
     cfg = load_config(REPO / sweep["command"][5], overrides)  # raises on any unknown key or bad value
     assert cfg.train.output_dir == "runs/sweep"
-    for key in ("optim.lr", "optim.weight_decay", "optim.label_smoothing", "data.image_size", "train.strategy"):
+    for key in ("optim.lr", "optim.weight_decay", "loss.label_smoothing", "data.image_size", "train.strategy"):
         assert key in sweep["parameters"]

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from dali_pipelines.loader import DaliLoader, LoaderSpec
+from dali_pipelines.loader import DaliLoader, LoaderSpec, Preprocessing
 from job.loop import evaluate
 
 n, batch, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
@@ -25,7 +25,7 @@ images[..., 0] = (idx % 256)[:, None, None]
 images[..., 1] = (idx // 256)[:, None, None]
 labels = idx % 10
 loader = DaliLoader(labels=labels, images=images, train=False, batch_size=batch, rank=accelerator.process_index,
-                    world_size=accelerator.num_processes, spec=LoaderSpec(image_size=8, mean=(0, 0, 0), std=(1, 1, 1)))
+                    world_size=accelerator.num_processes, spec=LoaderSpec(Preprocessing(8, (0, 0, 0), (1, 1, 1)), num_threads=2))
 seen = []
 for x, y in loader:
     pixels = (x[:, :2, 0, 0] * 255).round().long()

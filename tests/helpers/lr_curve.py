@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 
 from job.config import load_config
-from job.loop import TrainState, train_one_epoch
+from job.loop import StepHooks, TrainParts, TrainState, train_one_epoch
 from job.model import build_head, TransferModel
 from job.optim import build_optimizer, build_scheduler
 
@@ -42,12 +42,15 @@ def curve(schedule: str, epochs: int, batches: int, accum: int) -> dict:
                                 plateau_mode="max")
     model, optimizer = accelerator.prepare(model, optimizer)
     lrs, state = [], TrainState()
+    parts = TrainParts(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
+                       loss_fn=torch.nn.CrossEntropyLoss(),
+                       ddp=model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None)
+    train_cfg = load_config(None, ["train.grad_clip=1.0", f"train.grad_accum_steps={accum}", "train.log_every=1",
+                                   "train.signal_check_every=1000"]).train
+    hooks = StepHooks(on_log=lambda log: lrs.append([log.step, log.lr, optimizer.param_groups[-1]["lr"]]))
     for epoch in range(epochs):
         loader = [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1])) for _ in range(batches)]
-        train_one_epoch(model, loader, optimizer, scheduler, accelerator, state, label_smoothing=0.0, grad_clip=1.0,
-                        grad_accum_steps=accum, log_every=1, signal_check_every=1000,
-                        preempt_requested=lambda: False,
-                        on_log=lambda log: lrs.append([log.step, log.lr, optimizer.param_groups[-1]["lr"]]))
+        train_one_epoch(train_cfg, parts, loader, state, hooks)
         state.step_in_epoch = 0
         scheduler.step(epoch + 1, 0.5)  # constant metric: plateau decays after its patience
     return {"lrs": lrs, "steps": state.global_step}

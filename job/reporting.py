@@ -1,4 +1,5 @@
-"""PNG plots in the output directory, so a run can be read at a glance without W&B."""
+"""What a person looks at after a run: PNG plots in the output directory (readable without W&B)
+and the sample-prediction grid's data."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,21 +9,25 @@ import matplotlib
 matplotlib.use("Agg")  # headless: pods and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dali_pipelines.loader import DaliLoader, LoaderSpec  # noqa: E402
+from job.records import EpochRecord, shown_epoch  # noqa: E402
 
 CURVES_SIZE = (15, 4)  # inches at 100 dpi -> 1500 x 400 px
 CONFUSION_SIZE = (8, 7)  # -> 800 x 700 px
 DPI = 100
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
+def plot_curves(history: list[EpochRecord], path: Path) -> None:
     """Loss, accuracy and learning rate per epoch."""
     fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=CURVES_SIZE, dpi=DPI)
-    epochs = [h["epoch"] + 1 for h in history]
-    loss_ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train (label-smoothed)")
-    loss_ax.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
-    acc_ax.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train (augmented)")
-    acc_ax.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="val")
-    lr_ax.plot(epochs, [h["lr"] for h in history], "o-")
+    epochs = [shown_epoch(h.epoch) for h in history]
+    loss_ax.plot(epochs, [h.train_loss for h in history], "o-", label="train (as optimized)")
+    loss_ax.plot(epochs, [h.val_loss for h in history], "o-", label="val")
+    acc_ax.plot(epochs, [h.train_accuracy for h in history], "o-", label="train")
+    acc_ax.plot(epochs, [h.val_accuracy for h in history], "o-", label="val")
+    lr_ax.plot(epochs, [h.lr for h in history], "o-")
     for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy"), (lr_ax, "learning rate (end of epoch)")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
@@ -65,3 +70,22 @@ def plot_samples(samples: list[dict], path: Path, columns: int = 8) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
+
+
+@torch.no_grad()
+def sample_predictions(model, store, spec: LoaderSpec, device, count: int = 16) -> list[dict]:
+    """The first ``count`` test images with the model's prediction (for the W&B / PNG grid)."""
+    from PIL import Image
+
+    split = store.split("test")
+    k = min(count, len(split))
+    loader = DaliLoader(labels=split.labels[:k], images=None if split.images is None else split.images[:k],
+                        files=None if split.files is None else split.files[:k], spec=spec, train=False, batch_size=k)
+    was_training = model.training
+    model.eval()
+    preds = torch.cat([model(x.to(device)).argmax(1).cpu() for x, _ in loader]).tolist()
+    model.train(was_training)
+    pixels = (split.images[:k] if split.images is not None
+              else [np.asarray(Image.open(f).convert("RGB")) for f in split.files[:k]])
+    return [{"image": np.asarray(pixels[i]), "pred": store.classes[preds[i]], "true": store.classes[split.labels[i]]}
+            for i in range(k)]

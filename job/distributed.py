@@ -1,0 +1,107 @@
+"""Where the job runs: device choice (never a silent CPU fallback), precision, the Accelerator,
+collective timeouts, and doing per-node work (data preparation, Hub downloads) once per node."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from datetime import timedelta
+from typing import Callable, TypeVar
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+from job.config import ConfigError, TrainConfig
+
+T = TypeVar("T")
+DRIVER_HINT = ("the CUDA 13 builds of PyTorch and DALI need NVIDIA driver R580 or newer (check `nvidia-smi`); "
+               "update the node's driver, use an image built for the node's CUDA version, or set "
+               "train.device=cpu to train on CPU on purpose")
+
+
+def visible_gpus() -> list[str]:
+    """GPUs this machine claims to have, whether or not CUDA can use them: ``nvidia-smi -L``,
+    else the container runtime's NVIDIA_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES."""
+    if shutil.which("nvidia-smi"):
+        try:
+            listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+            gpus = [line for line in listing.splitlines() if line.startswith("GPU ")]
+            if gpus:
+                return gpus
+        except (OSError, subprocess.SubprocessError):
+            pass
+    for var in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
+        value = os.environ.get(var, "").strip()
+        if value and value not in ("void", "none", "-1", "NoDevFiles"):
+            return [f"{var}={value}"]
+    return []
+
+
+def resolve_device(choice: str) -> str:
+    """``cuda`` or ``cpu`` for ``train.device``; a machine with GPUs that CUDA cannot use is an
+    error, not a run that silently trains on CPU while the launcher started one process per GPU."""
+    cuda = torch.cuda.is_available()
+    if choice == "cpu":
+        return "cpu"
+    if cuda:
+        return "cuda"
+    if choice == "cuda":
+        raise ConfigError(f"train.device=cuda but CUDA is not usable here (torch {torch.__version__}, built for "
+                          f"CUDA {torch.version.cuda}); {DRIVER_HINT}")
+    gpus = visible_gpus()
+    if gpus:
+        raise ConfigError(f"this machine shows GPUs ({'; '.join(gpus[:2])}) but CUDA is not usable "
+                          f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); {DRIVER_HINT}")
+    return "cpu"
+
+
+def resolve_precision(choice: str, device: str) -> str:
+    """``auto`` = bf16 on GPUs that compute it natively (Ampere and newer), else full precision:
+    on older GPUs bf16 is emulated and slower than fp32."""
+    if choice != "auto":
+        return choice
+    return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "no"
+
+
+def build_accelerator(cfg: TrainConfig, *, find_unused_parameters: bool = False) -> Accelerator:
+    device = resolve_device(cfg.device)
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
+    return Accelerator(
+        cpu=device == "cpu",  # also what makes N CPU processes use gloo instead of each running alone
+        mixed_precision=resolve_precision(cfg.mixed_precision, device),
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
+            # Long enough for the other ranks to wait while the main process prepares data,
+            # downloads weights or compiles; shortened by training_timeouts() once training runs.
+            InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.setup_timeout_minutes)),
+        ],
+    )
+
+
+def training_timeouts(accelerator: Accelerator, cfg: TrainConfig) -> None:
+    """From now on a collective that waits longer than ``step_timeout_minutes`` fails the rank (a
+    peer died or its pod was lost): the job exits and restarts from its checkpoint."""
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        torch.distributed.set_timeout(timedelta(minutes=cfg.step_timeout_minutes))
+
+
+def once_per_node_first(accelerator: Accelerator, work: Callable[[], T]) -> T:
+    """Run ``work`` on the global main process, then on each other node's local main process,
+    then everywhere else; return its result on every rank.
+
+    For work that writes a shared or node-local cache and is cheap to repeat once the cache is
+    there (preparing the data store, downloading weights): on shared storage the later calls
+    reuse the main process's result; on node-local storage each node builds its own once,
+    instead of every rank racing on the same temporary files.
+    """
+    if accelerator.is_main_process:
+        result = work()
+    accelerator.wait_for_everyone()
+    if accelerator.is_local_main_process and not accelerator.is_main_process:
+        result = work()
+    accelerator.wait_for_everyone()
+    if not accelerator.is_local_main_process:
+        result = work()
+    return result

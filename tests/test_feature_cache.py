@@ -1,0 +1,166 @@
+"""The feature cache: same numbers as training through the frozen backbone, a key that rebuilds
+when anything that changes the features changes, atomic writes, and exact rows on N processes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PYTHON, accelerate_launch, run
+from job.data import prepare
+
+pytestmark = pytest.mark.slow
+
+
+def _index_store(tmp_path: Path, n: int = 203) -> Path:
+    """A raw store whose images encode their own index (R = i % 256, G = i // 256)."""
+    from job.data import cifar10
+
+    root = tmp_path / "src" / "cifar-10-batches-py"
+    root.mkdir(parents=True)
+    idx = np.arange(n * 6 // 5 + 50)  # train (5 batches) + test
+    images = np.zeros((len(idx), 3, 32, 32), np.uint8)
+    images[:, 0] = (idx % 256)[:, None, None]
+    images[:, 1] = (idx // 256)[:, None, None]
+    flat = images.reshape(len(idx), -1)
+    train, test = flat[:n], flat[n:]
+    for i, part in enumerate(np.array_split(np.arange(n), 5), start=1):
+        cifar10.dump_batch(root / f"data_batch_{i}", {b"data": train[part], b"labels": (part % 10).tolist()})
+    cifar10.dump_batch(root / "test_batch", {b"data": test, b"labels": (np.arange(len(test)) % 10).tolist()})
+    store, _ = prepare("cifar10", root.parent, tmp_path / "store")
+    return store.path
+
+
+def test_one_and_two_processes_write_the_same_rows_once_each(tmp_path):
+    store = _index_store(tmp_path)
+    runs = {}
+    for world in (1, 2):
+        out = tmp_path / f"w{world}.json"
+        args = [str(store), str(tmp_path / f"cache{world}"), "float32", str(out)]
+        # One CPU thread per process in both cases (what `accelerate launch` gives each of its
+        # processes): convolution reductions may round differently with another thread count.
+        run([PYTHON, "tests/helpers/extract_features.py", *args] if world == 1 else
+            accelerate_launch(2, "tests/helpers/extract_features.py", *args), env={"OMP_NUM_THREADS": "1"})
+        runs[world] = json.loads(out.read_text())
+        assert runs[world]["world_size"] == world and not runs[world]["reused"]
+    from job.data import load_store
+
+    s = load_store(store)
+    for split in ("train", "val", "test"):
+        # Row i holds sample i's own index: each sample computed exactly once, in its own row.
+        index = np.load(Path(runs[2]["index"]) / f"{split}_features.npy")
+        images = s.split(split).images
+        expected = images[:, 0, 0, 0].astype(np.float32) + 256 * images[:, 0, 0, 1].astype(np.float32)
+        assert index.shape == (len(images), 2) and np.array_equal(index[:, 0], expected)
+        # A real backbone: bit-identical features from 1 and 2 processes (same batches either way).
+        one = np.load(Path(runs[1]["real"]) / f"{split}_features.npy")
+        two = np.load(Path(runs[2]["real"]) / f"{split}_features.npy")
+        assert one.dtype == np.float32 and one.shape == (len(images), 96)
+        assert np.array_equal(one, two)
+        assert np.array_equal(np.load(Path(runs[2]["real"]) / f"{split}_labels.npy"), s.split(split).labels)
+
+
+def _train(out: Path, prepared: Path, *extra: str) -> str:
+    args = ["--config", "job/configs/demo.yaml", f"train.output_dir={out}", "data.source=synthetic",
+            f"data.prepared_dir={prepared}", "data.synthetic_train=600", "data.synthetic_test=200",
+            "data.image_size=32", "model.name=test_resnet", "model.pretrained=false", "model.weights=null",
+            "data.num_threads=1", "tracking.wandb=disabled", "data.batch_size=32", "train.epochs=3",
+            "train.strategy=feature_extraction", "early_stopping.patience=0", "optim.name=adamw", "optim.lr=0.01",
+            "loss.label_smoothing=0.0", *extra]
+    return run([PYTHON, "job/train.py", *args]).stdout
+
+
+def _history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+
+
+def test_cached_and_uncached_runs_give_the_same_numbers_and_the_cache_is_reused(tmp_path):
+    """Same seed, no augmentation: the head sees the same features in the same order with the same
+    dropout masks; only the float16 rounding of the cache differs."""
+    head = ("model.head_hidden=[16]", "model.head_dropout=0.2")
+    cached_log = _train(tmp_path / "cached", tmp_path / "prep", *head)
+    _train(tmp_path / "uncached", tmp_path / "prep", *head, "train.cache_features=false", "data.augment=false")
+    assert "augmentation is off" in cached_log and "extracted features" in cached_log
+    cached, uncached = _history(tmp_path / "cached"), _history(tmp_path / "uncached")
+    assert [h["epoch"] for h in cached] == [h["epoch"] for h in uncached] == [0, 1, 2]
+    for a, b in zip(cached, uncached):
+        for key in ("train_loss", "val_loss"):
+            assert a[key] == pytest.approx(b[key], rel=3e-3), key
+        # float16 features move near-tied logits: a few of 540 predictions may flip
+        assert a["train_accuracy"] == pytest.approx(b["train_accuracy"], abs=0.01)
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=0.02)
+        assert a["step"] == b["step"] and a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+    m_cached = json.loads((tmp_path / "cached" / "metrics.json").read_text())
+    m_uncached = json.loads((tmp_path / "uncached" / "metrics.json").read_text())
+    assert m_cached["features_cached"] and not m_uncached["features_cached"]
+    assert m_cached["test_accuracy"] == pytest.approx(m_uncached["test_accuracy"], abs=0.02)
+    # The cached run's own check: the head on cached test features vs the model on the test images.
+    assert m_cached["test_accuracy_cached"] == pytest.approx(m_cached["test_accuracy"], abs=0.02)
+    assert "on cached features (float16)" in cached_log
+    # A second run (a linear probe now) reuses the same features and says so.
+    probe_log = _train(tmp_path / "probe", tmp_path / "prep", "model.head_hidden=[]", "model.head_dropout=0.0",
+                       "train.epochs=1")
+    assert "reusing cached features" in probe_log
+    assert len(list((tmp_path / "prep" / "features").iterdir())) == 1
+
+
+def test_the_key_changes_with_everything_that_changes_the_features(tmp_path):
+    from types import SimpleNamespace
+
+    from job.config import load_config
+    from job.features import feature_key
+    from job.model import Preprocessing
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"one")
+
+    def digest(*overrides, size=32, fingerprint="abc"):
+        cfg = load_config(None, ["model.name=test_resnet", "model.pretrained=false", *overrides])
+        prep = Preprocessing(size, (0.5,) * 3, (0.5,) * 3)
+        return feature_key(cfg, prep, SimpleNamespace(fingerprint=fingerprint)).digest()
+
+    base = digest()
+    assert digest() == base  # stable
+    assert digest("model.head_hidden=[3]", "optim.lr=0.5", "train.epochs=7") == base  # the head is not in it
+    changed = [digest(size=40), digest(fingerprint="abd"), digest("train.seed=1"),
+               digest("train.feature_dtype=float32"), digest("model.name=resnet18"),
+               digest("model.pretrained=true", f"model.weights={weights}")]
+    weights.write_bytes(b"two")  # same path, other content: another hash
+    changed.append(digest("model.pretrained=true", f"model.weights={weights}"))
+    assert len({base, *changed}) == len(changed) + 1
+
+
+def test_an_interrupted_extraction_leaves_nothing_that_is_trusted(tmp_path):
+    from accelerate import Accelerator
+
+    from dali_pipelines.loader import LoaderSpec, Preprocessing
+    from job.config import load_config
+    from job.features import FeatureKey, Preempted, cached_features
+    from job.model import create_model
+
+    store, _ = prepare("synthetic", tmp_path / "src", tmp_path / "store", num_train=300, num_test=60)
+    model, _ = create_model(load_config(None, ["model.name=test_resnet", "model.pretrained=false"]).model, 10)
+    spec = LoaderSpec(Preprocessing(32, (0.5,) * 3, (0.5,) * 3), num_threads=1)
+    key = FeatureKey(model="test_resnet", weights="random:0", image_size=32, interpolation="linear",
+                     mean=(0.5,) * 3, std=(0.5,) * 3, store=store.fingerprint, dtype="float16")
+    accelerator, asked = Accelerator(cpu=True), []
+
+    def sigterm_at_step_3():
+        asked.append(1)
+        return len(asked) == 3
+
+    with pytest.raises(Preempted, match="SIGTERM during feature extraction"):
+        cached_features(accelerator, model, store, spec, key, tmp_path / "cache", 32, sigterm_at_step_3)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    # A directory with the right name but no meta.json (e.g. copied by hand, half-written) is not trusted.
+    (tmp_path / "cache" / key.digest()).mkdir(parents=True)
+    (tmp_path / "cache" / key.digest() / "train_features.npy").write_bytes(b"partial")
+    with pytest.raises(Exception):  # it is not ours to replace either: a clear refusal, not a silent reuse
+        cached_features(accelerator, model, store, spec, key, tmp_path / "cache", 32, lambda: False)
+    (tmp_path / "cache" / key.digest() / "train_features.npy").unlink()
+    features = cached_features(accelerator, model, store, spec, key, tmp_path / "cache", 32, lambda: False)
+    assert not features.reused and features.features["train"].shape == (270, 96)
+    assert cached_features(accelerator, model, store, spec, key, tmp_path / "cache", 32, lambda: False).reused
