@@ -217,8 +217,9 @@ def _build(cls, raw: dict[str, Any], prefix: str):
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
-        if isinstance(value, bool) and str(value).lower() in args:  # YAML reads `true` as a bool
-            value = str(value).lower()
+        if isinstance(value, bool):  # YAML 1.1 reads true/false/yes/no/on/off as bools
+            spellings = ("true", "yes", "on") if value else ("false", "no", "off")
+            value = next((a for a in args if a in spellings), value)
         if value not in args:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, args))}")
         return value

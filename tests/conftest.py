@@ -36,6 +36,8 @@ def _extracted(tarball: Path) -> Path:
 
 
 CIFAR_MINI = _extracted(CIFAR_TARBALL)
+# Tools installed into the venv (kubectl, hadolint, accelerate) come first for every subprocess.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,221 @@
+"""The GPU smoke test: one prepared run for a lent GPU machine (one GPU, no internet, < 6 minutes).
+
+    bench/gpu_smoke.sh               # on the GPU machine; output also in $OUT/gpu_smoke.log (or ./)
+    bench/gpu_smoke.sh --dry-run     # the same steps on CPU with tiny sizes (what CI runs)
+
+1. environment: driver, CUDA, native bf16, DALI; says loudly what is missing;
+2. DALI GPU pipelines vs the CPU ones on the same real images: raw and encoded, train and eval,
+   CHW and HWC, float32 / float16 / bfloat16, within stated tolerances;
+3. job/train.py for a few steps: mixed decode + two_stage + fp16 + clipping + accumulation;
+   bf16 + channels_last + compile, then evaluate.py and predict.py; SIGTERM, then resume;
+4. throughput at 299 px bf16: the model's training step alone, and end to end with the
+   data-wait fraction.
+Every step that cannot run (no GPU, no DALI) is skipped, and the last line names them. The exit
+code is non-zero when a step that ran failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+SAMPLES = REPO / "data" / "samples"
+skipped: list[str] = []
+failed: list[str] = []
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def step(name: str):
+    def wrap(fn):
+        def run(*args, **kwargs):
+            say(f"\n== {name}")
+            start = time.perf_counter()
+            try:
+                fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - report and go on to the next step
+                failed.append(name)
+                say(f"FAILED: {name}: {type(e).__name__}: {e}")
+            say(f"   ({time.perf_counter() - start:.1f}s)")
+        return run
+    return wrap
+
+
+def have_dali() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@step("environment")
+def environment(gpu: bool) -> None:
+    import torch
+
+    smi = shutil.which("nvidia-smi")
+    say(subprocess.run([smi, "-L"], capture_output=True, text=True).stdout.strip() if smi else "nvidia-smi: MISSING")
+    say(f"torch {torch.__version__} (CUDA {torch.version.cuda}); cuda available: {torch.cuda.is_available()}")
+    if torch.cuda.is_available():
+        say(f"device {torch.cuda.get_device_name()} capability {torch.cuda.get_device_capability()}, "
+            f"native bf16: {torch.cuda.is_bf16_supported(including_emulation=False)}")
+    elif gpu:
+        say("MISSING: CUDA is not usable; the CUDA 13 wheels need driver R580+")
+        raise RuntimeError("no usable GPU")
+    if have_dali():
+        import nvidia.dali
+
+        say(f"DALI {nvidia.dali.__version__}")
+    else:
+        say("MISSING: nvidia.dali (pip install nvidia-dali-cuda130): pipeline and training steps are skipped")
+
+
+@step("DALI GPU pipelines vs CPU pipelines")
+def parity(gpu: bool) -> None:
+    import numpy as np
+    import torch
+
+    from dali_pipelines.loader import DaliLoader, LoaderSpec, Preprocessing
+    from job.data import prepare
+
+    work = Path(tempfile.mkdtemp())
+    raw, _ = prepare("cifar10", SAMPLES / "cifar10-mini.tar.gz", work / "raw")
+    encoded, _ = prepare("folder", SAMPLES / "cifar10-folder-mini", work / "encoded")
+    prep = Preprocessing(299 if gpu else 64, (0.5,) * 3, (0.5,) * 3)
+    # raw: the same resize in two implementations, within rounding; encoded: nvJPEG vs libjpeg-turbo
+    tolerance = {"raw": (0.02, 0.002), "encoded": (0.2, 0.01)}  # (max, mean) abs difference, normalized units
+    say(f"{'source':8} {'loader':5} {'layout':6} {'dtype':9} {'max diff':>9} {'mean diff':>9}")
+    for source, store in (("raw", raw), ("encoded", encoded)):
+        data = store.split("test")
+        for train in (False, True):
+            for layout in ("CHW", "HWC"):
+                for dtype in ("float32", "float16", "bfloat16"):
+                    outputs = []
+                    for device_id in (None, 0 if gpu else None):
+                        spec = LoaderSpec(prep, num_threads=2, dtype=dtype, channels_last=layout == "HWC",
+                                          device_id=device_id)
+                        loader = DaliLoader(labels=data.labels[:64], images=None if data.images is None else
+                                            data.images[:64], files=None if data.files is None else data.files[:64],
+                                            spec=spec, train=train, batch_size=32, seed=1)
+                        outputs.append(torch.cat([x.float().cpu() for x, _ in loader]))
+                    diff = (outputs[0] - outputs[1]).abs()
+                    worst, mean = float(diff.max()), float(diff.mean())
+                    limit = tolerance[source][0] + (0.02 if dtype != "float32" else 0.0)
+                    ok = worst <= limit and mean <= tolerance[source][1] + (0.005 if dtype != "float32" else 0)
+                    say(f"{source:8} {'train' if train else 'eval':5} {layout:6} {dtype:9} {worst:9.4f} {mean:9.5f}"
+                        f"{'' if ok else '  OUT OF TOLERANCE'}")
+                    if not ok:
+                        raise AssertionError(f"{source} {layout} {dtype}: GPU and CPU pipelines differ")
+    if not gpu:
+        say("(dry run: CPU against CPU; the comparison code path ran)")
+
+
+def train_args(out: Path, prep: Path, gpu: bool, *extra: str) -> list[str]:
+    size, train, test = ("128", "2000", "500") if gpu else ("32", "300", "100")
+    return ["--config", "job/configs/demo.yaml", f"train.output_dir={out}", f"data.prepared_dir={prep}",
+            "data.source=synthetic", f"data.synthetic_train={train}", f"data.synthetic_test={test}",
+            f"data.image_size={size}", f"model.name={'resnet18' if gpu else 'test_resnet'}", "model.pretrained=false",
+            "model.weights=null", "model.head_hidden=[64]", "tracking.wandb=disabled", "train.epochs=2",
+            "train.log_every=5", "train.signal_check_every=1", "data.num_threads=4", *extra]
+
+
+def job(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-4:])
+    say(f"$ {' '.join(args[:1])} ... -> exit {proc.returncode}\n{tail}")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{args[0]} exited {proc.returncode}")
+    return proc
+
+
+@step("training paths")
+def training(gpu: bool, work: Path) -> None:
+    fp16 = "fp16" if gpu else "no"  # fp16 autocast needs a GPU
+    folder = ["data.source=folder", f"data.root={SAMPLES / 'cifar10-folder-mini'}", "data.val_fraction=0.5"]
+    job(["job/train.py", *train_args(work / "mixed", work / "prep", gpu, *folder, "train.strategy=two_stage",
+                                     "train.head_epochs=1", f"train.mixed_precision={fp16}", "train.grad_clip=1.0",
+                                     "train.grad_accum_steps=2")])
+    compiled = work / "compiled"
+    precision = "bf16" if gpu else "no"  # bf16 autocast runs on CPU too, but slowly without AMX
+    job(["job/train.py", *train_args(compiled, work / "prep", gpu, f"train.mixed_precision={precision}",
+                                     "train.channels_last=true", f"train.compile={'true' if gpu else 'false'}")],
+        timeout=600)
+    if not gpu:
+        skipped.append("train.compile (dry run; tests/test_distributed_correctness.py compiles on CPU)")
+    result = json.loads(job(["job/evaluate.py", "--run", str(compiled)]).stdout.splitlines()[-1])
+    say(f"evaluate.py: accuracy {result['accuracy']:.4f} on {result['samples']} images")
+    image = sorted((SAMPLES / "cifar10-folder-mini" / "test" / "ship").iterdir())[0]
+    job(["job/predict.py", "--run", str(compiled), str(image)])
+    # SIGTERM mid-epoch, then resume
+    args = train_args(work / "preempted", work / "prep", gpu, "train.log_every=1")
+    proc = subprocess.Popen([sys.executable, "job/train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("step 6:"):
+            proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=300)
+    say(f"SIGTERM at step 6 -> exit {code}")
+    if code != 143:
+        raise RuntimeError(f"expected exit 143 after SIGTERM, got {code}")
+    out = job(["job/train.py", *args]).stdout
+    if "resumed from" not in out:
+        raise RuntimeError("the second run did not resume")
+
+
+@step("throughput at 299 px bf16")
+def throughput(gpu: bool, work: Path) -> None:
+    model = "inception_resnet_v2" if gpu else "test_resnet"
+    size, batch, steps = ("299", "64", "30") if gpu else ("32", "16", "3")
+    precision = "bf16" if gpu else "no"
+    job(["bench/model_throughput.py", "--model", model, "--size", size, "--batch-size", batch,
+         "--precision", precision, "--channels-last", "--steps", steps])
+    if not have_dali():
+        skipped.append("end-to-end images/s (needs DALI)")
+        return
+    run_dir = work / "e2e"
+    job(["job/train.py", *train_args(run_dir, work / "prep", gpu, f"model.name={model}", f"data.image_size={size}",
+                                     f"data.batch_size={batch}", f"train.mixed_precision={precision}",
+                                     "train.channels_last=true", "train.epochs=1")], timeout=600)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    say(f"end to end: {m['train_images_per_second']:.1f} images/s, data wait {m['data_wait_fraction']:.1%}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: check the script itself (CI)")
+    args = parser.parse_args()
+    import torch
+
+    gpu = not args.dry_run
+    if gpu and not torch.cuda.is_available():
+        say("no usable GPU here: running the dry run instead (--dry-run)")
+        gpu = False
+    work = Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
+    environment(gpu)
+    if have_dali():
+        parity(gpu)
+        training(gpu, work)
+    else:
+        skipped.extend(["DALI GPU/CPU parity", "training paths"])
+    throughput(gpu, work)
+    if not gpu:
+        skipped.append("every GPU measurement (no GPU: dry run on CPU)")
+    say("")
+    say(f"failed: {', '.join(failed) if failed else 'none'}")
+    say(f"skipped: {'; '.join(skipped) if skipped else 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The training job refuses what cannot train, early and clearly: exit code 2, the path or value
+and the fix named, no traceback, nothing written."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from conftest import PYTHON, run
+
+
+
+def train_args(tmp_path, *overrides: str) -> list[str]:
+    return ["--config", "job/configs/demo.yaml", f"data.prepared_dir={tmp_path / 'prep'}", "data.source=synthetic",
+            "data.synthetic_train=200", "data.synthetic_test=50", "model.name=test_resnet", "model.pretrained=false",
+            "model.weights=null", "data.image_size=32", "tracking.wandb=disabled", "data.num_threads=1",
+            f"train.output_dir={tmp_path / 'out'}", *overrides]
+
+
+def train(tmp_path, *overrides: str, env: dict | None = None):
+    return run([PYTHON, "job/train.py", *train_args(tmp_path, *overrides)], check=False, env=env)
+
+
+def assert_refused(proc, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr[-3000:])
+
+
+def test_refusals_before_any_work(tmp_path, capsys):
+    """Config-level problems: found before data, model or output directory are touched (run
+    in-process: main() returns before it builds anything)."""
+    from job.train import main
+
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("mine")
+    not_a_checkpoint = tmp_path / "some-folder"
+    not_a_checkpoint.mkdir()
+    cases = [
+        ((f"train.output_dir={a_file}",), (str(a_file), "is not a directory")),
+        ((f"train.output_dir={a_file / 'sub'}",), ("which is a file",)),
+        ((f"train.resume={not_a_checkpoint}",), (str(not_a_checkpoint), "not a checkpoint written by this job")),
+        (("train.seed=-1",), ("train.seed must be >= 0",)),
+        (("data.split_seed=-5",), ("data.split_seed",)),
+        (("data.val_fraction=0",), ("training needs a validation split",)),
+        (("train.cache_features=true", "train.strategy=finetune"), ("needs train.strategy=feature_extraction",)),
+    ]
+    for overrides, needles in cases:
+        code = main(train_args(tmp_path, *overrides))
+        err = capsys.readouterr().err
+        assert code == 2 and all(n in err for n in needles), (overrides, err)
+    assert a_file.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.txt", "some-folder"]  # nothing written
+
+
+@pytest.mark.slow
+def test_an_image_size_the_architecture_cannot_take(tmp_path):
+    proc = train(tmp_path, "model.name=inception_resnet_v2", "data.image_size=40", "model.head_hidden=[8]")
+    assert_refused(proc, "data.image_size=40 is too small for inception_resnet_v2", "its pretrained size is 299")
+    assert not (tmp_path / "out").exists()
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.slow
+def test_weights_that_need_full_unpickling_or_fit_another_model_are_refused(tmp_path):
+    import timm
+    import torch
+
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil.pth"
+    with open(evil, "wb") as f:
+        pickle.dump({"conv1.weight": _Exploit(marker)}, f)
+    proc = train(tmp_path, "model.pretrained=true", f"model.weights={evil}")
+    assert_refused(proc, str(evil), "safetensors")
+    assert not marker.exists()
+    other = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), other)
+    proc = train(tmp_path, "model.pretrained=true", f"model.weights={other}")
+    assert_refused(proc, str(other), "test_resnet")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_wandb_key_appears_nowhere(tmp_path):
+    """A run with a (fake) API key set, offline: no output file, log line or config holds the key;
+    then online against a dead server: the error message does not quote it either."""
+    key = "fake0wandb0key0" + "7" * 25  # 40 characters, the shape of a real key
+    proc = train(tmp_path, "tracking.wandb=offline", "train.epochs=1", env={"WANDB_API_KEY": key})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "out"
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 10 and any(p.suffix == ".wandb" for p in files)
+    for path in files:
+        assert key.encode() not in path.read_bytes(), path
+    assert key not in proc.stdout + proc.stderr
+    online = train(tmp_path, "tracking.wandb=online", "train.epochs=1", f"train.output_dir={tmp_path / 'o2'}",
+                   env={"WANDB_API_KEY": key, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "8"})
+    assert online.returncode == 2 and key not in online.stdout + online.stderr
+    assert "W&B could not start in online mode" in online.stderr
