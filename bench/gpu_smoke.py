@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 SAMPLES = REPO / "data" / "samples"
 skipped: list[str] = []
 failed: list[str] = []
@@ -83,7 +82,6 @@ def environment(gpu: bool) -> None:
 
 @step("DALI GPU pipelines vs CPU pipelines")
 def parity(gpu: bool) -> None:
-    import numpy as np
     import torch
 
     from dali_pipelines.loader import DaliLoader, LoaderSpec, Preprocessing

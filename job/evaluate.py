@@ -10,8 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python job/evaluate.py` from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dali_pipelines.loader import LoaderSpec, dali_device_id, make_loader
 from job.config import ConfigError, TrainConfig, config_from_dict

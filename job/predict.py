@@ -9,8 +9,6 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python job/predict.py` from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch

@@ -23,8 +23,6 @@ import sys
 import zlib
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python job/train.py` / `accelerate launch job/train.py` from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import io
 import json
 import os
 import pickle
@@ -16,14 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CIFAR_MINI, FOLDER_MINI, PYTHON, run
+from helpers.runs import CIFAR_MINI, FOLDER_MINI, PYTHON, run
 from job import data
-from job.data import DataError, prepare
+from job.data import DataError, cifar10, prepare
 
 
 def _official_arrays(name: str):
-    with open(CIFAR_MINI / name, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
+    d = cifar10.unpickle((CIFAR_MINI / name).read_bytes(), name)
     return np.asarray(d[b"data"]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(d[b"labels"])
 
 
@@ -201,8 +199,7 @@ def _cifar_copy(tmp_path) -> Path:
 
 
 def _rewrite_batch(path: Path, changes: dict) -> None:
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
+    d = cifar10.unpickle(path.read_bytes(), str(path))
     d.update(changes)
     with open(path, "wb") as f:
         pickle.dump(d, f)

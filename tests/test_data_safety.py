@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import CIFAR_MINI, FOLDER_MINI, PYTHON, run
+from helpers.runs import CIFAR_MINI, FOLDER_MINI, PYTHON, assert_refused, prepare_cli, run, snapshot
 from job.data import prepare
-from test_untrusted_input import assert_refused, prepare_cli, snapshot
 
 
 def _cifar_root(tmp_path: Path) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,17 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FOLDER_MINI, PYTHON, REPO, accelerate_launch, run
+from helpers.runs import FOLDER_MINI, PYTHON, accelerate_launch, run, small_run, train_until_sigterm
 from job import distributed
-from job.config import ConfigError, load_config
-
-
-def tiny(out: Path, prepared: Path, *extra: str) -> list[str]:
-    return ["--config", "job/configs/demo.yaml", f"train.output_dir={out}", "data.source=synthetic",
-            f"data.prepared_dir={prepared}", "data.synthetic_train=600", "data.synthetic_test=200",
-            "data.image_size=32", "model.name=test_resnet", "model.pretrained=false", "model.weights=null",
-            "model.head_hidden=[16]", "data.num_threads=1", "tracking.wandb=disabled", "data.batch_size=32",
-            "train.log_every=1", "train.signal_check_every=1", *extra]
+from job.config import ConfigError
 
 
 def _metrics(out: Path) -> dict:
@@ -37,14 +28,10 @@ def test_two_stage_on_two_processes_keeps_the_backbone_in_sync_across_a_resume(t
     """The backbone is frozen at DDP construction time in stage one; unless DDP registered it
     anyway, each rank would train its own backbone after the unfreeze."""
     out = tmp_path / "two_stage"
-    args = tiny(out, tmp_path / "prep", "train.strategy=two_stage", "train.head_epochs=1", "train.epochs=3",
-                "early_stopping.patience=0")
-    proc = subprocess.Popen(accelerate_launch(2, "job/train.py", *args), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in proc.stdout:
-        if line.startswith("step 14:"):  # 9 batches per epoch: mid epoch 2, after the unfreeze
-            proc.send_signal(subprocess.signal.SIGTERM)
-    assert proc.wait(timeout=300) != 0
+    args = small_run(out, tmp_path / "prep", "train.strategy=two_stage", "train.head_epochs=1", "train.epochs=3")
+    # 9 batches per rank and epoch: step 14 is mid epoch 2, after the unfreeze
+    code, _ = train_until_sigterm(accelerate_launch(2, "job/train.py", *args), at_line="step 14:")
+    assert code != 0
     assert not (out / "metrics.json").exists()
     resumed = run(accelerate_launch(2, "job/train.py", *args)).stdout
     assert "resumed from" in resumed and "epoch 2, batch" in resumed
@@ -69,7 +56,7 @@ def test_replica_check_detects_drift_and_a_lost_peer_times_out_quickly(tmp_path)
 @pytest.mark.slow
 def test_compiled_run_saves_plain_weights_that_evaluate_and_predict_load(tmp_path):
     out = tmp_path / "compiled"
-    run([PYTHON, "job/train.py", *tiny(out, tmp_path / "prep", "train.compile=true", "train.epochs=1")], timeout=900)
+    run([PYTHON, "job/train.py", *small_run(out, tmp_path / "prep", "train.compile=true", "train.epochs=1")], timeout=900)
     from safetensors.torch import load_file
 
     keys = load_file(str(out / "best" / "model.safetensors")).keys()
@@ -84,7 +71,7 @@ def test_compiled_run_saves_plain_weights_that_evaluate_and_predict_load(tmp_pat
 @pytest.mark.slow
 def test_compiled_accumulation_on_two_processes_stays_in_sync(tmp_path):
     out = tmp_path / "compiled2"
-    proc = run(accelerate_launch(2, "job/train.py", *tiny(out, tmp_path / "prep", "train.compile=true",
+    proc = run(accelerate_launch(2, "job/train.py", *small_run(out, tmp_path / "prep", "train.compile=true",
                                                           "train.grad_accum_steps=2", "train.epochs=1")), timeout=900)
     m = _metrics(out)
     assert m["replicas_identical"] is True, proc.stdout
@@ -112,7 +99,7 @@ def test_gpus_that_cuda_cannot_use_are_an_error_not_a_cpu_run(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_the_job_exits_2_on_a_gpu_node_with_a_broken_driver(tmp_path):
-    proc = run([PYTHON, "job/train.py", *tiny(tmp_path / "o", tmp_path / "p")], env=_fake_nvidia_smi(tmp_path),
+    proc = run([PYTHON, "job/train.py", *small_run(tmp_path / "o", tmp_path / "p")], env=_fake_nvidia_smi(tmp_path),
                check=False)
     assert proc.returncode == 2 and "R580" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "p").exists()  # refused before any data was prepared

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import accelerate_launch, run
+from helpers.runs import accelerate_launch, run
 
 
 @pytest.mark.slow

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import PYTHON, accelerate_launch, run
+from helpers.runs import PYTHON, accelerate_launch, run, small_run
 from job.data import prepare
 
 pytestmark = pytest.mark.slow
@@ -64,12 +63,8 @@ def test_one_and_two_processes_write_the_same_rows_once_each(tmp_path):
 
 
 def _train(out: Path, prepared: Path, *extra: str) -> str:
-    args = ["--config", "job/configs/demo.yaml", f"train.output_dir={out}", "data.source=synthetic",
-            f"data.prepared_dir={prepared}", "data.synthetic_train=600", "data.synthetic_test=200",
-            "data.image_size=32", "model.name=test_resnet", "model.pretrained=false", "model.weights=null",
-            "data.num_threads=1", "tracking.wandb=disabled", "data.batch_size=32", "train.epochs=3",
-            "train.strategy=feature_extraction", "early_stopping.patience=0", "optim.name=adamw", "optim.lr=0.01",
-            "loss.label_smoothing=0.0", *extra]
+    args = small_run(out, prepared, "train.epochs=3", "train.strategy=feature_extraction", "optim.lr=0.01",
+                     "train.log_every=10", *extra)
     return run([PYTHON, "job/train.py", *args]).stdout
 
 

@@ -1,7 +1,7 @@
 """bench/gpu_smoke.sh, the GPU machine's one prepared call, runs end to end here as its dry run."""
 import pytest
 
-from conftest import REPO, run
+from helpers.runs import REPO, run
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import PYTHON, accelerate_launch, run
+from helpers.runs import PYTHON, accelerate_launch, run
 from job.config import load_config
 from job.model import create_model
 from job.optim import build_optimizer

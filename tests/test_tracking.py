@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PYTHON, REPO, accelerate_launch, run
+from helpers.runs import PYTHON, REPO, accelerate_launch, run, small_run
+from helpers.wandb_log import summarize
 from job.config import load_config
-from wandb_log import summarize
 
 pytestmark = pytest.mark.slow
 
@@ -26,9 +26,8 @@ def wandb_runs(out: Path) -> list[Path]:
 
 
 def demo_args(out: Path, *extra: str) -> list[str]:
-    return ["--config", "job/configs/demo.yaml", f"train.output_dir={out}", "model.name=test_resnet",
-            "data.synthetic_train=1000", "data.synthetic_test=300", f"data.prepared_dir={out.parent / 'prepared'}",
-            "train.epochs=2", "tracking.wandb=offline", "data.num_threads=1", *extra]
+    return small_run(out, out.parent / "prepared", "tracking.wandb=offline", "data.synthetic_test=300",
+                     "train.log_every=5", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -77,25 +76,6 @@ def test_two_processes_write_exactly_one_run(tmp_path):
     assert len(files) == 1
     run_facts = summarize(files[0])["config"]["run"]
     assert run_facts["world_size"] == 2 and run_facts["nodes"] == 1
-
-
-def test_sigterm_then_resume_continues_the_same_run(tmp_path):
-    import signal
-    import subprocess
-
-    out = tmp_path / "resume"
-    args = demo_args(out, "train.epochs=2", "train.log_every=1", "train.signal_check_every=1")
-    proc = subprocess.Popen([PYTHON, "job/train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith("step 20:"):
-            proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 143
-    run([PYTHON, "job/train.py", *args])
-    files = wandb_runs(out)
-    assert len(files) == 2, "one offline run directory per process start"
-    assert files[0].name == files[1].name, "same W&B run id after resume"
-    assert json.loads((out / "metrics.json").read_text())["epochs_completed"] == 2
 
 
 def test_sweep_parameters_are_real_config_keys():

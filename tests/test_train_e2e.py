@@ -2,23 +2,20 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import CIFAR_MINI, FOLDER_MINI, PYTHON, REPO, accelerate_launch, run
+from helpers.runs import FOLDER_MINI, PYTHON, accelerate_launch, run, small_run, train_until_sigterm
 
 pytestmark = pytest.mark.slow
 
 
-def small_run(out: Path, prepared: Path, *extra: str) -> list[str]:
-    """Real CIFAR-10 samples, a small timm model at 32x32: seconds per epoch on 2 cores."""
-    return ["--config", "job/configs/demo.yaml", f"train.output_dir={out}", "data.source=cifar10",
-            f"data.root={CIFAR_MINI}", f"data.prepared_dir={prepared}", "data.num_threads=1",
-            "model.name=test_resnet", "model.head_hidden=[64]", "model.head_dropout=0.1", "optim.name=adamw",
-            "optim.lr=0.003", "optim.weight_decay=0.01", "tracking.wandb=disabled", "train.log_every=5", *extra]
+def cifar_run(out: Path, prepared: Path, *extra: str) -> list[str]:
+    """The small run on the real CIFAR-10 sample (1,800 train / 200 val / 1,000 test), 64 images
+    per batch: 29 batches per epoch."""
+    return small_run(out, prepared, "data.batch_size=64", "model.head_hidden=[64]", "train.log_every=5", *extra,
+                     data="cifar10")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +26,7 @@ def prepared(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, prepared):
     out = tmp_path_factory.mktemp("run") / "cifar"
-    run([PYTHON, "job/train.py", *small_run(out, prepared, "train.epochs=8", "early_stopping.patience=0")])
+    run([PYTHON, "job/train.py", *cifar_run(out, prepared, "train.epochs=8", "early_stopping.patience=0")])
     return out
 
 
@@ -89,7 +86,7 @@ def test_two_processes_stop_early_together_and_count_exactly(tmp_path, prepared)
     out = tmp_path / "ddp"
     # min_delta 1.0: no epoch after the first can improve, so patience 1 stops after epoch 2.
     # two_stage with head_epochs 1: epoch 2 runs after the backbone is unfrozen under DDP.
-    proc = run(accelerate_launch(2, "job/train.py", *small_run(out, prepared, "train.epochs=5",
+    proc = run(accelerate_launch(2, "job/train.py", *cifar_run(out, prepared, "train.epochs=5",
                                                                 "early_stopping.patience=1",
                                                                 "early_stopping.min_delta=1.0",
                                                                 "train.strategy=two_stage",
@@ -99,6 +96,7 @@ def test_two_processes_stop_early_together_and_count_exactly(tmp_path, prepared)
     assert m["stopped_early"] and m["epochs_completed"] == 2 and m["best_epoch"] == 0
     assert proc.stdout.count("early stopping") == 1  # printed once, not once per rank
     assert proc.stdout.count("test accuracy") == 1
+    assert m["replicas_identical"] is True  # the backbone unfrozen after DDP was built stayed in sync
     # The test ran on the restored best (epoch 0) weights:
     again = json.loads(run([PYTHON, "job/evaluate.py", "--run", str(out)]).stdout.splitlines()[-1])
     assert again["accuracy"] == m["test_accuracy"]
@@ -108,7 +106,7 @@ def test_folder_source_bf16_channels_last_and_accumulation(tmp_path):
     """Your own JPEG folders end to end, with the mixed-precision / memory-format / accumulation
     branches a GPU run takes (bf16 autocast and channels_last also run on CPU)."""
     out = tmp_path / "folder"
-    run([PYTHON, "job/train.py", *small_run(out, tmp_path / "prep", "data.source=folder", f"data.root={FOLDER_MINI}",
+    run([PYTHON, "job/train.py", *cifar_run(out, tmp_path / "prep", "data.source=folder", f"data.root={FOLDER_MINI}",
                                             "train.epochs=1", "train.mixed_precision=bf16",
                                             "train.channels_last=true", "train.grad_accum_steps=2",
                                             "train.strategy=feature_extraction", "data.batch_size=32")])
@@ -119,22 +117,14 @@ def test_folder_source_bf16_channels_last_and_accumulation(tmp_path):
     assert history["step"] == 15  # 29 batches of 32 (the last one 4), 2 per optimizer update
 
 
-def _train_until_sigterm(args: list[str], at_step: int) -> int:
-    proc = subprocess.Popen([PYTHON, "job/train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith(f"step {at_step}:"):
-            proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=300)
-
-
 def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, prepared):
     common = ("train.epochs=3", "train.log_every=1", "train.signal_check_every=1", "early_stopping.patience=0")
     reference = tmp_path / "reference"
-    run([PYTHON, "job/train.py", *small_run(reference, prepared, *common)])
+    run([PYTHON, "job/train.py", *cifar_run(reference, prepared, *common)])
     resumed = tmp_path / "resumed"
-    args = small_run(resumed, prepared, *common)
-    assert _train_until_sigterm(args, at_step=40) == 143  # 29 batches/epoch: mid epoch 2
+    args = cifar_run(resumed, prepared, *common, "tracking.wandb=offline")
+    code, _ = train_until_sigterm([PYTHON, "job/train.py", *args], at_line="step 40:")
+    assert code == 143  # 29 batches/epoch: mid epoch 2
     checkpoints = sorted(p.name for p in (resumed / "checkpoints").iterdir())
     # The signal lands at step 40 or a step or two later: the checkpoint is mid epoch 2 (steps 30-58).
     step = int(checkpoints[-1].split("step")[1])
@@ -151,6 +141,9 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, prepared):
     ref_m, res_m = _metrics(reference), _metrics(resumed)
     for key in ("test_accuracy", "test_samples", "best_epoch", "best_val_accuracy", "epochs_completed"):
         assert res_m[key] == ref_m[key], key
+    # W&B: one offline run directory per process start, both writing the same run id.
+    runs = sorted((resumed / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 2 and runs[0].name == runs[1].name
 
 
 def test_bad_config_and_data_exit_2_with_a_message(tmp_path):

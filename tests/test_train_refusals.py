@@ -6,26 +6,17 @@ import pickle
 
 import pytest
 
-from conftest import PYTHON, run
+from helpers.runs import PYTHON, assert_refused, run, small_run
 
 
 
 def train_args(tmp_path, *overrides: str) -> list[str]:
-    return ["--config", "job/configs/demo.yaml", f"data.prepared_dir={tmp_path / 'prep'}", "data.source=synthetic",
-            "data.synthetic_train=200", "data.synthetic_test=50", "model.name=test_resnet", "model.pretrained=false",
-            "model.weights=null", "data.image_size=32", "tracking.wandb=disabled", "data.num_threads=1",
-            f"train.output_dir={tmp_path / 'out'}", *overrides]
+    return small_run(tmp_path / "out", tmp_path / "prep", "data.synthetic_train=200", "data.synthetic_test=50",
+                     *overrides)
 
 
 def train(tmp_path, *overrides: str, env: dict | None = None):
     return run([PYTHON, "job/train.py", *train_args(tmp_path, *overrides)], check=False, env=env)
-
-
-def assert_refused(proc, *needles: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in proc.stderr, (needle, proc.stderr[-3000:])
 
 
 def test_refusals_before_any_work(tmp_path, capsys):

@@ -12,24 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CIFAR_MINI, FOLDER_MINI, PYTHON, run
+from helpers.runs import CIFAR_MINI, FOLDER_MINI, PYTHON, assert_refused, prepare_cli, run, snapshot
 from job.data import DataError, cifar10, folder, prepare
-
-
-def prepare_cli(root: Path, out: Path, source: str = "cifar10", *extra: str):
-    return run([PYTHON, "-m", "job.data", "prepare", "--source", source, "--root", str(root), "--out", str(out),
-                *extra], check=False)
-
-
-def assert_refused(proc, *needles: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in proc.stderr, (needle, proc.stderr[-3000:])
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
