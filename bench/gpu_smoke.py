@@ -120,12 +120,15 @@ def parity(gpu: bool) -> None:
 
 
 def train_args(out: Path, prep: Path, gpu: bool, *extra: str) -> list[str]:
+    """A short from-scratch run on generated data; ``extra`` overrides pick the path under test."""
     size, train, test = ("128", "2000", "500") if gpu else ("32", "300", "100")
     return ["--config", "job/configs/demo.yaml", f"train.output_dir={out}", f"data.prepared_dir={prep}",
-            "data.source=synthetic", f"data.synthetic_train={train}", f"data.synthetic_test={test}",
-            f"data.image_size={size}", f"model.name={'resnet18' if gpu else 'test_resnet'}", "model.pretrained=false",
-            "model.weights=null", "model.head_hidden=[64]", "tracking.wandb=disabled", "train.epochs=2",
-            "train.log_every=5", "train.signal_check_every=1", "data.num_threads=4", *extra]
+            "data.source=synthetic", "data.root=null", f"data.synthetic_train={train}",
+            f"data.synthetic_test={test}", f"data.image_size={size}", "data.batch_size=32", "data.num_threads=4",
+            f"model.name={'resnet18' if gpu else 'test_resnet'}", "model.pretrained=false", "model.weights=null",
+            "model.head_hidden=[64]", "train.strategy=finetune", "train.epochs=2", "train.log_every=5",
+            "train.signal_check_every=1", "optim.name=sgd", "optim.lr=0.05", "schedule.name=cosine",
+            "tracking.wandb=disabled", *extra]
 
 
 def job(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

@@ -89,3 +89,27 @@ def sample_predictions(model, store, spec: LoaderSpec, device, count: int = 16) 
               else [np.asarray(Image.open(f).convert("RGB")) for f in split.files[:k]])
     return [{"image": np.asarray(pixels[i]), "pred": store.classes[preds[i]], "true": store.classes[split.labels[i]]}
             for i in range(k)]
+
+
+def compare_runs(runs: list[Path]) -> str:
+    """A small table of finished runs' test accuracy (``python -m job.reporting compare A B``)."""
+    import json
+
+    import yaml
+
+    rows = ["run                     backbone                         test accuracy",
+            "----------------------  -------------------------------  -------------"]
+    for run in runs:
+        summary = json.loads((run / "metrics.json").read_text())
+        model = yaml.safe_load((run / "config.yaml").read_text())["model"]
+        backbone = f"{model['name']} ({'ImageNet' if model['pretrained'] else 'random'})"
+        rows.append(f"{str(run):22}  {backbone:31}  {summary['test_accuracy']:.3f} on {summary['test_samples']}")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 3 or sys.argv[1] != "compare":
+        sys.exit("usage: python -m job.reporting compare RUN_DIR [RUN_DIR ...]")
+    print(compare_runs([Path(p) for p in sys.argv[2:]]))

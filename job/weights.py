@@ -52,11 +52,38 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         what = "is not a regular file" if path.exists() else "does not exist"
         raise WeightsError(f"weights file {path} {what}: give the path of a .safetensors file or a "
                            "PyTorch state dict (.pth/.pt/.bin)")
+    head = _text_head(path)
+    if head is not None:
+        raise WeightsError(f"weights file {path} is a text file, not weights (it begins {head!r}): usually an "
+                           "HTML error page saved by a failed download, or a Git LFS pointer (run `git lfs "
+                           "pull`); download the real file")
     if path.suffix == ".safetensors":
         obj = _load_safetensors(path)
     else:
         obj = _load_torch(path)
     return _unwrap(obj, path)
+
+
+def _text_head(path: Path) -> str | None:
+    """The file's first line if the file starts as printable UTF-8 text, else None. No weights
+    format does: torch zips start with PK and control bytes, pickles with byte 0x80, safetensors
+    with a little-endian length (NUL bytes)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError as e:
+        raise WeightsError(f"weights file {path} cannot be read: {e.strerror or e}") from None
+    for cut in range(4):  # the read may have split a multi-byte character
+        try:
+            text = head[:len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        return None
+    if not text or not all(c.isprintable() or c in "\t\r\n" for c in text):
+        return None
+    return text.strip().splitlines()[0][:60] if text.strip() else text[:60]
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -86,8 +113,7 @@ def _load_torch(path: Path) -> object:
                 f"weights file {path} needs a full Python unpickle (it refers to {needed.group(1)}), which "
                 "could run arbitrary code, so it is not loaded. On a machine where you trust the file, "
                 "convert its tensors to safetensors:\n  " + _convert_hint(path) +
-                f"\nthen use {path.with_suffix('.safetensors')} (for an efficientnet_pytorch layout, "
-                "`python -m job.weights convert` it to timm names first)") from None
+                f"\nand point model.weights at {path.with_suffix('.safetensors')}") from None
         detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n\n", text, re.S)
         raise WeightsError(
             f"weights file {path} is not a weights-only PyTorch state dict "
@@ -267,17 +293,19 @@ def _fit_backbone(backbone: torch.nn.Module, state: dict[str, torch.Tensor], pat
     # Drop a classifier key only if the backbone has no such key: its own tensors are never dropped.
     state = {k: v for k, v in state.items()
              if k in own or not any(k == n or k.startswith(n + ".") for n in names)}
+    in_file = len(state)
     for k, v in own.items():  # batch-norm counters the file omits keep the backbone's
         if k.endswith(_NBT):
             state.setdefault(k, v)
     missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    # Weights first: a stray batch-norm counter is the least telling name to show.
+    unexpected = sorted((k for k in state if k not in own), key=lambda k: k.endswith(_NBT))
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
              if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         raise WeightsError(
             f"weights file {path} does not fit model {model_name!r} ({len(own)} backbone tensors, "
-            f"{len(state)} in the file): " + _problems(
+            f"{in_file} in the file without the classifier): " + _problems(
                 ("missing", missing), ("unexpected", unexpected), ("shape mismatches", wrong))
             + f". The file must hold the ImageNet weights of exactly {model_name} (timm names, or "
             "efficientnet_pytorch's for EfficientNet-Lite)")
@@ -329,6 +357,8 @@ def convert(src: str | Path, model_name: str, out: str | Path, *, force: bool = 
     from safetensors.torch import save_file
 
     out = Path(out)
+    if out.suffix != ".safetensors":  # read_state_dict goes by the suffix
+        raise WeightsError(f"--out {out} must end in .safetensors")
     if out.exists() and not force:
         raise WeightsError(f"{out} exists; pass --force to replace it")
     if not timm.is_model(model_name):

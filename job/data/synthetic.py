@@ -21,6 +21,9 @@ def write_synthetic_cifar(root: Path, *, num_train: int, num_test: int, seed: in
     random phase, frequency jitter, brightness and pixel noise, so a small CNN must learn
     oriented edges and colour rather than memorise pixels.
     """
+    if Path(root).exists() and not Path(root).is_dir():
+        raise DataError(f"data.root={root} is a file; for data.source=synthetic it is the directory the generated "
+                        "batches go to (or null for one beside the store)")
     base = Path(root) / CIFAR10_DIR
     params = {"num_train": num_train, "num_test": num_test, "seed": seed, "num_classes": num_classes}
     if _stamp(base) == params:
