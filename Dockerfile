@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # GPU image of the training job. The CUDA runtime ships inside the torch (cu130) and DALI
-# (cuda130) wheels and the driver comes from the node through the NVIDIA container toolkit,
-# so a slim Python base is enough.
+# (cuda130) wheels and the driver comes from the node through the NVIDIA container toolkit
+# (R580 or newer for CUDA 13), so a slim Python base is enough.
 #   docker build -t REGISTRY/cifar-transfer:0.1.0 .
 #   docker build --build-arg PRETRAINED_MODEL=inception_resnet_v2 -t REGISTRY/cifar-transfer:0.1.0-irv2 .
 FROM python:3.11.11-slim-bookworm
@@ -13,6 +13,14 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/opt/hf-cache \
     MPLCONFIGDIR=/tmp/matplotlib
 
+# A C compiler and the C library headers: Triton (train.compile=true) builds small C helpers
+# the first time it runs. Not version-pinned: the base image is pinned, and Debian replaces
+# package versions on its mirrors with each security update, so exact pins would break rebuilds.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 RUN groupadd --gid 1000 app \
     && useradd --uid 1000 --gid 1000 --create-home --shell /bin/bash app \
     && mkdir -p /opt/hf-cache /runs /data \
@@ -20,21 +28,30 @@ RUN groupadd --gid 1000 app \
 
 WORKDIR /app
 
-# Dependencies in their own layer, pinned exactly: editing the code does not reinstall them.
+# Dependencies in their own layer, pinned exactly (setuptools too: it builds the project below
+# without fetching anything): editing the code does not reinstall them.
 COPY docker/requirements.lock docker/requirements.lock
 RUN pip install --no-cache-dir --requirement docker/requirements.lock
 
-# Optional: bake ImageNet weights into the image for air-gapped clusters (then run with
-# HF_HUB_OFFLINE=1). Without it, weights come from the Hub at run time or from model.weights.
+# Optional: bake ImageNet weights into HF_HOME for air-gapped clusters; pods then run with
+# HF_HUB_OFFLINE=1 (k8s/submit.sh --offline) and never touch the Hub. Without them, weights come
+# from the Hub at run time or from model.weights. Before the code, so code edits keep this layer.
 ARG PRETRAINED_MODEL=""
 USER 1000:1000
 RUN if [ -n "${PRETRAINED_MODEL}" ]; then \
       python -c "import sys, timm; timm.create_model(sys.argv[1], pretrained=True)" "${PRETRAINED_MODEL}"; \
     fi
 
-COPY --chown=app:app pyproject.toml README.md ./
-COPY --chown=app:app dali_pipelines ./dali_pipelines
-COPY --chown=app:app job ./job
+# The code, owned by root (the job cannot change it), installed as a package so that
+# `python -m job...` works from anywhere; /app/job/train.py stays the documented entry point.
+USER 0:0
+COPY pyproject.toml README.md ./
+COPY dali_pipelines ./dali_pipelines
+COPY job ./job
+COPY --chmod=755 docker/launch.sh docker/launch.sh
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
+    && rm -rf build ./*.egg-info
 
-ENTRYPOINT ["/app/job/launch.sh"]
+USER 1000:1000
+ENTRYPOINT ["/app/docker/launch.sh"]
 CMD ["--config", "job/configs/finetune.yaml"]

@@ -59,7 +59,7 @@ lock:
 	  echo "# pyproject.toml: make lock (pip freeze --all of a fresh venv without the dev tools, less pip)."; \
 	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -v -e '^cifar-transfer' -e '^pip=='; \
 	} > docker/requirements.lock
-	rm -rf .venv-lock
+	rm -rf .venv-lock build   # build/: what the in-tree build of the project left
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis data/prepared data/weights

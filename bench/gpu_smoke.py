@@ -126,7 +126,8 @@ def train_args(out: Path, prep: Path, gpu: bool, *extra: str) -> list[str]:
             "data.source=synthetic", "data.root=null", f"data.synthetic_train={train}",
             f"data.synthetic_test={test}", f"data.image_size={size}", "data.batch_size=32", "data.num_threads=4",
             f"model.name={'resnet18' if gpu else 'test_resnet'}", "model.pretrained=false", "model.weights=null",
-            "model.head_hidden=[64]", "train.strategy=finetune", "train.epochs=2", "train.log_every=5",
+            "model.head_hidden=[64]", "train.strategy=finetune", "train.channels_last=false", "train.epochs=2",
+            "train.log_every=5",
             "train.signal_check_every=1", "optim.name=sgd", "optim.lr=0.05", "schedule.name=cosine",
             "tracking.wandb=disabled", *extra]
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -32,8 +31,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from job.weights import packaged_efficientnet_lite0, read_state_dict, to_timm  # noqa: E402
+from job.weights import packaged_efficientnet_lite0, read_state_dict, to_timm
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "samples" / "cifar10-folder-mini"  # the same JPEGs as /work/shared/data/cifar10-folder-mini

@@ -1,30 +1,58 @@
 #!/usr/bin/env bash
 # Render the training job for one run and apply it (or print it with --dry-run).
 #
-#   k8s/submit.sh --image REGISTRY/cifar-transfer:0.1.0 --name irv2-ft --nodes 2 --gpus 8 [--spot]
+#   k8s/submit.sh --image REGISTRY/cifar-transfer:0.1.0 --name irv2-ft --nodes 1 --gpus 8
+#   k8s/submit.sh --image ... --name irv2-ft4 --nodes 4 --gpus 8 --jobset --spot gke   # JobSet on spot
 #   k8s/submit.sh --image ... --name irv2-fe --config job/configs/feature_extraction.yaml -- train.epochs=20
-#   k8s/submit.sh --image ... --name irv2-kf --kubeflow --nodes 2 --gpus 8      # Kubeflow TrainJob
-#   k8s/submit.sh ... --dry-run > job.yaml                                      # print, do not apply
-#   k8s/submit.sh --image REGISTRY/cifar-transfer:0.1.0 --prepare-data          # PVCs + data-prep Job
+#   k8s/submit.sh --image ... --name irv2-kf --kubeflow --nodes 2 --gpus 8              # Kubeflow TrainJob
+#   k8s/submit.sh ... --dry-run > job.yaml                                              # print, do not apply
+#   k8s/submit.sh --image REGISTRY/cifar-transfer:0.1.0 --prepare-data [--storage-class CLASS]
+#
+#   --jobset                  the nodes as a JobSet (needs its controller): all restart together
+#   --kubeflow                a Kubeflow Trainer TrainJob (needs the operator)
+#   --spot PROVIDER           spot nodes: gke, eks, aks, karpenter, or KEY=VALUE (your pool's label)
+#   --namespace NS            where to submit (default: kubectl's current namespace)
+#   --priority-class NAME     the pods' priorityClassName
+#   --storage-class NAME      with --prepare-data: the ReadWriteMany class of both volumes
+#   --offline                 HF_HUB_OFFLINE=1: use the weights baked into the image, never the Hub
+#   --deadline DURATION       activeDeadlineSeconds, retries included (default 48h; 90m, 36h, 3d, secs)
+#   --ttl DURATION            delete the finished Job after this long (default 7d)
+#   --replace                 delete an existing run of this name first (it resumes from its checkpoints)
 #
 # Words after `--` are config overrides (section.key=value) appended to the job's arguments.
-# The run name names the Job/Service (cifar-transfer-NAME), the output directory /runs/NAME and
-# the W&B run; submitting the same name again after a failure resumes from its checkpoints.
+# The run name names the Job/Service (cifar-transfer-NAME), the output directory /runs/NAME, the
+# W&B run and the pods' label app.kubernetes.io/instance=NAME (for logs and cleanup). Submitting
+# the same name again after the Job is gone resumes from its checkpoints.
 set -euo pipefail
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+die() { echo "submit.sh: $*" >&2; exit 2; }
 
-image="" name="" nodes=1 gpus=1 spot=0 kubeflow=0 dry_run=0 prepare=0 config="job/configs/finetune.yaml"
+image="" name="" nodes=1 gpus=1 spot="" kubeflow=0 jobset=0 dry_run=0 prepare=0 replace=0 offline=0
+namespace="" priority_class="" storage_class="" deadline="" ttl="" config="job/configs/finetune.yaml"
 overrides=()
 while (($#)); do
   case "$1" in
-    --image) image="$2"; shift 2 ;;
-    --name) name="$2"; shift 2 ;;
-    --nodes) nodes="$2"; shift 2 ;;
-    --gpus) gpus="$2"; shift 2 ;;
-    --config) config="$2"; shift 2 ;;
-    --spot) spot=1; shift ;;
+    --image|--name|--nodes|--gpus|--config|--spot|--namespace|--priority-class|--storage-class|--deadline|--ttl)
+      (($# >= 2)) || die "$1 needs a value"
+      case "$1" in
+        --image) image="$2" ;;
+        --name) name="$2" ;;
+        --nodes) nodes="$2" ;;
+        --gpus) gpus="$2" ;;
+        --config) config="$2" ;;
+        --spot) spot="$2" ;;
+        --namespace) namespace="$2" ;;
+        --priority-class) priority_class="$2" ;;
+        --storage-class) storage_class="$2" ;;
+        --deadline) deadline="$2" ;;
+        --ttl) ttl="$2" ;;
+      esac
+      shift 2 ;;
+    --jobset) jobset=1; shift ;;
     --kubeflow) kubeflow=1; shift ;;
+    --offline) offline=1; shift ;;
+    --replace) replace=1; shift ;;
     --dry-run) dry_run=1; shift ;;
     --prepare-data) prepare=1; name="${name:-data}"; shift ;;
     -h|--help) usage 0 ;;
@@ -33,7 +61,14 @@ while (($#)); do
   esac
 done
 
-die() { echo "submit.sh: $*" >&2; exit 2; }
+seconds() {  # $1 option, $2 duration (90m, 36h, 3d or seconds) -> seconds
+  [[ "$2" =~ ^([0-9]+)([smhd]?)$ ]] || die "$1 takes a duration such as 90m, 36h, 3d or seconds, got '$2'"
+  local n="${BASH_REMATCH[1]}"
+  case "${BASH_REMATCH[2]}" in m) n=$(( n * 60 )) ;; h) n=$(( n * 3600 )) ;; d) n=$(( n * 86400 )) ;; esac
+  echo "$n"
+}
+dns_label='^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$'
+dns_subdomain='^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$'
 [[ -n "$image" ]] || die "--image REGISTRY/cifar-transfer:TAG is required"
 [[ "$image" == *:* && "${image##*:}" != "latest" && "${image##*/}" == *:* ]] \
   || die "--image needs an explicit tag other than 'latest' (got '$image'): pods must run a known build"
@@ -41,7 +76,34 @@ die() { echo "submit.sh: $*" >&2; exit 2; }
   || die "--name must be 1-32 lowercase letters, digits or '-' (a DNS label), got '$name'"
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$nodes'"
 [[ "$gpus" =~ ^[1-9][0-9]*$ ]] || die "--gpus must be a positive integer, got '$gpus'"
-(( kubeflow == 0 || spot == 0 )) || die "--spot applies to the Indexed Job; for a TrainJob, configure the runtime"
+[[ -z "$namespace" || "$namespace" =~ $dns_label ]] || die "--namespace must be a DNS label, got '$namespace'"
+[[ -z "$priority_class" || "$priority_class" =~ $dns_subdomain ]] \
+  || die "--priority-class must be the name of a PriorityClass (lowercase DNS name), got '$priority_class'"
+[[ -z "$storage_class" || "$storage_class" =~ $dns_subdomain ]] \
+  || die "--storage-class must be the name of a StorageClass (lowercase DNS name), got '$storage_class'"
+[[ -z "$deadline" ]] || deadline="$(seconds --deadline "$deadline")"
+[[ -z "$deadline" || "$deadline" -gt 0 ]] || die "--deadline must be longer than 0"
+[[ -z "$ttl" ]] || ttl="$(seconds --ttl "$ttl")"
+(( kubeflow + jobset <= 1 )) || die "--kubeflow and --jobset are two different ways to run the nodes: pick one"
+(( kubeflow == 0 || ${#spot} == 0 )) || die "--spot applies to the Job and the JobSet; for a TrainJob, configure the runtime"
+(( kubeflow == 0 )) || [[ -z "$priority_class" ]] \
+  || die "--priority-class: a TrainJob cannot set it (runtimePatches have no such field); set it in the ClusterTrainingRuntime"
+(( kubeflow == 0 )) || [[ -z "$ttl" ]] \
+  || die "--ttl: the TrainJob API has no ttlSecondsAfterFinished; set it in the ClusterTrainingRuntime's JobSet template"
+(( prepare == 0 )) || [[ -z "$spot$priority_class" && $(( kubeflow + jobset + offline )) == 0 ]] \
+  || die "--prepare-data takes --image, --namespace, --storage-class, --deadline, --ttl and --replace only"
+(( prepare == 1 )) || [[ -z "$storage_class" ]] || die "--storage-class applies to --prepare-data (the volumes)"
+spot_key="" spot_value="" spot_component=""
+case "$spot" in
+  "") ;;
+  gke|eks|aks|karpenter) spot_component="$spot" ;;
+  *=*)
+    spot_key="${spot%%=*}" spot_value="${spot#*=}"
+    [[ "$spot_key" =~ ^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$ \
+       && "$spot_value" =~ ^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$ ]] \
+      || die "--spot KEY=VALUE needs a valid node label (e.g. node-lifecycle=spot), got '$spot'" ;;
+  *) die "--spot takes gke, eks, aks, karpenter or KEY=VALUE (a node label of your spot pool), got '$spot'" ;;
+esac
 command -v kubectl >/dev/null || die "kubectl not found: install it (https://kubernetes.io/docs/tasks/tools/)"
 
 k8s="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -62,24 +124,46 @@ args_patch() {  # JSON-patch ops that set the config file and append overrides
   done
 }
 
+common() {  # what every kustomization here starts with: $1 = the resources it builds on
+  echo "apiVersion: kustomize.config.k8s.io/v1beta1"
+  echo "kind: Kustomization"
+  echo "resources: [$1]"
+  [[ -z "$namespace" ]] || echo "namespace: $namespace"
+}
+
+instance_label() {  # $1: extra field specs (kinds kustomize does not know)
+  echo "labels:"
+  echo "  - pairs: {app.kubernetes.io/instance: $name}"
+  echo "    includeTemplates: true"
+  [[ -z "${1:-}" ]] || printf '    fields:\n%s\n' "$1"
+}
+
 if (( prepare )); then
+  kind=job resource=cifar-prepare
+  limits=""
+  [[ -z "$deadline" ]] || limits+="- {op: replace, path: /spec/activeDeadlineSeconds, value: $deadline}"$'\n'
+  [[ -z "$ttl" ]] || limits+="- {op: replace, path: /spec/ttlSecondsAfterFinished, value: $ttl}"$'\n'
+  printf '%s' "$limits" >"$work/limits.yaml"
+  echo "- {op: add, path: /spec/storageClassName, value: $storage_class}" >"$work/storage.yaml"
   {
-    echo "apiVersion: kustomize.config.k8s.io/v1beta1"
-    echo "kind: Kustomization"
-    echo "resources: [../../data]"
+    common ../../data
     echo "images:"
     echo "  - {name: ghcr.io/example/cifar-transfer, newName: $repo, newTag: \"$tag\"}"
+    echo "patches:"
+    [[ -z "$limits" ]] || printf '  - target: {kind: Job, name: cifar-prepare}\n    path: limits.yaml\n'
+    [[ -z "$storage_class" ]] || printf '  - target: {kind: PersistentVolumeClaim}\n    path: storage.yaml\n'
   } >"$work/kustomization.yaml"
 elif (( kubeflow )); then
+  kind=trainjob resource="$full"
   {
-    echo "apiVersion: kustomize.config.k8s.io/v1beta1"
-    echo "kind: Kustomization"
-    echo "resources: [../../kubeflow]"
+    common ../../kubeflow
     echo "nameSuffix: -$name"
+    instance_label "      - {kind: TrainJob, create: true, path: spec/runtimePatches/trainingRuntimeSpec/template/spec/replicatedJobs/template/spec/template/metadata/labels}"
     echo "patches:"
     echo "  - target: {kind: TrainJob, name: cifar-transfer}"
     echo "    path: trainjob.yaml"
   } >"$work/kustomization.yaml"
+  pod=/spec/runtimePatches/0/trainingRuntimeSpec/template/spec/replicatedJobs/0/template/spec/template/spec
   {
     printf -- '- op: replace\n  path: /spec/trainer/image\n  value: %s\n' "$image"
     printf -- '- op: replace\n  path: /spec/trainer/numNodes\n  value: %d\n' "$nodes"
@@ -87,26 +171,56 @@ elif (( kubeflow )); then
     printf -- '- op: replace\n  path: /spec/trainer/resourcesPerNode\n  value:\n'
     printf -- '    requests: {cpu: "%d", memory: %s, nvidia.com/gpu: "%d"}\n' "$cpu" "$mem" "$gpus"
     printf -- '    limits: {memory: %s, nvidia.com/gpu: "%d"}\n' "$mem" "$gpus"
+    # list items by position: each `test` fails the render if k8s/kubeflow/trainjob.yaml moved one
+    printf -- '- op: test\n  path: /spec/trainer/env/0/name\n  value: RUN_NAME\n'
     printf -- '- op: replace\n  path: /spec/trainer/env/0/value\n  value: %s\n' "$name"
     args_patch /spec/trainer/args
+    [[ -z "$deadline" ]] || printf -- '- op: replace\n  path: /spec/activeDeadlineSeconds\n  value: %d\n' "$deadline"
+    if (( offline )); then
+      printf -- '- op: test\n  path: /spec/trainer/env/3/name\n  value: HF_HUB_OFFLINE\n'
+      printf -- '- op: replace\n  path: /spec/trainer/env/3/value\n  value: "1"\n'
+      printf -- '- op: test\n  path: %s/containers/0/volumeMounts/4/name\n  value: hf-cache\n' "$pod"
+      printf -- '- op: remove\n  path: %s/containers/0/volumeMounts/4\n' "$pod"
+      printf -- '- op: test\n  path: %s/volumes/4/name\n  value: hf-cache\n' "$pod"
+      printf -- '- op: remove\n  path: %s/volumes/4\n' "$pod"
+    fi
   } >"$work/trainjob.yaml"
 else
-  base="../../overlays/1gpu"
+  kind=job resource="$full" run="$work" k=../..   # k: the way back to k8s/
+  if (( jobset )); then  # the Job rendered in run/, turned into a JobSet by k8s/components/jobset
+    kind=jobset run="$work/run" k=../../..
+    mkdir "$run"
+    {
+      common run
+      echo "components: [../../components/jobset]"
+    } >"$work/kustomization.yaml"
+  fi
   {
-    echo "apiVersion: kustomize.config.k8s.io/v1beta1"
-    echo "kind: Kustomization"
-    echo "resources: [$base]"
+    common "$k/overlays/1gpu"
     echo "nameSuffix: -$name"
     echo "images:"
     echo "  - {name: ghcr.io/example/cifar-transfer, newName: $repo, newTag: \"$tag\"}"
-    (( spot )) && echo "components: [../../components/spot]"
+    instance_label
+    if [[ -n "$spot" ]]; then
+      echo "components:"
+      echo "  - $k/components/spot"
+      [[ -z "$spot_component" ]] || echo "  - $k/components/spot/$spot_component"
+    fi
     echo "patches:"
     echo "  - path: job.yaml"
     echo "  - path: service.yaml"
     echo "  - target: {kind: Job, name: cifar-transfer}"
-    echo "    path: args.yaml"
-  } >"$work/kustomization.yaml"
-  cat >"$work/job.yaml" <<EOF
+    echo "    path: pod.yaml"
+  } >"$run/kustomization.yaml"
+  # Offline: the image's own HF_HOME with the weights baked in at build time, instead of the
+  # hf-cache volume that takes Hub downloads.
+  hf_mount="" hf_volume="" hf_env=""
+  if (( offline )); then
+    hf_mount=$'\n          volumeMounts:\n            - {mountPath: /opt/hf-cache, $patch: delete}'
+    hf_volume=$'\n        - {name: hf-cache, $patch: delete}'
+    hf_env=$'\n            - {name: HF_HUB_OFFLINE, value: "1"}'
+  fi
+  cat >"$run/job.yaml" <<EOF
 apiVersion: batch/v1
 kind: Job
 metadata:
@@ -118,20 +232,20 @@ spec:
     spec:
       subdomain: $full
       containers:
-        - name: trainer
+        - name: trainer$hf_mount
           env:
             - {name: RUN_NAME, value: "$name"}
             - {name: NNODES, value: "$nodes"}
             - {name: NPROC_PER_NODE, value: "$gpus"}
-            - {name: SERVICE_NAME, value: "$full"}
+            - {name: SERVICE_NAME, value: "$full"}$hf_env
           resources:
             requests: {cpu: "$cpu", memory: $mem, nvidia.com/gpu: $gpus}
             limits: {memory: $mem, nvidia.com/gpu: $gpus}
       volumes:
         - name: dshm
-          emptyDir: {medium: Memory, sizeLimit: $shm}
+          emptyDir: {medium: Memory, sizeLimit: $shm}$hf_volume
 EOF
-  cat >"$work/service.yaml" <<EOF
+  cat >"$run/service.yaml" <<EOF
 apiVersion: v1
 kind: Service
 metadata:
@@ -140,7 +254,19 @@ spec:
   selector:
     batch.kubernetes.io/job-name: $full
 EOF
-  args_patch /spec/template/spec/containers/0/args >"$work/args.yaml"
+  {
+    args_patch /spec/template/spec/containers/0/args
+    [[ -z "$deadline" ]] || printf -- '- op: replace\n  path: /spec/activeDeadlineSeconds\n  value: %d\n' "$deadline"
+    [[ -z "$ttl" ]] || printf -- '- op: replace\n  path: /spec/ttlSecondsAfterFinished\n  value: %d\n' "$ttl"
+    [[ -z "$priority_class" ]] \
+      || printf -- '- op: add\n  path: /spec/template/spec/priorityClassName\n  value: %s\n' "$priority_class"
+    if [[ -n "$spot_key" ]]; then  # JSON pointer: '~' -> '~0', '/' -> '~1'
+      key="${spot_key//\~/\~0}"
+      printf -- '- op: add\n  path: /spec/template/spec/nodeSelector/%s\n  value: "%s"\n' "${key//\//\~1}" "$spot_value"
+      printf -- '- op: add\n  path: /spec/template/spec/tolerations/-\n'
+      printf -- '  value: {key: "%s", operator: Equal, value: "%s", effect: NoSchedule}\n' "$spot_key" "$spot_value"
+    fi
+  } >"$run/pod.yaml"
 fi
 
 rendered="$(kubectl kustomize "$work")"
@@ -148,11 +274,29 @@ if (( dry_run )); then
   printf '%s\n' "$rendered"
   exit 0
 fi
-printf '%s\n' "$rendered" | kubectl apply -f -
+
+# Applying a Job that already exists changes nothing ("unchanged", or an error for its immutable
+# pod template): say so, and offer to start it again instead.
+ns=()
+[[ -z "$namespace" ]] || ns=(--namespace "$namespace")
+existing="$(kubectl get "$kind" "$resource" "${ns[@]+"${ns[@]}"}" --ignore-not-found -o name)" \
+  || die "could not ask the cluster whether $kind/$resource exists (see kubectl's error above)"
+if [[ -n "$existing" ]]; then
+  if (( ! replace )); then
+    die "$kind/$resource already exists${namespace:+ in namespace $namespace}: applying it again would change nothing.
+  To start this run again (it resumes from its checkpoints on the runs volume): add --replace
+  To follow it: kubectl get pods -l app.kubernetes.io/instance=$name${namespace:+ -n $namespace}"
+  fi
+  # Foreground: wait until its pods are gone (they save a checkpoint on SIGTERM first), so the new
+  # pods never write to /runs/$name next to the old ones.
+  echo "submit.sh: deleting $kind/$resource and waiting for its pods to stop" >&2
+  kubectl delete "$kind" "$resource" "${ns[@]+"${ns[@]}"}" --cascade=foreground --wait=true
+fi
+printf '%s\n' "$rendered" | kubectl apply "${ns[@]+"${ns[@]}"}" -f -
+n="${namespace:+ -n $namespace}"
 if (( prepare )); then
-  echo "submitted the data volumes and Job cifar-prepare: kubectl wait --for=condition=complete job/cifar-prepare --timeout=30m"
-elif (( kubeflow )); then
-  echo "submitted TrainJob $full: kubectl get trainjob $full; kubectl logs -f -l trainer.kubeflow.org/trainjob-name=$full"
+  echo "submitted the data volumes and Job cifar-prepare: kubectl wait --for=condition=complete job/cifar-prepare --timeout=30m$n"
 else
-  echo "submitted Job $full: kubectl get pods -l batch.kubernetes.io/job-name=$full; kubectl logs -f $full-0-<suffix>"
+  echo "submitted ${kind} $resource: kubectl get pods -l app.kubernetes.io/instance=$name$n"
+  echo "  logs of node 0: kubectl logs -f -l app.kubernetes.io/instance=$name,batch.kubernetes.io/job-completion-index=0$n"
 fi

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from helpers.runs import CIFAR_MINI, FOLDER_MINI
-from helpers.runs import PYTHON, REPO, accelerate_launch, run  # noqa: F401 - until every module imports helpers.runs
 
 # Tools installed into the venv (kubectl, hadolint, accelerate) come first for every subprocess.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"

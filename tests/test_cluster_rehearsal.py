@@ -1,10 +1,16 @@
-"""The cluster rehearsed on one machine: the rendered 2-node Indexed Job, run as two local processes.
+"""The cluster rehearsed on one machine: the rendered Indexed Job's pods run as local processes.
 
 Each "pod" gets exactly the command, arguments and environment the manifest gives it, resolved as
 the kubelet would ($(VAR) expansion, the job-name label, JOB_COMPLETION_INDEX from the Job
 controller), with three substitutions that stand in for the cluster: the headless Service's DNS
 name resolves to 127.0.0.1, the container paths /app, /data and /runs map to local directories,
 and the rendezvous port is a free local one (two rehearsals may share a machine).
+
+And like a container, each pod's command runs as PID 1 of a PID namespace of its own
+(`unshare --pid --fork --mount-proc`): the kernel drops every signal PID 1 has no handler for, so
+this is the only way to see whether the kubelet's SIGTERM reaches the training processes at all.
+The SIGTERM goes to that PID 1 from outside, as the kubelet sends it. Where unshare is not
+permitted, the PID-1 tests skip and the two-pod tests run the pods as ordinary processes.
 """
 from __future__ import annotations
 
@@ -16,23 +22,99 @@ import socket
 import subprocess
 import sys
 import time
+from functools import cache
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import PYTHON, REPO, run
+from helpers.runs import PYTHON, REPO, run
+from job.preemption import EXIT_BAD_INPUT, EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
-OVERRIDES = ["model.name=test_resnet", "data.synthetic_train=2000", "data.synthetic_test=300", "train.epochs=3",
-             "train.log_every=1", "train.signal_check_every=1", "data.num_threads=1", "tracking.wandb=offline",
-             "model.head_hidden=[64]"]
+# The one small run (tests/configs/small.yaml), spelled out where it matters here: 540 training
+# samples (600 less the validation split), 2 epochs. In batches of 32 on one process, and of 16
+# per rank on two pods: 17 steps per epoch either way, so a SIGTERM sent after step 20 lands
+# mid epoch 2 with a margin for the steps taken while it travels.
+SMALL = "tests/configs/small.yaml"
+OVERRIDES = ["data.synthetic_train=600", "data.synthetic_test=200", "data.image_size=32", "model.name=test_resnet",
+             "model.pretrained=false", "model.head_hidden=[16]", "train.epochs=2", "train.log_every=1",
+             "train.signal_check_every=1", "data.num_threads=1", "data.batch_size=32"]
+STEPS_PER_EPOCH = 17
 
 
-def render_two_node_job(name: str) -> dict:
+@cache
+def pid_namespaces() -> str | None:
+    """None when `unshare --pid --fork --mount-proc` works here, else why not."""
+    try:
+        proc = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True,
+                              timeout=30)
+    except FileNotFoundError:
+        return "unshare (util-linux) is not installed"
+    if proc.returncode != 0:
+        return f"`unshare --pid --fork --mount-proc` is not permitted here (needs root or user namespaces): " \
+               f"{proc.stderr.strip()}"
+    return None
+
+
+class Pod:
+    """One container: ``command`` as PID 1 of a new PID namespace (or a plain process without
+    unshare), output in ``log``."""
+
+    def __init__(self, command: list[str], env: dict, log: Path, pid1: bool = True):
+        self.log, self.pid1, self._init_pid = log, pid1 and pid_namespaces() is None, None
+        # --kill-child: if the test dies, so does the "container" (PID 1 and everything under it)
+        prefix = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"] if self.pid1 else []
+        with open(log, "w") as handle:
+            self.proc = subprocess.Popen(prefix + command, cwd=REPO, env=env, stdout=handle,
+                                         stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def init_pid(self) -> int:
+        """The host PID of the pod's PID 1: unshare's only child."""
+        if not self.pid1:
+            return self.proc.pid
+        if self._init_pid:
+            return self._init_pid
+        for _ in range(100):
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                try:
+                    fields = stat.read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == self.proc.pid:
+                    self._init_pid = int(stat.parent.name)
+                    return self._init_pid
+            time.sleep(0.1)
+        raise AssertionError(f"no child of unshare (pid {self.proc.pid})")
+
+    def terminate(self) -> None:
+        """What the kubelet does on preemption, node drain or `kubectl delete`."""
+        os.kill(self.init_pid(), signal.SIGTERM)
+
+    def wait_for(self, text: str, timeout: float = 300, count: int = 1) -> None:
+        self.init_pid()  # looked up now, so that terminate() follows the text without delay
+        deadline = time.time() + timeout
+        while self.text().count(text) < count:
+            assert time.time() < deadline and self.proc.poll() is None, self.text()[-5000:]
+            time.sleep(0.05)
+
+    def wait(self, timeout: float = 300) -> int:
+        """The container's exit code (unshare --fork exits with its child's)."""
+        return self.proc.wait(timeout=timeout)
+
+
+def pod_env(**extra: str) -> dict:
+    return {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1",
+            "WANDB_SILENT": "true", **extra}
+
+
+def render_job(name: str, nodes: int) -> dict:
     out = subprocess.run([str(REPO / "k8s" / "submit.sh"), "--dry-run", "--image", "registry.example.com/c:1.0",
-                          "--name", name, "--nodes", "2", "--gpus", "1", "--config", "job/configs/demo.yaml",
-                          "--", *OVERRIDES], capture_output=True, text=True, check=True).stdout
+                          "--name", name, "--nodes", str(nodes), "--gpus", "1", "--config", SMALL, "--",
+                          *OVERRIDES, "data.batch_size=16"], capture_output=True, text=True, check=True).stdout
     (job,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "Job"]
     return job
 
@@ -49,8 +131,7 @@ def pod_process(job: dict, index: int, root: Path, port: int) -> tuple[list[str]
                 return value.replace(container_path, host_path, 1)
         return value
 
-    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1",
-           "WANDB_SILENT": "true", "JOB_COMPLETION_INDEX": str(index)}  # injected by the Job controller
+    env = pod_env(JOB_COMPLETION_INDEX=str(index))  # injected by the Job controller
     expand = lambda s: re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), s)  # noqa: E731
     service = spec["subdomain"]
     for item in container["env"]:
@@ -62,80 +143,169 @@ def pod_process(job: dict, index: int, root: Path, port: int) -> tuple[list[str]
         else:  # the optional W&B Secret does not exist here: the variable stays unset
             assert item["valueFrom"]["secretKeyRef"]["optional"]
     assert env["MASTER_ADDR"] == f"{job['metadata']['name']}-0.{service}"
+    assert env["TERMINATION_GRACE_PERIOD_SECONDS"] == str(spec["terminationGracePeriodSeconds"])
     env["MASTER_ADDR"] = "127.0.0.1"  # what the headless Service resolves to
     env["MASTER_PORT"] = str(port)
+    (root / "tmp").mkdir(exist_ok=True)
     command = [local(c) for c in container["command"]] + [local(expand(a)) for a in container["args"]]
     return command, env
 
 
-def start_pods(job: dict, root: Path, tag: str) -> list[tuple[subprocess.Popen, Path]]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def start_pods(job: dict, root: Path, tag: str) -> list[Pod]:
+    port = free_port()
     pods = []
     for index in range(job["spec"]["completions"]):
         command, env = pod_process(job, index, root, port)
-        log = root / f"pod{index}-{tag}.log"
-        handle = open(log, "w")
         # workingDir is the image's WORKDIR (/app), i.e. the repository root here
-        pods.append((subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT), log))
+        pods.append(Pod(command, env, root / f"pod{index}-{tag}.log"))
     return pods
 
 
-def wait(pods, timeout: float = 400) -> list[int]:
+def wait(pods: list[Pod], timeout: float = 300) -> list[int]:
     deadline = time.time() + timeout
-    codes = []
-    for proc, _ in pods:
-        codes.append(proc.wait(timeout=max(1, deadline - time.time())))
-    return codes
+    return [pod.wait(timeout=max(1, deadline - time.time())) for pod in pods]
 
 
 def prepare_data_volume(root: Path) -> None:
-    """What the data-preparation Job does before training (here for the demo's synthetic source)."""
+    """What the data-preparation Job does before training (here for the synthetic source)."""
     run([PYTHON, "-m", "job.data", "prepare", "--source", "synthetic", "--root", str(root / "data" / "cifar10"),
-         "--out", str(root / "data" / "prepared" / "synthetic"), "--num-train", "2000", "--num-test", "300"])
+         "--out", str(root / "data" / "prepared" / "synthetic"), "--num-train", "600", "--num-test", "200"])
 
 
-def test_two_pods_rendezvous_train_as_world_size_2(tmp_path):
-    job = render_two_node_job("rehearsal")
+def mid_epoch_checkpoint(out: Path, steps_per_epoch: int) -> str:
+    """The one checkpoint a run stopped by SIGTERM in its second epoch leaves: not at an epoch end."""
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names and names[-1].startswith("epoch0001-"), names
+    assert int(names[-1].split("step")[1]) % steps_per_epoch != 0, names
+    return names[-1]
+
+
+def test_two_pods_preempted_through_pid1_then_resume_as_world_size_2(tmp_path):
+    """Two pods, torchrun on each: the SIGTERM each node's kubelet sends to PID 1 mid-epoch reaches
+    the workers, every node saves the same step and exits 143 (podFailurePolicy: recreate, not
+    counted); the recreated pods rendezvous again and finish the run as world size 2."""
+    job = render_job("preempted", nodes=2)
     assert job["spec"]["completions"] == 2
     prepare_data_volume(tmp_path)
-    pods = start_pods(job, tmp_path, "run")
-    codes = wait(pods)
-    logs = [log.read_text() for _, log in pods]
+    pods = start_pods(job, tmp_path, "first")
+    pods[1].init_pid()
+    pods[0].wait_for("step 20:")  # mid epoch 2
+    for pod in pods:
+        pod.terminate()
+    codes = wait(pods, timeout=120)
+    logs = [pod.text() for pod in pods]
+    assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], logs
+    assert all("training processes reported: 143; exit code 143" in log for log in logs), logs
+    out = tmp_path / "runs" / "preempted"
+    mid_epoch_checkpoint(out, STEPS_PER_EPOCH)
+    assert not (out / "metrics.json").exists()
+
+    restarted = start_pods(job, tmp_path, "second")
+    codes = wait(restarted)
+    logs = [pod.text() for pod in restarted]
     assert codes == [0, 0], logs
-    out = tmp_path / "runs" / "rehearsal"
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["test_samples"] == 300 and metrics["epochs_completed"] == 3
+    assert "resumed from" in logs[0] and "(epoch 2, batch" in logs[0]
     assert "node 0/2, 1 process(es) per node" in logs[0] and "node 1/2" in logs[1]
     # accelerator.print: once per node (each pod's log tells its story), never once per process
     assert logs[0].count("test accuracy") == 1 and logs[1].count("test accuracy") == 1
-    assert len(list((out / "wandb").glob("offline-run-*"))) == 1
-
-
-def test_sigterm_to_both_pods_then_restart_resumes(tmp_path):
-    job = render_two_node_job("preempted")
-    prepare_data_volume(tmp_path)
-    pods = start_pods(job, tmp_path, "first")
-    log0 = pods[0][1]
-    deadline = time.time() + 300
-    while "step 20:" not in log0.read_text():  # mid epoch 2 (15 steps per epoch)
-        assert time.time() < deadline and pods[0][0].poll() is None, log0.read_text()
-        time.sleep(0.2)
-    for proc, _ in pods:
-        proc.send_signal(signal.SIGTERM)  # what the kubelet sends each pod on preemption
-    codes = wait(pods, timeout=120)
-    assert all(code != 0 for code in codes), codes  # non-zero: the Job recreates the pods
-    out = tmp_path / "runs" / "preempted"
-    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert any(not name.endswith("step0000015") and not name.endswith("step0000030") for name in checkpoints), \
-        checkpoints  # a mid-epoch checkpoint was written on SIGTERM
-    assert not (out / "metrics.json").exists()
-    restarted = start_pods(job, tmp_path, "second")
-    assert wait(restarted) == [0, 0], [log.read_text() for _, log in restarted]
-    log = restarted[0][1].read_text()
-    assert "resumed from" in log and "epoch 1, batch" in log
+    assert all("training processes reported: 0; exit code 0" in log for log in logs), logs
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["epochs_completed"] == 3
+    assert metrics["world_size"] == 2 and metrics["test_samples"] == 200 and metrics["epochs_completed"] == 2
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in history] == [0, 1, 2] and history[-1]["step"] == 45
+    assert [h["epoch"] for h in history] == [0, 1] and history[-1]["step"] == 2 * STEPS_PER_EPOCH
+    # tracking.wandb=auto without a key: offline, one W&B run for the job, continued after the restart
+    runs = {p.name.rsplit("-", 1)[1] for p in (out / "wandb").glob("offline-run-*")}
+    assert len(runs) == 1, runs
+
+
+@pytest.fixture()
+def one_process_pod(tmp_path):
+    """Start docker/launch.sh as PID 1 with one process (the default and the 1-GPU overlay), on a
+    shared small store; returns start(tag, *overrides, script=None) -> Pod."""
+    if reason := pid_namespaces():
+        pytest.skip(reason)
+    prepare_data_volume(tmp_path)
+    out = tmp_path / "runs" / "one"
+
+    def start(tag: str, *overrides: str, script: str | None = None) -> Pod:
+        env = pod_env(NPROC_PER_NODE="1", TERMINATION_GRACE_PERIOD_SECONDS="60",
+                      **({"TRAIN_SCRIPT": script} if script else {}))
+        command = ["bash", str(REPO / "docker" / "launch.sh"), "--config", SMALL, *OVERRIDES,
+                   f"train.output_dir={out}", f"data.prepared_dir={tmp_path / 'data' / 'prepared'}", *overrides]
+        return Pod(command, env, tmp_path / f"{tag}.log")
+
+    start.out = out
+    return start
+
+
+def test_pid1_one_process_sigterm_bad_config_and_crash(one_process_pod):
+    """One process per node: `accelerate launch` runs train.py as a plain child and has no SIGTERM
+    handler. As PID 1 it would never even see the signal; launch.sh must deliver it. (Resuming
+    from such a checkpoint: the two-pod test above and tests/test_train_e2e.py.)"""
+    pod = one_process_pod("preempted")
+    pod.wait_for("step 20:")  # mid epoch 2
+    pod.terminate()
+    assert pod.wait(timeout=120) == EXIT_PREEMPTED, pod.text()[-5000:]
+    assert "SIGTERM: saved" in pod.text() and "reported: 143; exit code 143" in pod.text()
+    mid_epoch_checkpoint(one_process_pod.out, STEPS_PER_EPOCH)
+
+    bad = one_process_pod("bad-config", "train.epochs=zero")
+    assert bad.wait(timeout=120) == EXIT_BAD_INPUT, bad.text()[-3000:]
+    assert "train.epochs" in bad.text()
+    crash = one_process_pod("crash", script=str(REPO / "tests" / "helpers" / "crash_train.py"))
+    assert crash.wait(timeout=120) == 1, crash.text()[-3000:]
+    assert "illegal memory access" in crash.text() and "reported: 1; exit code 1" in crash.text()
+
+
+# ---------------------------------------------------------------- the launcher alone, in seconds
+
+def launcher(tmp_path: Path, nproc: int, actions: str, grace: int = 60) -> Pod:
+    """docker/launch.sh (as PID 1 where possible) running tests/helpers/exit_with.py: stand-in
+    training processes that report ``actions`` (one per rank) like job/train.py does."""
+    env = pod_env(NPROC_PER_NODE=str(nproc), MASTER_PORT=str(free_port()),
+                  TERMINATION_GRACE_PERIOD_SECONDS=str(grace), TRAIN_SCRIPT=str(REPO / "tests" / "helpers" / "exit_with.py"))
+    return Pod(["bash", str(REPO / "docker" / "launch.sh"), actions], env, tmp_path / f"{nproc}-{actions}.log")
+
+
+@pytest.mark.parametrize("nproc,actions,expected", [
+    (1, "3", 3),             # one process: `accelerate launch` itself would say 1
+    (2, "143,1", 1),         # one crashed, the other was stopped by torchrun: a crash
+    (2, "2,143", 2),         # a bad input anywhere decides
+    (2, "sigterm,kill", 1),  # one was killed outright (out of memory): no checkpoint is proven
+])
+def test_launcher_exit_code_is_the_jobs(tmp_path, nproc, actions, expected):
+    pod = launcher(tmp_path, nproc, actions)
+    assert pod.wait(timeout=120) == expected, pod.text()[-3000:]
+
+
+def test_sigterm_to_pid1_reaches_every_training_process_of_the_pod(tmp_path):
+    """Two processes in one pod (torchrun would report 1): both save, the pod exits 143. One
+    process per pod: test_pid1_one_process_sigterm_bad_config_and_crash, with real training."""
+    if reason := pid_namespaces():
+        pytest.skip(reason)
+    nproc = 2
+    pod = launcher(tmp_path, nproc, "sigterm,sigterm")
+    pod.wait_for("waiting", timeout=120, count=nproc)
+    assert pod.init_pid() != pod.proc.pid  # the launcher is PID 1 of its namespace, not unshare
+    pod.terminate()
+    assert pod.wait(timeout=60) == EXIT_PREEMPTED, pod.text()[-3000:]
+    assert f"training processes reported: {' '.join(['143'] * nproc)}; exit code 143" in pod.text()
+
+
+def test_torchrun_gives_the_workers_the_grace_period(tmp_path):
+    """TERMINATION_GRACE_PERIOD_SECONDS=8 -> TORCH_ELASTIC_SHUTDOWN_TIMEOUT=5: a worker that needs
+    8 s to save is SIGKILLed by torchrun (with its default 30 s it would have finished). So the
+    variable reaches torchrun through accelerate, and the pod's 300 s become the workers' 290 s."""
+    if reason := pid_namespaces():
+        pytest.skip(reason)
+    pod = launcher(tmp_path, 2, "slowsave,slowsave", grace=8)
+    pod.wait_for("waiting", timeout=120, count=2)
+    pod.terminate()
+    assert pod.wait(timeout=60) == 1, pod.text()[-3000:]
+    assert "5 s to save after SIGTERM" in pod.text() and "reported: nothing" in pod.text()
