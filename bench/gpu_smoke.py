@@ -1,4 +1,4 @@
-"""The GPU smoke test: one prepared run for a lent GPU machine (one GPU, no internet, < 6 minutes).
+"""The GPU smoke test: one prepared run for a GPU machine (one GPU, no internet, < 6 minutes).
 
     bench/gpu_smoke.sh               # on the GPU machine; output also in $OUT/gpu_smoke.log (or ./)
     bench/gpu_smoke.sh --dry-run     # the same steps on CPU with tiny sizes (what CI runs)

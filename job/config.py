@@ -36,7 +36,7 @@ class DataConfig:
     download: bool = False  # cifar10 only: fetch and md5-verify the official tarball into root
     prepared_dir: str = "data/prepared"  # the prepared store lives in {prepared_dir}/{source}
     image_size: int | None = None  # pixels per side; None = the model's pretrained input size (299)
-    batch_size: int = 64  # images per process per step (global batch = batch_size x processes)
+    batch_size: int = 64  # images per process per step; per update: x processes x train.grad_accum_steps
     val_fraction: float = 0.1  # of train, stratified; an explicit val/ folder wins
     split_seed: int = 0  # seed of the validation split (and of synthetic data)
     num_threads: int = 4  # DALI CPU worker threads per process

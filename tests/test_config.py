@@ -88,3 +88,44 @@ def test_presets_load(tmp_path):
     assert {p.stem for p in presets} >= {"demo", "feature_extraction", "finetune"}
     for preset in presets:
         load_config(preset)
+
+
+def _readme_key_table() -> dict[str, str]:
+    import re
+
+    from helpers.runs import REPO
+
+    text = (REPO / "README.md").read_text()
+    table = text.split("<!-- config-keys:start -->")[1].split("<!-- config-keys:end -->")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    return {re.match(r"\| `([^`]+)`", row).group(1): re.match(r"\| `[^`]+` \| `([^`]*)`", row).group(1)
+            for row in rows}
+
+
+def test_the_readme_key_table_is_every_key_with_its_default():
+    """The README's table cannot drift from job/config.py: same keys, same defaults."""
+    import dataclasses
+
+    from job.config import Config
+
+    documented = _readme_key_table()
+    defaults = {}
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory()):
+            value = getattr(section.default_factory(), f.name)
+            defaults[f"{section.name}.{f.name}"] = value
+    assert sorted(documented) == sorted(defaults)
+    for key, value in defaults.items():
+        assert yaml.safe_load(documented[key]) == value, (key, documented[key], value)
+
+
+def test_the_readme_lists_the_history_keys_that_are_written():
+    import dataclasses
+    import re
+
+    from helpers.runs import REPO
+    from job.records import EpochRecord
+
+    row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `history.jsonl`"))
+    listed = re.findall(r"`([a-z_]+)`", row.split("|")[2])
+    assert listed == [f.name for f in dataclasses.fields(EpochRecord)]
