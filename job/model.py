@@ -234,11 +234,8 @@ def weights_identity(cfg: ModelConfig, seed: int) -> str:
     if not cfg.pretrained:
         return f"random:{seed}"
     if cfg.weights:
-        h = hashlib.sha256()
         with open(cfg.weights, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return f"file:{h.hexdigest()}"
+            return f"file:{hashlib.file_digest(f, 'sha256').hexdigest()}"
     pretrained = timm.models.get_pretrained_cfg(cfg.name)
     return f"hub:{_hub_id(cfg.name)}:{getattr(pretrained, 'tag', None) or ''}"
 

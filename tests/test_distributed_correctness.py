@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from helpers.runs import FOLDER_MINI, PYTHON, accelerate_launch, run, small_run, train_until_sigterm
+from helpers.wandb_log import summarize
 from job import distributed
 from job.config import ConfigError
 
@@ -24,21 +25,32 @@ def _metrics(out: Path) -> dict:
 # ---------------------------------------------------------------- DDP keeps replicas identical
 
 @pytest.mark.slow
-def test_two_stage_on_two_processes_keeps_the_backbone_in_sync_across_a_resume(tmp_path):
-    """The backbone is frozen at DDP construction time in stage one; unless DDP registered it
-    anyway, each rank would train its own backbone after the unfreeze."""
-    out = tmp_path / "two_stage"
-    args = small_run(out, tmp_path / "prep", "train.strategy=two_stage", "train.head_epochs=1", "train.epochs=3")
+def test_two_processes_preempted_resumed_and_stopped_early_stay_in_sync(tmp_path):
+    """2 processes, two_stage: the backbone is frozen when DDP is built and unfrozen in epoch 2;
+    SIGTERM mid epoch 2, resume, then early stopping (min_delta 1.0: no epoch after the first can
+    improve, patience 1) on both ranks at once. The backbone must end bit-identical on both ranks
+    (DDP registered it although it was frozen), the best (epoch 1) weights are the ones tested,
+    and one W&B run spans both starts."""
+    out = tmp_path / "ddp"
+    args = small_run(out, tmp_path / "prep", "train.strategy=two_stage", "train.head_epochs=1", "train.epochs=5",
+                     "early_stopping.patience=1", "early_stopping.min_delta=1.0", "tracking.wandb=offline")
     # 9 batches per rank and epoch: step 14 is mid epoch 2, after the unfreeze
     code, _ = train_until_sigterm(accelerate_launch(2, "job/train.py", *args), at_line="step 14:")
-    assert code != 0
-    assert not (out / "metrics.json").exists()
+    assert code != 0 and not (out / "metrics.json").exists()
+    assert any(not p.name.endswith("step0000009") for p in (out / "checkpoints").iterdir())  # mid-epoch save
     resumed = run(accelerate_launch(2, "job/train.py", *args)).stdout
     assert "resumed from" in resumed and "epoch 2, batch" in resumed
     m = _metrics(out)
-    assert m["world_size"] == 2 and m["epochs_completed"] == 3
-    assert m["replicas_identical"] is True, resumed
-    assert "replicas identical" in resumed
+    assert m["world_size"] == 2 and m["test_samples"] == 200
+    assert m["stopped_early"] and m["epochs_completed"] == 2 and m["best_epoch"] == 0
+    assert m["replicas_identical"] is True and "replicas identical" in resumed
+    assert resumed.count("early stopping") == 1 and resumed.count("test accuracy") == 1  # once, not per rank
+    again = json.loads(run([PYTHON, "job/evaluate.py", "--run", str(out)]).stdout.splitlines()[-1])
+    assert again["accuracy"] == m["test_accuracy"]  # the test ran on the restored best weights
+    runs = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 2 and runs[0].name == runs[1].name  # one W&B run across both starts
+    facts = summarize(runs[-1])["config"]["run"]
+    assert facts["world_size"] == 2 and facts["nodes"] == 1
 
 
 @pytest.mark.slow

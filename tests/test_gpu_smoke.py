@@ -10,7 +10,7 @@ def test_the_gpu_smoke_script_dry_run_passes_and_says_what_it_skipped(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert lines[-2] == "failed: none", proc.stdout[-3000:]
     assert lines[-1].startswith("skipped: ") and "no GPU" in lines[-1]
-    assert "SIGTERM at step 6 -> exit 143" in proc.stdout and "resumed" not in lines[-1]
+    assert "evaluate.py: accuracy" in proc.stdout and "SIGTERM and resume (dry run" in lines[-1]
     for step in ("environment", "DALI GPU pipelines vs CPU pipelines", "training paths", "throughput"):
         assert f"== {step}" in proc.stdout
     assert (tmp_path / "gpu_smoke.log").read_text() == proc.stdout  # the log file holds the same

@@ -82,26 +82,6 @@ def test_predict_prints_top5_for_image_files(trained):
     assert bad.returncode == 2 and "/nope.jpg: no such file" in bad.stderr
 
 
-def test_two_processes_stop_early_together_and_count_exactly(tmp_path, prepared):
-    out = tmp_path / "ddp"
-    # min_delta 1.0: no epoch after the first can improve, so patience 1 stops after epoch 2.
-    # two_stage with head_epochs 1: epoch 2 runs after the backbone is unfrozen under DDP.
-    proc = run(accelerate_launch(2, "job/train.py", *cifar_run(out, prepared, "train.epochs=5",
-                                                                "early_stopping.patience=1",
-                                                                "early_stopping.min_delta=1.0",
-                                                                "train.strategy=two_stage",
-                                                                "train.head_epochs=1")))
-    m = _metrics(out)
-    assert m["world_size"] == 2 and m["test_samples"] == 1000
-    assert m["stopped_early"] and m["epochs_completed"] == 2 and m["best_epoch"] == 0
-    assert proc.stdout.count("early stopping") == 1  # printed once, not once per rank
-    assert proc.stdout.count("test accuracy") == 1
-    assert m["replicas_identical"] is True  # the backbone unfrozen after DDP was built stayed in sync
-    # The test ran on the restored best (epoch 0) weights:
-    again = json.loads(run([PYTHON, "job/evaluate.py", "--run", str(out)]).stdout.splitlines()[-1])
-    assert again["accuracy"] == m["test_accuracy"]
-
-
 def test_folder_source_bf16_channels_last_and_accumulation(tmp_path):
     """Your own JPEG folders end to end, with the mixed-precision / memory-format / accumulation
     branches a GPU run takes (bf16 autocast and channels_last also run on CPU)."""
@@ -118,7 +98,7 @@ def test_folder_source_bf16_channels_last_and_accumulation(tmp_path):
 
 
 def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, prepared):
-    common = ("train.epochs=3", "train.log_every=1", "train.signal_check_every=1", "early_stopping.patience=0")
+    common = ("train.epochs=2", "train.log_every=1", "train.signal_check_every=1", "early_stopping.patience=0")
     reference = tmp_path / "reference"
     run([PYTHON, "job/train.py", *cifar_run(reference, prepared, *common)])
     resumed = tmp_path / "resumed"
@@ -134,7 +114,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, prepared):
     assert "resumed from" in out and f"epoch 2, batch {step - 29}" in out  # shown 1-based
     ref_hist = [json.loads(x) for x in (reference / "history.jsonl").read_text().splitlines()]
     res_hist = [json.loads(x) for x in (resumed / "history.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in res_hist] == [0, 1, 2]
+    assert [h["epoch"] for h in res_hist] == [0, 1]
     for a, b in zip(ref_hist, res_hist):
         for key in ("lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "step", "train_samples"):
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key

@@ -82,19 +82,10 @@ def test_weights_that_need_full_unpickling_or_fit_another_model_are_refused(tmp_
 
 
 @pytest.mark.slow
-def test_the_wandb_key_appears_nowhere(tmp_path):
-    """A run with a (fake) API key set, offline: no output file, log line or config holds the key;
-    then online against a dead server: the error message does not quote it either."""
-    key = "fake0wandb0key0" + "7" * 25  # 40 characters, the shape of a real key
-    proc = train(tmp_path, "tracking.wandb=offline", "train.epochs=1", env={"WANDB_API_KEY": key})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = tmp_path / "out"
-    files = [p for p in out.rglob("*") if p.is_file()]
-    assert len(files) > 10 and any(p.suffix == ".wandb" for p in files)
-    for path in files:
-        assert key.encode() not in path.read_bytes(), path
+def test_a_wandb_server_that_cannot_be_reached_is_a_clear_error_without_the_key(tmp_path):
+    """(tests/test_tracking.py checks that an offline run writes the key nowhere.)"""
+    key = "fake0wandb0key0" + "7" * 25
+    proc = train(tmp_path, "tracking.wandb=online", "train.epochs=1",
+                 env={"WANDB_API_KEY": key, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "8"})
+    assert_refused(proc, "W&B could not start in online mode", "tracking.wandb=offline")
     assert key not in proc.stdout + proc.stderr
-    online = train(tmp_path, "tracking.wandb=online", "train.epochs=1", f"train.output_dir={tmp_path / 'o2'}",
-                   env={"WANDB_API_KEY": key, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "8"})
-    assert online.returncode == 2 and key not in online.stdout + online.stderr
-    assert "W&B could not start in online mode" in online.stderr

@@ -15,7 +15,7 @@ from job import weights
 from job.weights import (WeightsError, detect_layout, efficientnet_pytorch_to_timm, load_backbone_weights,
                          packaged_efficientnet_lite0, read_state_dict, to_timm)
 
-MODEL = "tf_efficientnet_lite0"  # the variant the packaged weights reproduce (docs/WEIGHTS_NOTES.md)
+MODEL = "tf_efficientnet_lite0"  # the variant the packaged weights reproduce (docs/BENCHMARKS.md)
 # ImageNet-1k boats: aircraft carrier, canoe, catamaran, container ship, fireboat, gondola, lifeboat,
 # liner, paddle, paddlewheel, pirate ship, schooner, speedboat, submarine, trimaran, wreck, yawl.
 BOATS = {403, 472, 484, 510, 554, 576, 625, 628, 693, 694, 724, 780, 814, 833, 871, 913, 914}

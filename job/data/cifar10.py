@@ -244,11 +244,8 @@ def _copy_bounded(src, dst, limit: int, url: str) -> None:
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def dump_batch(path: Path, obj) -> None:

@@ -2,11 +2,12 @@
 
 Images encode their own index in their pixels (R = i % 256, G = i // 256), so what each rank
 really received through DALI can be decoded and gathered.
+
+Usage: eval_counts.py OUT.json N:BATCH [N:BATCH ...]   (one launch, several cases)
 """
 import json
 import sys
 from pathlib import Path
-
 
 import numpy as np
 import torch
@@ -15,21 +16,6 @@ from accelerate.utils import gather_object
 
 from dali_pipelines.loader import DaliLoader, LoaderSpec, Preprocessing
 from job.loop import evaluate
-
-n, batch, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-accelerator = Accelerator(cpu=not torch.cuda.is_available())
-idx = np.arange(n)
-images = np.zeros((n, 8, 8, 3), np.uint8)
-images[..., 0] = (idx % 256)[:, None, None]
-images[..., 1] = (idx // 256)[:, None, None]
-labels = idx % 10
-loader = DaliLoader(labels=labels, images=images, train=False, batch_size=batch, rank=accelerator.process_index,
-                    world_size=accelerator.num_processes, spec=LoaderSpec(Preprocessing(8, (0, 0, 0), (1, 1, 1)), num_threads=2))
-seen = []
-for x, y in loader:
-    pixels = (x[:, :2, 0, 0] * 255).round().long()
-    seen += (pixels[:, 0] + 256 * pixels[:, 1]).tolist()
-seen = gather_object(seen)
 
 
 class LabelFromPixels(torch.nn.Module):
@@ -41,8 +27,24 @@ class LabelFromPixels(torch.nn.Module):
         return torch.nn.functional.one_hot(pred, 10).float()
 
 
-result = evaluate(LabelFromPixels(), loader, accelerator, num_classes=10)
+def case(accelerator: Accelerator, n: int, batch: int) -> dict:
+    idx = np.arange(n)
+    images = np.zeros((n, 8, 8, 3), np.uint8)
+    images[..., 0] = (idx % 256)[:, None, None]
+    images[..., 1] = (idx // 256)[:, None, None]
+    loader = DaliLoader(labels=idx % 10, images=images, train=False, batch_size=batch,
+                        rank=accelerator.process_index, world_size=accelerator.num_processes,
+                        spec=LoaderSpec(Preprocessing(8, (0, 0, 0), (1, 1, 1)), num_threads=2))
+    seen = []
+    for x, _ in loader:
+        pixels = (x[:, :2, 0, 0] * 255).round().long()
+        seen += (pixels[:, 0] + 256 * pixels[:, 1]).tolist()
+    result = evaluate(LabelFromPixels(), loader, accelerator, num_classes=10)
+    return {"seen": gather_object(seen), "samples": result["samples"], "accuracy": result["accuracy"]}
+
+
+out, accelerator = Path(sys.argv[1]), Accelerator(cpu=not torch.cuda.is_available())
+results = {spec: case(accelerator, *map(int, spec.split(":"))) for spec in sys.argv[2:]}
 if accelerator.is_main_process:
-    out.write_text(json.dumps({"seen": seen, "samples": result["samples"], "accuracy": result["accuracy"],
-                               "world_size": accelerator.num_processes}))
+    out.write_text(json.dumps({"world_size": accelerator.num_processes, "cases": results}))
 accelerator.end_training()
