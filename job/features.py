@@ -72,7 +72,7 @@ class FeatureSet:
     features: dict[str, np.ndarray]  # split -> (N, C), memory-mapped
     labels: dict[str, np.ndarray]
     reused: bool
-    extraction_seconds: float
+    extraction_seconds: float  # this run's backbone pass; 0 when the cache was reused
 
 
 def cached_features(accelerator: Accelerator, model: torch.nn.Module, store, spec: LoaderSpec, key: FeatureKey,
@@ -91,8 +91,6 @@ def cached_features(accelerator: Accelerator, model: torch.nn.Module, store, spe
         accelerator.wait_for_everyone()
     features = {s: np.load(path / f"{s}_features.npy", mmap_mode="r") for s in SPLITS}
     labels = {s: np.load(path / f"{s}_labels.npy") for s in SPLITS}
-    if not seconds:
-        seconds = json.loads((path / "meta.json").read_text())["extraction_seconds"]
     return FeatureSet(path=path, features=features, labels=labels, reused=missing.item() == 0,
                       extraction_seconds=seconds)
 
