@@ -51,8 +51,10 @@ class ModelConfig:
     name: str = "inception_resnet_v2"  # any timm model name
     pretrained: bool = True  # ImageNet weights: from `weights` if set, else the Hugging Face Hub
     weights: str | None = None  # local .safetensors or PyTorch state dict, for offline clusters
-    head_hidden: list[int] = field(default_factory=lambda: [512])  # dense->BN->act->dropout blocks; [] = linear
-    head_dropout: float = 0.3  # after pooling and after each hidden block
+    # dense->BN->act->dropout blocks; [] = a linear head (measured best on short runs, see
+    # docs/BENCHMARKS.md); the presets use the recipe's deeper heads
+    head_hidden: list[int] = field(default_factory=list)
+    head_dropout: float = 0.0  # after pooling and after each hidden block
     head_activation: Literal["relu", "gelu", "silu"] = "relu"
 
 
