@@ -87,6 +87,23 @@ def training_timeouts(accelerator: Accelerator, cfg: TrainConfig) -> None:
         torch.distributed.set_timeout(timedelta(minutes=cfg.step_timeout_minutes))
 
 
+def all_ranks_or_none(accelerator: Accelerator, work: Callable[[], T]) -> T:
+    """``work()`` on every rank; if it raised on any rank, raise on all of them (the others would
+    otherwise wait in their next collective until the timeout). Work that only the main process
+    does (starting W&B) fails everywhere at once."""
+    error = None
+    try:
+        result = work()
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+        error = e
+    failed = accelerator.reduce(torch.tensor([0.0 if error is None else 1.0], device=accelerator.device), "sum")
+    if error is not None:
+        raise error
+    if failed.item() > 0:
+        raise RuntimeError("another process failed during setup (its error is in its log)")
+    return result
+
+
 def once_per_node_first(accelerator: Accelerator, work: Callable[[], T]) -> T:
     """Run ``work`` on the global main process, then on each other node's local main process,
     then everywhere else; return its result on every rank.

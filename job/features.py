@@ -29,6 +29,7 @@ from dali_pipelines import sampling
 from dali_pipelines.loader import DaliLoader, LoaderSpec
 from job.atomic import ForeignDirectoryError, atomic_directory
 from job.config import ConfigError
+from job.distributed import all_ranks_or_none
 
 CACHE_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -45,21 +46,24 @@ class FeatureKey:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     store: str  # the prepared store's fingerprint
-    dtype: str
+    dtype: str  # of the stored features
+    precision: str  # the autocast they were computed under: "bf16", "fp16" or "no"
     version: int = CACHE_VERSION
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:24]
 
 
-def feature_key(cfg, prep, store) -> FeatureKey:
+def feature_key(cfg, prep, store, precision: str = "no") -> FeatureKey:
     """The key of a run's features: ``cfg`` a job.config.Config, ``prep`` the loader's
-    Preprocessing (image size after any override), ``store`` the prepared store."""
+    Preprocessing (image size after any override), ``store`` the prepared store, ``precision`` the
+    autocast precision of the extraction (Accelerator.mixed_precision)."""
     from job.model import weights_identity
 
     return FeatureKey(model=cfg.model.name, weights=weights_identity(cfg.model, cfg.train.seed),
                       image_size=prep.image_size, interpolation="linear", mean=tuple(prep.mean),
-                      std=tuple(prep.std), store=store.fingerprint, dtype=cfg.train.feature_dtype)
+                      std=tuple(prep.std), store=store.fingerprint, dtype=cfg.train.feature_dtype,
+                      precision=precision)
 
 
 class Preempted(Exception):
@@ -86,9 +90,12 @@ def cached_features(accelerator: Accelerator, model: torch.nn.Module, store, spe
         start = time.perf_counter()
         extracted = _extract(accelerator, model, store, spec, batch_size, key.dtype, stop_requested)
         seconds = time.perf_counter() - start
-        if accelerator.is_local_main_process and not local_ok:
-            _write(path, key, store, extracted, seconds)
-        accelerator.wait_for_everyone()
+        # The global main process writes first; then each other node's local main writes only if
+        # its storage still lacks the cache (node-local disks), never racing it on shared storage.
+        write = lambda: _write(path, key, store, extracted, seconds) if not _complete(path, key) else None  # noqa: E731
+        all_ranks_or_none(accelerator, write if accelerator.is_main_process else lambda: None)
+        all_ranks_or_none(accelerator, write if accelerator.is_local_main_process and not accelerator.is_main_process
+                          else lambda: None)
     features = {s: np.load(path / f"{s}_features.npy", mmap_mode="r") for s in SPLITS}
     labels = {s: np.load(path / f"{s}_labels.npy") for s in SPLITS}
     return FeatureSet(path=path, features=features, labels=labels, reused=missing.item() == 0,

@@ -136,7 +136,8 @@ def train_one_epoch(cfg: TrainConfig, parts: TrainParts, loader, state: TrainSta
             with acc.autocast():
                 logits = parts.model(images)
                 loss = parts.loss_fn(logits.float(), labels)
-            acc.backward(loss / cfg.grad_accum_steps)
+            # the epoch's last window may hold fewer micro-batches: average over those it has
+            acc.backward(loss / min(cfg.grad_accum_steps, remaining))
         n = labels.shape[0]
         sums += torch.stack([loss.detach().double() * n, (logits.detach().argmax(1) == labels).sum().double()])
         samples += n

@@ -83,7 +83,8 @@ def sample_predictions(model, store, spec: LoaderSpec, device, count: int = 16) 
                         files=None if split.files is None else split.files[:k], spec=spec, train=False, batch_size=k)
     was_training = model.training
     model.eval()
-    preds = torch.cat([model(x.to(device)).argmax(1).cpu() for x, _ in loader]).tolist()
+    # float(): under mixed precision the loader emits bf16/fp16 images, the weights are float32
+    preds = torch.cat([model(x.to(device).float()).argmax(1).cpu() for x, _ in loader]).tolist()
     model.train(was_training)
     pixels = (split.images[:k] if split.images is not None
               else [np.asarray(Image.open(f).convert("RGB")) for f in split.files[:k]])

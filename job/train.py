@@ -32,7 +32,7 @@ from dali_pipelines.loader import LoaderSpec, dali_device_id, make_loader
 from job.checkpoint import Checkpointer, load_best_weights, save_best
 from job.config import Config, ConfigError, parse_args
 from job.data import DataError, prepare_from_config
-from job.distributed import build_accelerator, once_per_node_first, training_timeouts
+from job.distributed import all_ranks_or_none, build_accelerator, once_per_node_first, training_timeouts
 from job.early_stopping import EarlyStopping
 from job.features import FeatureLoader, Preempted, cached_features, feature_key
 from job.loop import StepHooks, StepLog, TrainParts, TrainState, evaluate, train_one_epoch
@@ -49,6 +49,8 @@ _INPUT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "no": "float32"}
 def fit(cfg: Config) -> int:
     trainer = Trainer(cfg)
     for epoch in range(trainer.state.epoch, cfg.train.epochs):
+        if trainer.stopper.should_stop:  # resumed after the epoch that stopped it: straight to the test
+            break
         if not trainer.train_and_validate_epoch(epoch):
             return trainer.exit_preempted(epoch)
         if trainer.stopper.should_stop:
@@ -146,7 +148,8 @@ class Trainer:
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
-        self.trackers = Trackers(acc, cfg, self.out, start_epoch=self.state.epoch, run_id=self.state.run_id)
+        self.trackers = all_ranks_or_none(acc, lambda: Trackers(acc, cfg, self.out, start_epoch=self.state.epoch,
+                                                                 run_id=self.state.run_id))
         self.state.run_id = self.trackers.run_id  # saved with the checkpoints: a resumed job continues the W&B run
         if self.features is not None:
             self.trackers.log_summary({"feature_extraction_seconds": self.features.extraction_seconds})
@@ -206,7 +209,11 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         self.replicas_identical = replicas_identical(acc, self.bare) if acc.num_processes > 1 else None
-        load_best_weights(self.bare, self.out)
+        if (self.out / "best" / "model.safetensors").is_file():
+            load_best_weights(self.bare, self.out)
+        else:
+            acc.print(f"warning: no epoch improved {self.cfg.early_stopping.metric} (a NaN loss?): testing the last "
+                      "weights; best/ was not written")
         test_loader = make_loader(self.store, "test", self.spec, train=False, batch_size=self.cfg.data.batch_size,
                                   rank=acc.process_index, world_size=acc.num_processes)
         test = evaluate(self.bare, test_loader, acc, self.num_classes)
@@ -244,7 +251,7 @@ class Trainer:
     # ------------------------------------------------------------------------------ helpers
     def _cached_features(self):
         cfg, acc = self.cfg, self.accelerator
-        key = feature_key(cfg, self.prep, self.store)
+        key = feature_key(cfg, self.prep, self.store, precision=acc.mixed_precision)  # autocast applies on CPU too
         root = Path(cfg.train.feature_cache_dir or Path(cfg.data.prepared_dir) / "features")
         acc.print("train.cache_features: the frozen backbone's features are computed once, so training-time "
                   "augmentation is off (the fixed-feature protocol)")
@@ -306,6 +313,10 @@ def check_output_dir(out: Path) -> None:
         raise ConfigError(f"train.output_dir={out} {what}; choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"train.output_dir={out}: {existing} is not writable; choose a writable path")
+    best = out / "best"
+    if best.exists() and not (best / "model.json").is_file() and (not best.is_dir() or any(best.iterdir())):
+        raise ConfigError(f"{best} exists and was not written by this job (no model.json); it would be replaced "
+                          "by the best model: choose another train.output_dir")
 
 
 def replicas_identical(accelerator, model: torch.nn.Module) -> bool:

@@ -51,6 +51,13 @@ def test_two_processes_preempted_resumed_and_stopped_early_stay_in_sync(tmp_path
     assert len(runs) == 2 and runs[0].name == runs[1].name  # one W&B run across both starts
     facts = summarize(runs[-1])["config"]["run"]
     assert facts["world_size"] == 2 and facts["nodes"] == 1
+    # Started again (say the job died after its last checkpoint): the early stop is remembered; no
+    # further epoch trains, the same best weights are tested again.
+    (out / "metrics.json").unlink()
+    again = run(accelerate_launch(2, "job/train.py", *args)).stdout
+    assert "resumed from" in again and "epoch 3, batch 0" in again and "\nepoch " not in again
+    assert _metrics(out)["test_accuracy"] == m["test_accuracy"] and _metrics(out)["epochs_completed"] == 2
+    assert len((out / "history.jsonl").read_text().splitlines()) == 2
 
 
 @pytest.mark.slow

@@ -112,15 +112,15 @@ def test_the_key_changes_with_everything_that_changes_the_features(tmp_path):
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"one")
 
-    def digest(*overrides, size=32, fingerprint="abc"):
+    def digest(*overrides, size=32, fingerprint="abc", precision="no"):
         cfg = load_config(None, ["model.name=test_resnet", "model.pretrained=false", *overrides])
         prep = Preprocessing(size, (0.5,) * 3, (0.5,) * 3)
-        return feature_key(cfg, prep, SimpleNamespace(fingerprint=fingerprint)).digest()
+        return feature_key(cfg, prep, SimpleNamespace(fingerprint=fingerprint), precision).digest()
 
     base = digest()
     assert digest() == base  # stable
     assert digest("model.head_hidden=[3]", "optim.lr=0.5", "train.epochs=7") == base  # the head is not in it
-    changed = [digest(size=40), digest(fingerprint="abd"), digest("train.seed=1"),
+    changed = [digest(size=40), digest(fingerprint="abd"), digest("train.seed=1"), digest(precision="bf16"),
                digest("train.feature_dtype=float32"), digest("model.name=resnet18"),
                digest("model.pretrained=true", f"model.weights={weights}")]
     weights.write_bytes(b"two")  # same path, other content: another hash
@@ -140,7 +140,7 @@ def test_an_interrupted_extraction_leaves_nothing_that_is_trusted(tmp_path):
     model, _ = create_model(load_config(None, ["model.name=test_resnet", "model.pretrained=false"]).model, 10)
     spec = LoaderSpec(Preprocessing(32, (0.5,) * 3, (0.5,) * 3), num_threads=1)
     key = FeatureKey(model="test_resnet", weights="random:0", image_size=32, interpolation="linear",
-                     mean=(0.5,) * 3, std=(0.5,) * 3, store=store.fingerprint, dtype="float16")
+                     mean=(0.5,) * 3, std=(0.5,) * 3, store=store.fingerprint, dtype="float16", precision="no")
     accelerator, asked = Accelerator(cpu=True), []
 
     def sigterm_at_step_3():

@@ -29,7 +29,7 @@ set_seed(0)
 model, prep = create_model(load_config(None, ["model.name=test_resnet", "model.pretrained=false"]).model, 10)
 spec = LoaderSpec(Preprocessing(32, prep.mean, prep.std), num_threads=1)
 key = FeatureKey(model="test_resnet", weights="random:0", image_size=32, interpolation="linear", mean=prep.mean,
-                 std=prep.std, store=store.fingerprint, dtype=dtype)
+                 std=prep.std, store=store.fingerprint, dtype=dtype, precision="no")
 real = cached_features(accelerator, model, store, spec, key, cache_root, batch_size=24, stop_requested=lambda: False)
 
 
@@ -46,7 +46,7 @@ class IndexFromPixels(torch.nn.Module):
 
 index_spec = LoaderSpec(Preprocessing(8, (0, 0, 0), (1, 1, 1)), num_threads=1)
 index_key = FeatureKey(model="index", weights="none", image_size=8, interpolation="linear", mean=(0, 0, 0),
-                       std=(1, 1, 1), store=store.fingerprint, dtype="float32")
+                       std=(1, 1, 1), store=store.fingerprint, dtype="float32", precision="no")
 index = cached_features(accelerator, IndexFromPixels(), store, index_spec, index_key, cache_root, batch_size=7,
                         stop_requested=lambda: False)
 if accelerator.is_main_process:
