@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import struct
+import subprocess
 import tarfile
 import zlib
 from pathlib import Path
@@ -98,7 +99,44 @@ def test_the_restricted_unpickler_reads_what_numpy_writes():
     assert np.array_equal(cifar10.unpickle(legacy, "x"), array)
 
 
+@pytest.mark.parametrize("call", ["ndarray", "_reconstruct"])
+def test_a_tiny_pickle_cannot_allocate_a_huge_array(tmp_path, good_store, call):
+    """A 200-byte batch asking NumPy for a 30 GB array: refused before anything is allocated."""
+    import numpy as np
+
+    shape = (10_000_000, 3072)
+    payload = (_Exploit(np.ndarray, shape, np.dtype(np.uint8)) if call == "ndarray" else
+               _Exploit(np._core.multiarray._reconstruct, np.ndarray, shape, b"B"))
+    root = _batch_dir(tmp_path)
+    blob = pickle.dumps({b"data": payload, b"labels": [0] * 10}, protocol=2)
+    assert len(blob) < 400
+    (root / "data_batch_3").write_bytes(blob)
+    proc = prepare_cli_measured(root.parent, tmp_path / "store")
+    assert_refused(proc, str(root / "data_batch_3"))
+    assert ("calls numpy.ndarray directly" if call == "ndarray" else "larger than MAX_BATCH_BYTES") in proc.stderr
+    assert peak_mb(proc) < 400
+    assert_untouched(tmp_path, good_store, {"hostile"})
+
+
 # ---------------------------------------------------------------- bounded reads
+
+def prepare_cli_measured(root: Path, out: Path, **limits: int) -> subprocess.CompletedProcess:
+    """``python -m job.data prepare`` in a child that sets the module's caps to ``limits`` (so a test
+    reaches them with small files) and reports its own peak memory on stderr. (VmHWM, not
+    ru_maxrss: Linux carries ru_maxrss across exec from the pytest parent.)"""
+    code = ("import re, sys; from job.data import cifar10, folder; "
+            f"[setattr(m, k, v) for k, v in {limits!r}.items() for m in (cifar10, folder) if hasattr(m, k)]; "
+            "from job.data.__main__ import main; rc = main(sys.argv[1:]); "
+            "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
+            "print('maxrss_kb', hwm, file=sys.stderr); sys.exit(rc)")
+    source = "folder" if (Path(root) / "train").is_dir() else "cifar10"
+    return run([PYTHON, "-c", code, "prepare", "--source", source, "--root", str(root), "--out", str(out)],
+               check=False)
+
+
+def peak_mb(proc: subprocess.CompletedProcess) -> float:
+    return int(proc.stderr.split("maxrss_kb")[1].split()[0]) / 1024
+
 
 def _add(tar: tarfile.TarFile, name: str, blob: bytes) -> None:
     info = tarfile.TarInfo(name)
@@ -129,32 +167,51 @@ def test_a_gzip_bomb_member_is_refused_before_it_is_read(tmp_path, good_store):
         info.size = size
         tar.addfile(info, _Zeros(size))
     assert bomb.stat().st_size < 2 * 2**20
-    # Run it in a child that reports its own peak memory: reading the member would need > 256 MB.
-    # (VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec from the pytest parent.)
-    code = ("import re, sys; from job.data.__main__ import main; rc = main(sys.argv[1:]); "
-            "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
-            "print('maxrss_kb', hwm, file=sys.stderr); sys.exit(rc)")
-    proc = run([PYTHON, "-c", code, "prepare", "--source", "cifar10", "--root", str(bomb),
-                "--out", str(tmp_path / "store")], check=False)
+    proc = prepare_cli_measured(bomb, tmp_path / "store")
     assert_refused(proc, f"{bomb}:cifar-10-batches-py/data_batch_1", "MAX_BATCH_BYTES", "refused before reading")
-    peak_mb = int(proc.stderr.split("maxrss_kb")[1].split()[0]) / 1024
-    assert peak_mb < 200, peak_mb
+    assert peak_mb(proc) < 200  # reading the member would need > 256 MB
     assert_untouched(tmp_path, good_store, {"bomb.tar.gz"})
 
 
-def test_total_size_and_member_count_are_capped(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_a_huge_long_name_header_is_refused_before_it_is_read(tmp_path, good_store, tar_format):
+    """``tarfile`` reads a GNU long-name or pax header whole while looking for the next member:
+    a 64 MB name (64 KB compressed) must be refused before it is read into memory."""
+    bomb = tmp_path / "names.tar.gz"
+    with tarfile.open(bomb, "w:gz", compresslevel=1, format=tar_format) as tar:
+        _add(tar, "cifar-10-batches-py/" + "n" * 64 * 2**20, b"x")
+    assert bomb.stat().st_size < 2**20
+    proc = prepare_cli_measured(bomb, tmp_path / "store")
+    assert_refused(proc, str(bomb), "not a CIFAR-10 tarball")
+    assert peak_mb(proc) < 150, peak_mb(proc)
+    assert_untouched(tmp_path, good_store, {"names.tar.gz"})
+
+
+def test_total_size_and_member_count_are_capped(tmp_path, good_store):
     many = tmp_path / "many.tar.gz"
     with tarfile.open(many, "w:gz") as tar:
         for i in range(50):
             _add(tar, f"junk/{i}", b"x" * 1000)
-    monkeypatch.setattr(cifar10, "MAX_TARBALL_MEMBERS", 20)
-    with pytest.raises(DataError, match=f"{many}: more than MAX_TARBALL_MEMBERS=20 members"):
-        prepare("cifar10", many, tmp_path / "a")
-    monkeypatch.setattr(cifar10, "MAX_TARBALL_MEMBERS", 1000)
-    monkeypatch.setattr(cifar10, "MAX_TARBALL_BYTES", 10_000)
-    with pytest.raises(DataError, match="more than MAX_TARBALL_BYTES=10000 bytes uncompressed"):
-        prepare("cifar10", many, tmp_path / "b")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    proc = prepare_cli_measured(many, tmp_path / "store", MAX_TARBALL_MEMBERS=20)
+    assert_refused(proc, f"{many}: more than MAX_TARBALL_MEMBERS=20 members")
+    proc = prepare_cli_measured(many, tmp_path / "store", MAX_TARBALL_BYTES=10_000)
+    assert_refused(proc, f"{many}: ", "more than MAX_TARBALL_BYTES=10000 bytes uncompressed")
+    assert_untouched(tmp_path, good_store, {"many.tar.gz"})
+
+
+@pytest.mark.parametrize("kind", ["oversized", "fifo"])
+def test_a_batch_directory_reads_only_plain_files_of_a_sane_size(tmp_path, good_store, kind):
+    root = _batch_dir(tmp_path)
+    batch = root / "data_batch_4"
+    batch.unlink()
+    if kind == "fifo":
+        os.mkfifo(batch)
+    else:  # sparse: costs no disk, but its size says 257 MB
+        with open(batch, "wb") as f:
+            f.truncate(cifar10.MAX_BATCH_BYTES + 1)
+    proc = prepare_cli(root.parent, tmp_path / "store")
+    assert_refused(proc, str(batch), "MAX_BATCH_BYTES" if kind == "oversized" else "not a regular file")
+    assert_untouched(tmp_path, good_store, {"hostile"})
 
 
 @pytest.mark.parametrize("kind", ["symlink", "hard link", "device"])
@@ -197,30 +254,60 @@ def _small_folder(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("pixels", [(8000, 8000), (100_000, 100_000)])
-def test_a_decompression_bomb_header_is_refused(tmp_path, pixels):
+def test_a_decompression_bomb_header_is_refused(tmp_path, good_store, pixels):
     root = _small_folder(tmp_path)
     bomb = root / "train" / "cat" / "bomb.png"
     bomb.write_bytes(_png_header_only(*pixels))
-    proc = prepare_cli(root, tmp_path / "store", "folder")
+    proc = prepare_cli_measured(root, tmp_path / "store")
     assert_refused(proc, str(bomb))
     assert "MAX_IMAGE_PIXELS" in proc.stderr or "decompression bomb" in proc.stderr
-    assert not (tmp_path / "store").exists()
+    assert peak_mb(proc) < 400  # 100,000^2 RGB pixels would be 30 GB
+    assert_untouched(tmp_path, good_store, {"imgs"})
 
 
-def test_a_fifo_in_a_class_folder_is_refused_without_hanging(tmp_path):
+def test_a_fifo_in_a_class_folder_is_refused_without_hanging(tmp_path, good_store):
     root = _small_folder(tmp_path)
     fifo = root / "test" / "ship" / "pipe.jpg"
     os.mkfifo(fifo)
     proc = prepare_cli(root, tmp_path / "store", "folder")  # run() times out if it hangs
     assert_refused(proc, str(fifo), "a FIFO, not an image file")
-    assert not (tmp_path / "store").exists()
+    assert_untouched(tmp_path, good_store, {"imgs"})
 
 
-def test_too_many_files_are_refused(tmp_path, monkeypatch):
+def test_too_many_files_or_classes_are_refused_while_listing(tmp_path, good_store):
     root = _small_folder(tmp_path)
-    monkeypatch.setattr(folder, "MAX_FOLDER_IMAGES", 30)
-    with pytest.raises(DataError, match="more than MAX_FOLDER_IMAGES=30 files"):
-        prepare("folder", root, tmp_path / "store")
+    proc = prepare_cli_measured(root, tmp_path / "store", MAX_FOLDER_IMAGES=30)
+    assert_refused(proc, f"{root} holds more than MAX_FOLDER_IMAGES=30 files", "is data.root the dataset's folder")
+    for i in range(5):
+        (root / "train" / f"class{i}").mkdir()
+    proc = prepare_cli_measured(root, tmp_path / "store", MAX_CLASSES=4)
+    assert_refused(proc, f"{root / 'train'}: more than MAX_CLASSES=4 class folders")
+    assert_untouched(tmp_path, good_store, {"imgs"})
+
+
+def test_listing_stops_at_the_cap_instead_of_reading_the_whole_folder(tmp_path, monkeypatch):
+    """The cap is counted while the directory is read: a folder of a million names is not listed."""
+    seen = []
+
+    class Entries:
+        def __init__(self, path):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def __iter__(self):
+            for i in range(1_000_000):
+                seen.append(i)
+                yield type("Entry", (), {"name": f"{i}.jpg", "path": str(tmp_path / f"{i}.jpg")})()
+
+    monkeypatch.setattr(folder.os, "scandir", Entries)
+    with pytest.raises(DataError, match="more than 30"):
+        folder._listed(tmp_path, 30, "more than 30")
+    assert len(seen) == 31
 
 
 def test_symlinks_out_of_the_root_are_refused_unless_allowed(tmp_path):

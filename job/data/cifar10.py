@@ -9,6 +9,7 @@ into memory. Tar members are matched by name and read in memory, never extracted
 from __future__ import annotations
 
 import _compat_pickle
+import gzip
 import hashlib
 import io
 import os
@@ -38,20 +39,50 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
 MAX_BATCH_BYTES = 256 * 2**20  # one batch file (8x the official size)
 MAX_TARBALL_BYTES = 2 * 2**30  # all members together, uncompressed
 MAX_TARBALL_MEMBERS = 1000
+MAX_TAR_HEADER_BYTES = 2**20  # one read while scanning headers (GNU long names, pax records: ~KB)
 MAX_DOWNLOAD_BYTES = 1 * 2**30  # the official tarball is 163 MB
 
 # What unpickling the official files (and our synthetic ones) needs: NumPy's array
 # reconstruction under its NumPy 1 and NumPy 2 module names, and bytes re-encoding of
-# protocol-2 pickles written by Python 3. Nothing here can run code or touch files.
+# protocol-2 pickles written by Python 3. Nothing here can run code or touch files, and no
+# array can be larger than its bytes in the file: ``_reconstruct`` is given a size check, and
+# ``numpy.ndarray`` is only a marker for it, never called (``ndarray((10**5, 3072), 'u1')``
+# would allocate a gigabyte from a 200-byte pickle).
+class _NdarrayMarker:
+    """Stands for ``numpy.ndarray`` in a pickle: an argument of ``_reconstruct``, not a callable."""
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError("the pickle calls numpy.ndarray directly, which an official batch never does")
+
+
+_NDARRAY = _NdarrayMarker()
+
+
+def _bounded_reconstruct(subtype, shape, dtype):
+    """NumPy's ``_reconstruct`` for the official ``_reconstruct(ndarray, (0,), b'b')`` call, refusing
+    any shape whose allocation would exceed MAX_BATCH_BYTES (the data itself comes later, in BUILD,
+    and NumPy checks it against the shape)."""
+    if subtype is not _NDARRAY:
+        raise ValueError(f"_reconstruct of {subtype!r}; an official batch only reconstructs numpy.ndarray")
+    dims = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+    nbytes = np.dtype(dtype).itemsize
+    for d in dims:
+        nbytes *= int(d)
+    if nbytes > MAX_BATCH_BYTES:
+        raise ValueError(f"an array of shape {dims} ({nbytes} bytes) is larger than "
+                         f"MAX_BATCH_BYTES={MAX_BATCH_BYTES}")
+    return np._core.multiarray._reconstruct(np.ndarray, dims, dtype)
+
+
 _SAFE_GLOBALS = {
     (module, name): target
     for core in ("numpy.core", "numpy._core")
     for module, name, target in (
-        (f"{core}.multiarray", "_reconstruct", np._core.multiarray._reconstruct),
+        (f"{core}.multiarray", "_reconstruct", _bounded_reconstruct),
         (f"{core}.multiarray", "scalar", np._core.multiarray.scalar),
         (f"{core}.numeric", "_frombuffer", np._core.numeric._frombuffer),
     )
-} | {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+} | {("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): np.dtype,
      ("_codecs", "encode"): __import__("codecs").encode}
 
 
@@ -149,10 +180,37 @@ def _read_directory(base: Path) -> dict[str, bytes]:
     return members
 
 
+class _BoundedReads:
+    """The decompressed tar stream, refusing any single read over ``limit`` bytes and any position
+    past MAX_TARBALL_BYTES. ``tarfile`` reads a GNU long-name or pax header whole, while moving to
+    the next member and before our loop sees its size: this bounds those reads too."""
+
+    def __init__(self, fileobj, where: Path):
+        self.fileobj, self.where, self.limit = fileobj, where, MAX_TAR_HEADER_BYTES
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > self.limit:
+            raise DataError(f"{self.where}: a tar header or member asks to read {size} bytes at once, more than "
+                            f"{self.limit}; not a CIFAR-10 tarball")
+        if self.fileobj.tell() + size > MAX_TARBALL_BYTES:
+            raise DataError(f"{self.where}: more than MAX_TARBALL_BYTES={MAX_TARBALL_BYTES} bytes uncompressed "
+                            "(the official tarball holds ~178 MB); not a CIFAR-10 tarball")
+        return self.fileobj.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 0 and offset > MAX_TARBALL_BYTES:
+            raise DataError(f"{self.where}: members reach past {offset} bytes, more than MAX_TARBALL_BYTES="
+                            f"{MAX_TARBALL_BYTES} bytes uncompressed; not a CIFAR-10 tarball")
+        return self.fileobj.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.fileobj.tell()
+
+
 def _read_tarball(path: Path) -> dict[str, bytes]:
     members, total = {}, 0
     try:
-        with tarfile.open(path, "r:gz") as tar:
+        with gzip.open(path, "rb") as gz, tarfile.open(fileobj=(stream := _BoundedReads(gz, path)), mode="r:") as tar:
             for count, m in enumerate(tar, start=1):
                 where = f"{path}:{m.name}"
                 if count > MAX_TARBALL_MEMBERS:
@@ -172,7 +230,11 @@ def _read_tarball(path: Path) -> dict[str, bytes]:
                 if m.size > MAX_BATCH_BYTES:
                     raise DataError(f"{where}: {m.size} bytes, more than MAX_BATCH_BYTES={MAX_BATCH_BYTES} "
                                     "(an official batch is ~31 MB); refused before reading")
-                members[name.name] = tar.extractfile(m).read()
+                stream.limit = m.size
+                try:
+                    members[name.name] = tar.extractfile(m).read()
+                finally:
+                    stream.limit = MAX_TAR_HEADER_BYTES
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise DataError(f"{path}: corrupt or truncated tarball ({e}); download it again "
                         f"({CIFAR10_URL}, md5 {CIFAR10_MD5})") from None

@@ -23,6 +23,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DECODABLE_FORMATS = {"JPEG", "MPO", "PNG"}
 MAX_IMAGE_PIXELS = 50_000_000  # per image, read from the header before decoding (~7000x7000)
 MAX_FOLDER_IMAGES = 5_000_000  # per dataset; ImageNet-1k has 1.3 M
+MAX_CLASSES = 100_000  # class folders under train/; ImageNet-21k has 21,841
 FOLDER_SPLITS = ("train", "val", "test")
 
 
@@ -61,30 +62,26 @@ def list_image_folder(root: Path, follow_symlinks: bool = False) -> FolderListin
         return path
 
     train_dir = checked(root / "train")
-    classes = sorted(p.name for p in train_dir.iterdir() if not p.name.startswith(".") and checked(p).is_dir())
+    classes = sorted(p.name for p in _listed(train_dir, MAX_CLASSES, f"more than MAX_CLASSES={MAX_CLASSES} class folders") if checked(p).is_dir())
     if not classes:
         raise DataError(f"{train_dir}: no class folders; expected {train_dir}/<class>/*.jpg")
     splits, total = {}, 0
+    too_many = f"{root} holds more than MAX_FOLDER_IMAGES={MAX_FOLDER_IMAGES} files"
     for split in FOLDER_SPLITS:
         split_dir = root / split
         if not split_dir.is_dir():
             continue
         checked(split_dir)
         files, labels = [], []
-        for entry in sorted(split_dir.iterdir()):
-            if entry.name.startswith("."):
-                continue
+        for entry in _listed(split_dir, MAX_CLASSES, f"more than MAX_CLASSES={MAX_CLASSES} class folders"):
             if not checked(entry).is_dir():
                 raise DataError(f"{entry}: stray file; {split_dir} must hold only class folders")
             if entry.name not in classes:
                 raise DataError(f"{entry}: class {entry.name!r} is not among the training classes {classes}")
-            images = [checked(p) for p in sorted(entry.iterdir()) if not p.name.startswith(".")]
+            images = [checked(p) for p in _listed(entry, MAX_FOLDER_IMAGES - total, too_many)]
             if not images:
                 raise DataError(f"{entry}: empty class folder; add images or remove the folder")
             total += len(images)
-            if total > MAX_FOLDER_IMAGES:
-                raise DataError(f"{root}: more than MAX_FOLDER_IMAGES={MAX_FOLDER_IMAGES} files; is data.root "
-                                "the dataset's folder?")
             for p in images:
                 _check_regular_image_file(p)
             files += [str(p.resolve()) for p in images]
@@ -93,6 +90,20 @@ def list_image_folder(root: Path, follow_symlinks: bool = False) -> FolderListin
             raise DataError(f"{split_dir}: no images; expected {split_dir}/<class>/*.jpg")
         splits[split] = {"files": files, "labels": np.asarray(labels, dtype=np.int64)}
     return FolderListing(classes=classes, splits=splits)
+
+
+def _listed(directory: Path, limit: int, too_many: str) -> list[Path]:
+    """The non-hidden entries of ``directory``, sorted; refused as soon as there are more than
+    ``limit`` (counted while listing, so an absurd folder costs no more than ``limit`` names)."""
+    entries = []
+    with os.scandir(directory) as it:
+        for entry in it:
+            if entry.name.startswith("."):
+                continue
+            if len(entries) >= limit:
+                raise DataError(f"{directory}: {too_many}; is data.root the dataset's folder?")
+            entries.append(Path(entry.path))
+    return sorted(entries)
 
 
 def _check_regular_image_file(p: Path) -> None:
