@@ -5,6 +5,7 @@ import contextlib
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -26,7 +27,7 @@ def atomic_directory(final: Path, *, is_ours: Callable[[Path], bool]) -> Iterato
     ``is_ours`` recognises as written by this job (a store's ``meta.json``, ``best/model.json``):
     a mistyped path never deletes a user's files. Temporary directories left by a process that
     was killed (SIGKILL, or SIGTERM before its handler was installed) are removed on the next
-    call from this host.
+    call (``remove_abandoned``).
     """
     final = Path(final)
     if final.is_symlink() or final.exists() and not final.is_dir():
@@ -34,7 +35,7 @@ def atomic_directory(final: Path, *, is_ours: Callable[[Path], bool]) -> Iterato
     if final.is_dir() and any(final.iterdir()) and not is_ours(final):
         raise ForeignDirectoryError(final, "is a non-empty directory that this job did not write")
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(final)
+    remove_abandoned(final)
     tag = f"{socket.gethostname()}-{os.getpid()}"
     tmp = final.parent / f".{final.name}.tmp-{tag}"
     old = final.parent / f".{final.name}.old-{tag}"
@@ -52,20 +53,39 @@ def atomic_directory(final: Path, *, is_ours: Callable[[Path], bool]) -> Iterato
         raise
 
 
-def _remove_abandoned(final: Path) -> None:
-    """Clean up after dead processes of this host: remove their ``.NAME.tmp-HOST-PID``, and their
-    ``.NAME.old-HOST-PID`` (or put it back, if ``final`` is missing).
-    (On shared storage other hosts' temporaries are left alone: their PIDs mean nothing here.)"""
+# Another host's temporary (shared storage; a rescheduled pod gets a new hostname) is removed once
+# nothing in it has changed for this long: its PID cannot be checked from here.
+ABANDONED_AFTER_SECONDS = 24 * 3600
+
+
+def remove_abandoned(final: Path) -> None:
+    """Clean up after killed processes: remove their ``.NAME.tmp-HOST-PID``, and their
+    ``.NAME.old-HOST-PID`` (or put it back, if ``final`` is missing). A temporary of this host
+    is abandoned when its process is dead; another host's, when nothing in it changed for
+    ABANDONED_AFTER_SECONDS. Called before every write and by every run that reuses ``final``."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
     host = socket.gethostname()
     for kind in ("tmp", "old"):
-        for path in final.parent.glob(f".{final.name}.{kind}-{host}-*"):
-            pid = path.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or _alive(int(pid)):
+        for path in final.parent.glob(f".{final.name}.{kind}-*"):
+            tag_host, _, pid = path.name[len(f".{final.name}.{kind}-"):].rpartition("-")
+            if not pid.isdigit() or not _abandoned(path, tag_host == host, int(pid)):
                 continue
             if kind == "old" and not final.exists():
                 path.rename(final)  # killed between the two renames: the old version is the good one
             else:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def _abandoned(path: Path, same_host: bool, pid: int) -> bool:
+    if same_host:
+        return not _alive(pid)
+    try:
+        newest = max((p.lstat().st_mtime for p in (path, *path.rglob("*"))), default=0.0)
+    except OSError:  # being removed by its owner right now
+        return False
+    return time.time() - newest > ABANDONED_AFTER_SECONDS
 
 
 def _alive(pid: int) -> bool:

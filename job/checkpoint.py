@@ -16,6 +16,7 @@ directory cannot run code. Only directories this job wrote (``trainer_state.json
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -83,7 +84,14 @@ class Checkpointer:
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path}: not a readable checkpoint of this job ({e}); set train.resume=never "
                               "to start over or point it at another checkpoint") from None
-        self.accelerator.load_state(str(path))
+        try:
+            self.accelerator.load_state(str(path))
+        except (pickle.UnpicklingError, OSError, ValueError, RuntimeError, KeyError) as e:
+            # weights_only loading refuses anything but tensors and plain containers; a model whose
+            # shapes differ from the checkpoint's (another config) fails here too.
+            raise ConfigError(f"{path}: cannot restore this checkpoint ({type(e).__name__}: {str(e)[:500]}). Its "
+                              "files were not written by this job for this config, or were altered: resume from "
+                              "another checkpoint, or start over with train.resume=never") from None
         return trainer_state
 
 

@@ -84,7 +84,7 @@ class TrainConfig:
     # downloads and compilation; short once training runs, so ranks whose peer vanished stop
     # (and the job restarts from its checkpoint) instead of hanging.
     setup_timeout_minutes: float = 60.0
-    step_timeout_minutes: float = 10.0
+    step_timeout_minutes: float = 5.0
 
 
 @dataclass
@@ -177,6 +177,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     cfg = _build(Config, raw, "")
     cfg.train.output_dir = sweep_output_dir(cfg.train.output_dir)
     validate(cfg)
+    if cfg.optim.backbone_lr_scale is None:
+        # 0.1 keeps a pretrained backbone close to what it learned; a random backbone has nothing
+        # to keep and trains at the head's LR (docs/BENCHMARKS.md, "Defaults").
+        cfg.optim.backbone_lr_scale = 0.1 if cfg.model.pretrained else 1.0
     return cfg
 
 
@@ -299,6 +303,12 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if cfg.data.root:
+        root, store = Path(cfg.data.root).resolve(), (Path(cfg.data.prepared_dir) / cfg.data.source).resolve()
+        if root == store or store.is_relative_to(root) or root.is_relative_to(store):
+            raise ConfigError(f"data.prepared_dir={cfg.data.prepared_dir} puts the store at {store}, which overlaps "
+                              f"data.root={cfg.data.root} (one is inside the other): writing the store could "
+                              "replace the dataset. Put data.prepared_dir outside data.root")
     if cfg.train.resume not in ("auto", "never") and not (Path(cfg.train.resume) / CHECKPOINT_MARKER).is_file():
         raise ConfigError(f"train.resume={cfg.train.resume!r}: not a checkpoint written by this job (no "
                           f"{CHECKPOINT_MARKER}); use auto, never, or an OUTPUT_DIR/checkpoints/epoch*-step* directory")

@@ -82,9 +82,35 @@ def build_accelerator(cfg: TrainConfig, *, find_unused_parameters: bool = False)
 
 def training_timeouts(accelerator: Accelerator, cfg: TrainConfig) -> None:
     """From now on a collective that waits longer than ``step_timeout_minutes`` fails the rank (a
-    peer died or its pod was lost): the job exits and restarts from its checkpoint."""
+    peer died or its pod was lost): the job exits and restarts from its checkpoint. Called after
+    the first optimizer update, so that compilation (``torch.compile`` compiles in the first
+    step) and cuDNN autotuning still run under the setup timeout."""
     if accelerator.num_processes > 1 and torch.distributed.is_initialized():
         torch.distributed.set_timeout(timedelta(minutes=cfg.step_timeout_minutes))
+
+
+def collective_timeout() -> timedelta | None:
+    """The default process group's current timeout (None without one): what a rank waits in a
+    collective before it fails. Logged, and read back by the tests."""
+    if not torch.distributed.is_initialized():
+        return None
+    group = torch.distributed.group.WORLD
+    device = torch.device("cuda") if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    return group._get_backend(device).options._timeout
+
+
+def wrap_for_training(accelerator: Accelerator, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      compile: bool) -> tuple[torch.nn.Module, torch.nn.Module | None, torch.optim.Optimizer]:
+    """``(what to call, the DDP module or None, the prepared optimizer)`` for ``module``.
+
+    Compiled here rather than by Accelerate's dynamo plugin: the DDP module stays reachable, so
+    its ``no_sync`` still skips the gradient all-reduce on accumulation micro-batches (a compiled
+    wrapper has no ``no_sync``), and freezing, saving and evaluation keep using the bare module,
+    never the wrapper (no ``_orig_mod.``/``module.`` prefixes in saved weights).
+    """
+    prepared, optimizer = accelerator.prepare(module, optimizer)
+    ddp = prepared if isinstance(prepared, torch.nn.parallel.DistributedDataParallel) else None
+    return (torch.compile(prepared) if compile else prepared), ddp, optimizer
 
 
 def all_ranks_or_none(accelerator: Accelerator, work: Callable[[], T]) -> T:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 from dali_pipelines.loader import LoaderSpec, dali_device_id, make_loader
-from job.config import ConfigError, TrainConfig, config_from_dict
+from job.config import ConfigError, DataConfig, TrainConfig, config_from_dict
 from job.data import DataError, load_store
 from job.distributed import build_accelerator
 from job.loop import evaluate
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         store = load_store(args.store or store_of_run(Path(args.run)))
         if store.classes != card.classes:
             raise DataError(f"{store.path} has classes {store.classes}, the model was trained on {card.classes}")
-        spec = LoaderSpec(card.preprocessing, num_threads=4, device_id=dali_device_id(accelerator.device))
+        spec = LoaderSpec(card.preprocessing, num_threads=DataConfig.num_threads, device_id=dali_device_id(accelerator.device))
         loader = make_loader(store, args.split, spec, train=False, batch_size=args.batch_size,
                              rank=accelerator.process_index, world_size=accelerator.num_processes)
     except (ConfigError, DataError, WeightsError) as e:

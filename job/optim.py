@@ -19,21 +19,13 @@ def build_optimizer(model: TransferModel, cfg: OptimConfig, train_backbone: bool
     """
     groups = param_groups_weight_decay(model.head, cfg.weight_decay)
     if train_backbone:
-        assert cfg.backbone_lr_scale is not None, "resolve optim.backbone_lr_scale first (backbone_lr_scale())"
+        assert cfg.backbone_lr_scale is not None, "load_config resolves optim.backbone_lr_scale"
         for group in param_groups_weight_decay(model.backbone, cfg.weight_decay):
             groups.append({**group, "lr_scale": cfg.backbone_lr_scale})
     groups = [g for g in groups if g["params"]]
     kwargs = {"momentum": cfg.momentum} if cfg.name == "sgd" else {}
     # timm's "sgd" is SGD with Nesterov momentum.
     return create_optimizer_v2(groups, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
-
-
-def backbone_lr_scale(cfg: OptimConfig, pretrained: bool) -> float:
-    """The configured scale, or the default: 0.1 keeps a pretrained backbone close to what it
-    learned; a random backbone has nothing to keep and trains at the head's LR."""
-    if cfg.backbone_lr_scale is not None:
-        return cfg.backbone_lr_scale
-    return 0.1 if pretrained else 1.0
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, *, epochs: int,

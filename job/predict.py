@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dali_pipelines.loader import DaliLoader, LoaderSpec, dali_device_id
-from job.config import ConfigError
+from job.config import ConfigError, DataConfig
 from job.data import IMAGE_EXTENSIONS, check_image
 from job.distributed import resolve_device
 from job.model import WeightsError, load_trained
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return 2
     # The same DALI evaluation pipeline as training: identical decode, resize and normalization.
-    spec = LoaderSpec(card.preprocessing, num_threads=4, device_id=dali_device_id(device))
+    spec = LoaderSpec(card.preprocessing, num_threads=DataConfig.num_threads, device_id=dali_device_id(device))
     loader = DaliLoader(labels=np.zeros(len(args.images), dtype=np.int64), files=args.images, spec=spec,
                         train=False, batch_size=32)
     model.to(device)

@@ -32,12 +32,13 @@ from dali_pipelines.loader import LoaderSpec, dali_device_id, make_loader
 from job.checkpoint import Checkpointer, load_best_weights, save_best
 from job.config import Config, ConfigError, parse_args
 from job.data import DataError, prepare_from_config
-from job.distributed import all_ranks_or_none, build_accelerator, once_per_node_first, training_timeouts
+from job.distributed import (all_ranks_or_none, build_accelerator, collective_timeout, once_per_node_first,
+                             training_timeouts, wrap_for_training)
 from job.early_stopping import EarlyStopping
 from job.features import FeatureLoader, Preempted, cached_features, feature_key
 from job.loop import StepHooks, StepLog, TrainParts, TrainState, evaluate, train_one_epoch
 from job.model import ModelCard, Strategy, WeightsError, create_model
-from job.optim import backbone_lr_scale, build_optimizer, build_scheduler, current_lr
+from job.optim import build_optimizer, build_scheduler, current_lr
 from job.preemption import EXIT_BAD_INPUT, EXIT_PREEMPTED, PreemptionSignal, record_exit_code
 from job.records import EpochRecord, RunSummary, shown_epoch
 from job.reporting import sample_predictions
@@ -87,9 +88,8 @@ class Trainer:
             acc, lambda: create_model(cfg.model, self.num_classes, cfg.data.image_size))
         if not cfg.model.pretrained:
             acc.print(f"model.pretrained=false: the {cfg.model.name} backbone starts from random weights")
-        cfg.optim.backbone_lr_scale = backbone_lr_scale(cfg.optim, cfg.model.pretrained)
         if self.strategy.trains_backbone:
-            acc.print(f"backbone LR = {cfg.optim.backbone_lr_scale:g} x head LR")
+            acc.print(f"backbone LR = {cfg.optim.backbone_lr_scale:g} x head LR (optim.backbone_lr_scale)")
         set_seed(tc.seed, device_specific=True)  # per-rank dropout; the weights above are already equal
         self.spec = LoaderSpec(self.prep, num_threads=cfg.data.num_threads,
                                dtype=_INPUT_DTYPES[acc.mixed_precision] if acc.device.type == "cuda" else "float32",
@@ -121,11 +121,7 @@ class Trainer:
         # would otherwise never be synchronised across ranks.
         optimizer = build_optimizer(self.bare, cfg.optim, train_backbone=self.strategy.trains_backbone)
         self.bare.freeze_backbone(not self.strategy.trains_backbone or self.cached)
-        prepared, optimizer = acc.prepare(trained, optimizer)
-        ddp = prepared if isinstance(prepared, torch.nn.parallel.DistributedDataParallel) else None
-        # Compiled here rather than by Accelerate's dynamo plugin: the DDP module stays reachable
-        # for no_sync, and freezing, saving and evaluation use the bare module, never the wrapper.
-        call = torch.compile(prepared) if tc.compile else prepared
+        call, ddp, optimizer = wrap_for_training(acc, trained, optimizer, compile=tc.compile)
         self.stopper = EarlyStopping(cfg.early_stopping.metric, cfg.early_stopping.patience,
                                      cfg.early_stopping.min_delta)
         updates_per_epoch = math.ceil(len(self.loaders["train"]) / tc.grad_accum_steps)
@@ -153,7 +149,7 @@ class Trainer:
         self.state.run_id = self.trackers.run_id  # saved with the checkpoints: a resumed job continues the W&B run
         if self.features is not None:
             self.trackers.log_summary({"feature_extraction_seconds": self.features.extraction_seconds})
-        training_timeouts(acc, tc)
+        self.short_timeouts = False  # set after the first update: see _after_first_update
         acc.print(f"training {cfg.model.name} ({tc.strategy}{', cached features' if self.cached else ''}) on "
                   f"{cfg.data.source}: {self.store.counts} images, {self.num_classes} classes, "
                   f"{self.prep.image_size}px, {acc.num_processes} process(es), "
@@ -168,8 +164,16 @@ class Trainer:
         loader = self.loaders["train"]
         loader.set_epoch(epoch, start_step=state.step_in_epoch)
         progress = _progress(acc, len(loader), state.step_in_epoch, epoch, tc.epochs)
+        first_step = state.global_step
+
+        def on_batch() -> None:
+            if progress is not None:
+                progress.update()
+            if not self.short_timeouts and state.global_step > first_step:
+                self._after_first_update()
+
         hooks = StepHooks(stop_requested=self.preemption.requested, on_log=lambda log: self._on_step(log, progress),
-                          on_batch=progress.update if progress is not None else (lambda: None))
+                          on_batch=on_batch)
         train = train_one_epoch(tc, self.parts, loader, state, hooks)
         if progress is not None:
             progress.close()
@@ -291,6 +295,14 @@ class Trainer:
         inner = getattr(self.parts.scheduler, "lr_scheduler", None)
         if inner is not None and saved.get("plateau") is not None:
             inner.load_state_dict(saved["plateau"])
+
+    def _after_first_update(self) -> None:
+        """Compilation and autotuning happen in the first step, under the generous setup timeout;
+        from now on a collective that waits longer than the step timeout means a lost peer."""
+        training_timeouts(self.accelerator, self.cfg.train)
+        self.short_timeouts = True
+        if self.accelerator.num_processes > 1:
+            self.accelerator.print(f"collective timeout now {collective_timeout()} (train.step_timeout_minutes)")
 
     def _on_step(self, log: StepLog, progress) -> None:
         self.trackers.log_step({"train/loss": log.loss, "train/lr": log.lr,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,13 @@ def test_an_empty_test_folder_is_refused_at_prepare_time(tmp_path):
     assert_refused(proc, str(root / "test"), "no images")
 
 
+def test_a_val_fraction_that_rounds_to_no_validation_image_is_refused(tmp_path):
+    """10 images per class, val_fraction 0.04: round(0.4) holds out nothing from any class."""
+    proc = prepare_cli(_folder_root(tmp_path, per_class=10), tmp_path / "store", "folder", "--val-fraction", "0.04")
+    assert_refused(proc, "the val split is empty; raise val_fraction", "Counts per class: cat: train 10, val 0")
+    assert not (tmp_path / "store").exists()
+
+
 def test_a_zero_val_fraction_is_refused(tmp_path):
     proc = prepare_cli(_cifar_root(tmp_path), tmp_path / "store", "cifar10", "--val-fraction", "0")
     assert_refused(proc, "val_fraction must be in (0, 1)")
@@ -144,6 +152,28 @@ def test_a_temporary_directory_left_by_a_killed_run_is_removed(tmp_path):
     (leftover / "data_batch_1").write_bytes(b"half written")
     prepare("synthetic", tmp_path / "src", tmp_path / "store", num_train=100, num_test=20)
     assert sorted(p.name for p in (tmp_path / "src").iterdir()) == ["cifar-10-batches-py"]
+
+
+def test_a_run_that_reuses_the_store_also_cleans_up_and_other_hosts_leftovers_expire(tmp_path):
+    """A rescheduled pod has a new hostname: its predecessor's temporaries cannot be matched by
+    PID, so they are removed once nothing in them changed for ABANDONED_AFTER_SECONDS; a fresh
+    one (another node may be writing it now) is left alone. A run that only reuses cleans too."""
+    from job import atomic
+
+    store = tmp_path / "store"
+    prepare("synthetic", tmp_path / "src", store, num_train=100, num_test=20)
+    dead = tmp_path / f".store.tmp-{socket.gethostname()}-{2**22 + 7}"
+    stale = tmp_path / ".store.tmp-old-pod-0-17"
+    fresh = tmp_path / ".store.tmp-other-pod-1-17"
+    for d in (dead, stale, fresh):
+        d.mkdir()
+        (d / "meta.json").write_text("{}")
+    old = time.time() - atomic.ABANDONED_AFTER_SECONDS - 60
+    for p in (stale, stale / "meta.json"):
+        os.utime(p, (old, old))
+    _, reused = prepare("synthetic", tmp_path / "src", store, num_train=100, num_test=20)
+    assert reused
+    assert not dead.exists() and not stale.exists() and fresh.is_dir()
 
 
 def test_sigterm_during_synthetic_generation_then_rerun_cleans_up(tmp_path):

@@ -61,11 +61,21 @@ def test_two_processes_preempted_resumed_and_stopped_early_stay_in_sync(tmp_path
 
 
 @pytest.mark.slow
-def test_replica_check_detects_drift_and_a_lost_peer_times_out_quickly(tmp_path):
+def test_replica_check_no_sync_under_compile_and_timeouts(tmp_path):
     out = tmp_path / "probe.json"
     run(accelerate_launch(2, "tests/helpers/distributed_probe.py", str(out)), check=False, timeout=120)
     result = json.loads(out.read_text())
     assert result["same"] is True and result["drifted"] is False
+    # no_sync skips the all-reduce of every micro-batch that does not end in an update, compiled
+    # or not; without it every micro-batch would all-reduce (which keeps replicas identical too,
+    # so only a count can tell).
+    counts = result["all_reduces"]
+    assert counts["eager_accum1"] > 0
+    assert counts["eager_accum2"] * 2 == counts["eager_accum1"], counts
+    assert counts["compiled_accum2"] == counts["eager_accum2"], counts
+    assert counts["compiled_accum2_without_no_sync"] == counts["eager_accum1"], counts
+    # the setup timeout reaches the process group; training_timeouts shortens it
+    assert result["setup_timeout_seconds"] == 60 and result["step_timeout_seconds"] == 3, result
     assert result["timed_out"], result
     assert result["seconds"] < 10, result  # the 3 s step timeout, not the 1 min setup timeout
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.runs import FOLDER_MINI, PYTHON, accelerate_launch, run, small_run, train_until_sigterm
+from helpers.runs import FOLDER_MINI, PYTHON, accelerate_launch, assert_refused, run, small_run, train_until_sigterm
 
 pytestmark = pytest.mark.slow
 
@@ -133,3 +133,24 @@ def test_bad_config_and_data_exit_2_with_a_message(tmp_path):
                 f"data.root={tmp_path}", f"train.output_dir={tmp_path / 'o'}"], check=False)
     assert proc.returncode == 2 and "missing train/ folder" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_an_altered_checkpoint_is_refused_not_unpickled(tmp_path, prepared, trained):
+    """Accelerate reads the optimizer with torch.load(weights_only=True): a checkpoint whose
+    optimizer.bin would run code is refused with exit 2 and the checkpoint named."""
+    import os
+    import pickle
+    import shutil
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'PWNED'}",)
+
+    checkpoint = tmp_path / "epoch0008-step0000232"
+    shutil.copytree(sorted((trained / "checkpoints").iterdir())[-1], checkpoint)
+    with open(checkpoint / "optimizer.bin", "wb") as f:
+        pickle.dump({"state": Exploit()}, f)
+    proc = run([PYTHON, "job/train.py", *cifar_run(tmp_path / "out", prepared, "train.epochs=9",
+                                                   f"train.resume={checkpoint}")], check=False)
+    assert_refused(proc, str(checkpoint), "cannot restore this checkpoint", "train.resume=never")
+    assert not (tmp_path / "PWNED").exists()

@@ -36,6 +36,8 @@ def test_refusals_before_any_work(tmp_path, capsys):
         (("data.split_seed=-5",), ("data.split_seed",)),
         (("data.val_fraction=0",), ("training needs a validation split",)),
         (("train.cache_features=true", "train.strategy=finetune"), ("needs train.strategy=feature_extraction",)),
+        ((f"data.root={tmp_path}", "data.source=cifar10"), ("overlaps data.root", "outside data.root")),
+        ((f"data.root={tmp_path / 'prep' / 'cifar10' / 'x'}", "data.source=cifar10"), ("overlaps data.root",)),
     ]
     for overrides, needles in cases:
         code = main(train_args(tmp_path, *overrides))
@@ -43,6 +45,25 @@ def test_refusals_before_any_work(tmp_path, capsys):
         assert code == 2 and all(n in err for n in needles), (overrides, err)
     assert a_file.read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.txt", "some-folder"]  # nothing written
+
+
+def test_an_output_dir_this_job_cannot_use(tmp_path, capsys, monkeypatch):
+    """A best/ the job did not write would be replaced: refused; an unwritable output_dir is
+    refused before any work (checked with os.access, patched here: root may write anywhere)."""
+    from job import train as train_module
+
+    foreign = tmp_path / "out" / "best"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    assert train_module.main(train_args(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert str(foreign) in err and "was not written by this job" in err
+    assert (foreign / "notes.txt").read_text() == "mine"
+    monkeypatch.setattr(train_module.os, "access", lambda path, mode: False)
+    assert train_module.main(train_args(tmp_path, f"train.output_dir={tmp_path / 'elsewhere'}")) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is not writable" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 @pytest.mark.slow
@@ -78,6 +99,10 @@ def test_weights_that_need_full_unpickling_or_fit_another_model_are_refused(tmp_
     torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), other)
     proc = train(tmp_path, "model.pretrained=true", f"model.weights={other}")
     assert_refused(proc, str(other), "test_resnet")
+    fake = tmp_path / "fake.safetensors"
+    fake.write_text("these are not weights\n")
+    proc = train(tmp_path, "model.pretrained=true", f"model.weights={fake}")
+    assert_refused(proc, str(fake))
     assert not (tmp_path / "out").exists()
 
 

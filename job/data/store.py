@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from job.atomic import ForeignDirectoryError, atomic_directory
+from job.atomic import ForeignDirectoryError, atomic_directory, remove_abandoned
 from job.config import DataConfig
 from job.data.cifar10 import cifar_inputs, download_cifar10, read_cifar_python, CIFAR10_URL
 from job.data.errors import DataError
@@ -122,6 +122,7 @@ def prepare(source: str, root: str | Path | None, out: str | Path, *,
     fingerprint = _fingerprint(source, root, inputs, val_fraction=val_fraction, seed=seed)
     meta = _read_meta(out)
     if meta is not None and meta.get("fingerprint") == fingerprint and meta.get("version") == STORE_VERSION:
+        remove_abandoned(out)
         return load_store(out), True
 
     if listing is not None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from job.atomic import ForeignDirectoryError, atomic_directory
+from job.atomic import ForeignDirectoryError, atomic_directory, remove_abandoned
 from job.data.cifar10 import CIFAR10_CLASSES, CIFAR10_DIR, dump_batch
 from job.data.errors import DataError
 
@@ -27,6 +27,7 @@ def write_synthetic_cifar(root: Path, *, num_train: int, num_test: int, seed: in
     base = Path(root) / CIFAR10_DIR
     params = {"num_train": num_train, "num_test": num_test, "seed": seed, "num_classes": num_classes}
     if _stamp(base) == params:
+        remove_abandoned(base)
         return base
     if num_train < 5 * num_classes or num_test < num_classes:
         raise DataError(f"synthetic data needs num_train >= {5 * num_classes} and num_test >= {num_classes}")
