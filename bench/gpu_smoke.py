@@ -205,7 +205,14 @@ def main() -> int:
 
     gpu = not args.dry_run
     if gpu and not torch.cuda.is_available():
-        say("no usable GPU here: running the dry run instead (--dry-run)")
+        from job.distributed import DRIVER_HINT, visible_gpus
+
+        if gpus := visible_gpus():
+            # The machine has GPUs that CUDA cannot use: the failure this script exists to catch.
+            say(f"MISSING: CUDA cannot use the GPU(s) this machine lists ({'; '.join(gpus)}): {DRIVER_HINT}")
+            say("failed: environment (no usable GPU)")
+            return 1
+        say("no GPU on this machine: running the dry run instead (--dry-run)")
         gpu = False
     work = Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
     environment(gpu)

@@ -143,14 +143,17 @@ done
 rm -rf "$JOB_EXIT_CODE_DIR"
 
 exit_code() {
-  local code preempted=0 other=""
+  local code preempted=0 done=0 other=""
   if (( status == 0 )); then echo 0; return; fi
   for code in "${codes[@]+"${codes[@]}"}"; do
     if (( code == 2 )); then echo 2; return; fi
     if (( code == 143 )); then preempted=$(( preempted + 1 ))
-    elif (( code != 0 )) && [[ -z "$other" ]]; then other="$code"; fi
+    elif (( code == 0 )); then done=$(( done + 1 ))
+    elif [[ -z "$other" ]]; then other="$code"; fi
   done
-  if (( preempted == nproc )); then echo 143
+  # SIGTERM after the last signal check: every process finished the job, whatever the launcher says.
+  if (( done == nproc )); then echo 0
+  elif (( preempted == nproc )); then echo 143
   elif [[ -n "$other" ]]; then echo "$other"
   elif (( status == 143 )); then echo 1     # the launcher's own death by SIGTERM proves no checkpoint
   else echo "$status"; fi

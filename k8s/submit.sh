@@ -15,7 +15,8 @@
 #   --priority-class NAME     the pods' priorityClassName
 #   --storage-class NAME      with --prepare-data: the ReadWriteMany class of both volumes
 #   --offline                 HF_HUB_OFFLINE=1: use the weights baked into the image, never the Hub
-#   --deadline DURATION       activeDeadlineSeconds, retries included (default 48h; 90m, 36h, 3d, secs)
+#   --deadline DURATION       activeDeadlineSeconds (default 48h; 90m, 36h, 3d, secs): the whole Job with
+#                             its retries; for a JobSet, each attempt (its child Jobs restart together)
 #   --ttl DURATION            delete the finished Job after this long (default 7d)
 #   --replace                 delete an existing run of this name first (it resumes from its checkpoints)
 #
@@ -25,7 +26,7 @@
 # the same name again after the Job is gone resumes from its checkpoints.
 set -euo pipefail
 
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "submit.sh: $*" >&2; exit 2; }
 
 image="" name="" nodes=1 gpus=1 spot="" kubeflow=0 jobset=0 dry_run=0 prepare=0 replace=0 offline=0

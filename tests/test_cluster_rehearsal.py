@@ -298,6 +298,17 @@ def test_sigterm_to_pid1_reaches_every_training_process_of_the_pod(tmp_path):
     assert f"training processes reported: {' '.join(['143'] * nproc)}; exit code 143" in pod.text()
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_job_that_finished_as_sigterm_came_exits_0(tmp_path, nproc):
+    """SIGTERM after the processes' last signal check: they finish and report 0, while the
+    launcher (or torchrun) dies of the signal. The job is done: the pod must not say crash."""
+    pod = launcher(tmp_path, nproc, ",".join(["finish"] * nproc))
+    pod.wait_for("waiting", timeout=120, count=nproc)
+    pod.terminate()
+    assert pod.wait(timeout=60) == 0, pod.text()[-3000:]
+    assert f"training processes reported: {' '.join(['0'] * nproc)}; exit code 0" in pod.text()
+
+
 def test_torchrun_gives_the_workers_the_grace_period(tmp_path):
     """TERMINATION_GRACE_PERIOD_SECONDS=8 -> TORCH_ELASTIC_SHUTDOWN_TIMEOUT=5: a worker that needs
     8 s to save is SIGKILLed by torchrun (with its default 30 s it would have finished). So the

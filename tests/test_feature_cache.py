@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers.runs import PYTHON, accelerate_launch, run, small_run
+from helpers.runs import PYTHON, accelerate_launch, run, small_run, train_until_sigterm
 from job.data import prepare
 
 pytestmark = pytest.mark.slow
@@ -100,6 +100,37 @@ def test_cached_and_uncached_runs_give_the_same_numbers_and_the_cache_is_reused(
                        "train.epochs=1")
     assert "reusing cached features" in probe_log
     assert len(list((tmp_path / "prep" / "features").iterdir())) == 1
+
+
+def test_cached_runs_resume_exactly_after_sigterm_on_one_and_two_processes(tmp_path):
+    """The head's epochs over cached features keep the job's preemption contract: SIGTERM mid
+    epoch saves a checkpoint and exits 143; the resumed run matches an uninterrupted one (1
+    process), and on 2 processes it trains every sample once per epoch with replicas in sync."""
+    head = ("model.head_hidden=[16]", "model.head_dropout=0.2")
+    _train(tmp_path / "reference", tmp_path / "prep", *head)
+    args = small_run(tmp_path / "resumed", tmp_path / "prep", "train.epochs=3", "train.strategy=feature_extraction",
+                     "optim.lr=0.01", *head)
+    code, log = train_until_sigterm([PYTHON, "job/train.py", *args], at_line="step 25:")  # 17 batches/epoch
+    assert code == 143 and "reusing cached features" in log, log[-3000:]
+    out = run([PYTHON, "job/train.py", *args]).stdout
+    assert "resumed from" in out and "epoch 2, batch" in out
+    for a, b in zip(_history(tmp_path / "reference"), _history(tmp_path / "resumed"), strict=True):
+        for key in ("lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "step", "train_samples"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
+    reference = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert resumed["test_accuracy"] == reference["test_accuracy"]
+
+    two = small_run(tmp_path / "two", tmp_path / "prep", "train.epochs=3", "train.strategy=feature_extraction",
+                    "optim.lr=0.01", *head)
+    # torchrun itself exits 1 on SIGTERM (docker/launch.sh turns it into 143 in a pod); the ranks save.
+    code, log = train_until_sigterm(accelerate_launch(2, "job/train.py", *two), at_line="step 12:")  # 9 per epoch
+    assert code != 0 and "SIGTERM: saved" in log and not (tmp_path / "two" / "metrics.json").exists(), log[-3000:]
+    assert "resumed from" in run(accelerate_launch(2, "job/train.py", *two)).stdout
+    m = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["features_cached"] and m["replicas_identical"] is True
+    assert m["epochs_completed"] == 3 and m["test_samples"] == 200
+    assert [h["train_samples"] for h in _history(tmp_path / "two")] == [540, 540, 540]
 
 
 def test_the_key_changes_with_everything_that_changes_the_features(tmp_path):
