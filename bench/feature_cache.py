@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from job.records import shown_epoch
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -62,7 +64,7 @@ def main() -> None:
           f"{args.epochs} epochs, CPU threads: {__import__('torch').get_num_threads()}")
     print(f"{'epoch':>5}  {'uncached s':>10}  {'cached s':>10}")
     for a, b in zip(uncached, cached):
-        print(f"{a['epoch'] + 1:>5}  {a['epoch_seconds']:>10.3f}  {b['epoch_seconds']:>10.4f}")
+        print(f"{shown_epoch(a['epoch']):>5}  {a['epoch_seconds']:>10.3f}  {b['epoch_seconds']:>10.4f}")
     print(f"one-off feature extraction (train+val+test): {extraction:.1f} s; whole runs: uncached "
           f"{uncached_wall:.1f} s, cached {cached_wall:.1f} s")
     later = lambda h: statistics.mean(e["epoch_seconds"] for e in h[1:])  # noqa: E731

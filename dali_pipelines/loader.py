@@ -13,11 +13,15 @@ import torch
 
 from dali_pipelines import sampling
 
+# The resize filter of every pipeline (dali_pipelines/pipelines.py); part of the feature-cache key.
+RESIZE_INTERPOLATION = "linear"
+
 
 @dataclass(frozen=True)
 class Preprocessing:
     """What a backbone expects of its input, from timm's pretrained config (IRv2: 299 px,
-    mean = std = 0.5); ``mean``/``std`` in [0, 1] units. Saved in every model card."""
+    mean = std = 0.5); ``mean``/``std`` in [0, 1] units. Saved in every model card. Images are
+    resized with RESIZE_INTERPOLATION."""
 
     image_size: int
     mean: tuple[float, float, float]
@@ -148,7 +152,7 @@ class DaliLoader:
             images, labels = data[0]["images"], data[0]["labels"].view(-1)
             if self.spec.channels_last:  # NHWC memory seen as NCHW: channels_last, no copy
                 images = images.permute(0, 3, 1, 2)
-            if self.spec.dtype == "bfloat16":  # DALI has no bfloat16 output; cast where it lives
+            if self.spec.dtype == "bfloat16":  # DALI has no bfloat16 output: float16, cast where it lives
                 images = images.to(torch.bfloat16)
             yield images, labels
         self._exhausted = True
@@ -173,7 +177,9 @@ class DaliLoader:
         pipe = image_pipeline(
             self._source, train=self.augment, encoded=self._source.files is not None,
             image_size=prep.image_size, mean=prep.mean, std=prep.std,
-            dtype="float32" if spec.dtype == "bfloat16" else spec.dtype,
+            # bfloat16: DALI emits float16 (half the bytes of float32 through the pipeline's buffers;
+            # normalized pixels lie well inside its range) and the loop casts it on the device.
+            dtype="float16" if spec.dtype == "bfloat16" else spec.dtype,
             layout="HWC" if spec.channels_last else "CHW",
             device="cpu" if spec.device_id is None else "gpu",
             # a balanced training tail batch may hold one extra sample

@@ -15,7 +15,10 @@ from __future__ import annotations
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
+from dali_pipelines.loader import RESIZE_INTERPOLATION
+
 _DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}
+_INTERP = {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC}[RESIZE_INTERPOLATION]
 
 
 @pipeline_def
@@ -49,14 +52,14 @@ def image_pipeline(source, *, train: bool, encoded: bool, image_size: int, mean:
     if encoded:
         # Photos are usually larger than the output: shrink first (uint8, antialiased), then
         # normalize the small result.
-        images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR)
+        images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=_INTERP)
         images = fn.crop_mirror_normalize(images, **normalize)
     else:
         # 32x32 sources are upscaled: normalize and flip the tiny image first, so a single
         # resize pass writes the large float output (1.6x faster on CPU than resize-then-
         # normalize, measured with bench/data_throughput.py). Both are linear, so they commute.
         images = fn.crop_mirror_normalize(images, **{**normalize, "dtype": types.FLOAT})
-        images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR,
+        images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=_INTERP,
                            antialias=False)
         if dtype != "float32":
             images = fn.cast(images, dtype=_DTYPES[dtype])

@@ -16,6 +16,7 @@ directory cannot run code. Only directories this job wrote (``trainer_state.json
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import shutil
@@ -111,3 +112,18 @@ def save_best(accelerator: Accelerator, bare_model: torch.nn.Module, output_dir:
 
 def load_best_weights(model: torch.nn.Module, output_dir: str | Path) -> None:
     model.load_state_dict(load_file(str(Path(output_dir) / "best" / "model.safetensors")))
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse an unusable output directory before any data or model is built (and create nothing:
+    a refused run leaves no trace)."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        what = "exists and is not a directory" if existing == out else f"is inside {existing}, which is a file"
+        raise ConfigError(f"train.output_dir={out} {what}; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.output_dir={out}: {existing} is not writable; choose a writable path")
+    best = out / "best"
+    if best.exists() and not (best / "model.json").is_file() and (not best.is_dir() or any(best.iterdir())):
+        raise ConfigError(f"{best} exists and was not written by this job (no model.json); it would be replaced "
+                          "by the best model: choose another train.output_dir")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import zlib
 from datetime import timedelta
 from typing import Callable, TypeVar
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -148,3 +150,15 @@ def once_per_node_first(accelerator: Accelerator, work: Callable[[], T]) -> T:
     if not accelerator.is_local_main_process:
         result = work()
     return result
+
+
+def replicas_identical(accelerator: Accelerator, model: torch.nn.Module) -> bool:
+    """Whether every rank holds bit-identical parameters (what DDP promises): one CRC32 per tensor,
+    gathered. Logged at the end of every multi-process run; a mismatch is a bug worth a loud line."""
+    crcs = [zlib.crc32(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()) for p in model.parameters()]
+    mine = torch.tensor(crcs, dtype=torch.int64, device=accelerator.device)
+    every = accelerator.gather(mine).view(accelerator.num_processes, -1).cpu().numpy()
+    same = bool(np.all(every == every[0]))
+    accelerator.print(f"replicas {'identical' if same else 'DIFFER'}: {every.shape[1]} parameter tensors "
+                      f"compared across {accelerator.num_processes} processes")
+    return same

@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 
 from dali_pipelines import sampling
-from dali_pipelines.loader import DaliLoader, LoaderSpec
+from dali_pipelines.loader import RESIZE_INTERPOLATION, DaliLoader, LoaderSpec
 from job.atomic import ForeignDirectoryError, atomic_directory
 from job.config import ConfigError
 from job.distributed import all_ranks_or_none
@@ -61,7 +61,7 @@ def feature_key(cfg, prep, store, precision: str = "no") -> FeatureKey:
     from job.model import weights_identity
 
     return FeatureKey(model=cfg.model.name, weights=weights_identity(cfg.model, cfg.train.seed),
-                      image_size=prep.image_size, interpolation="linear", mean=tuple(prep.mean),
+                      image_size=prep.image_size, interpolation=RESIZE_INTERPOLATION, mean=tuple(prep.mean),
                       std=tuple(prep.std), store=store.fingerprint, dtype=cfg.train.feature_dtype,
                       precision=precision)
 

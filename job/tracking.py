@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import timm
+import torch
 from accelerate import Accelerator
 
 from job.config import Config
@@ -50,9 +52,6 @@ def resolve_mode(mode: str) -> str:
 
 def run_facts(accelerator: Accelerator) -> dict:
     """World size, nodes, hardware, library versions and git commit, for the run's config."""
-    import timm
-    import torch
-
     # torchrun (under accelerate launch) sets LOCAL_WORLD_SIZE = processes on this node.
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     facts = {"world_size": accelerator.num_processes, "nodes": accelerator.num_processes // max(per_node, 1),

@@ -18,22 +18,19 @@ data, 143 preempted (checkpoint saved; run again to resume).
 from __future__ import annotations
 
 import math
-import os
 import sys
-import zlib
 from pathlib import Path
 
 
-import numpy as np
 import torch
 from accelerate.utils import set_seed
 
 from dali_pipelines.loader import LoaderSpec, dali_device_id, make_loader
-from job.checkpoint import Checkpointer, load_best_weights, save_best
+from job.checkpoint import Checkpointer, check_output_dir, load_best_weights, save_best
 from job.config import Config, ConfigError, parse_args
 from job.data import DataError, prepare_from_config
 from job.distributed import (all_ranks_or_none, build_accelerator, collective_timeout, once_per_node_first,
-                             training_timeouts, wrap_for_training)
+                             replicas_identical, training_timeouts, wrap_for_training)
 from job.early_stopping import EarlyStopping
 from job.features import FeatureLoader, Preempted, cached_features, feature_key
 from job.loop import StepHooks, StepLog, TrainParts, TrainState, evaluate, train_one_epoch
@@ -321,33 +318,6 @@ class Trainer:
         else:
             self.accelerator.print(f"step {log.step}: loss {log.loss:.4f} lr {log.lr:.2e} "
                                    f"{log.images_per_second:.0f} img/s data wait {log.data_wait_fraction:.0%}")
-
-
-def check_output_dir(out: Path) -> None:
-    """Refuse an unusable output directory before any data or model is built (and create nothing:
-    a refused run leaves no trace)."""
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        what = "exists and is not a directory" if existing == out else f"is inside {existing}, which is a file"
-        raise ConfigError(f"train.output_dir={out} {what}; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"train.output_dir={out}: {existing} is not writable; choose a writable path")
-    best = out / "best"
-    if best.exists() and not (best / "model.json").is_file() and (not best.is_dir() or any(best.iterdir())):
-        raise ConfigError(f"{best} exists and was not written by this job (no model.json); it would be replaced "
-                          "by the best model: choose another train.output_dir")
-
-
-def replicas_identical(accelerator, model: torch.nn.Module) -> bool:
-    """Whether every rank holds bit-identical parameters (what DDP promises): one CRC32 per tensor,
-    gathered. Logged at the end of every multi-process run; a mismatch is a bug worth a loud line."""
-    crcs = [zlib.crc32(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()) for p in model.parameters()]
-    mine = torch.tensor(crcs, dtype=torch.int64, device=accelerator.device)
-    every = accelerator.gather(mine).view(accelerator.num_processes, -1).cpu().numpy()
-    same = bool(np.all(every == every[0]))
-    accelerator.print(f"replicas {'identical' if same else 'DIFFER'}: {every.shape[1]} parameter tensors "
-                      f"compared across {accelerator.num_processes} processes")
-    return same
 
 
 def _progress(accelerator, total: int, start: int, epoch: int, epochs: int):

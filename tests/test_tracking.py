@@ -25,16 +25,13 @@ def wandb_runs(out: Path) -> list[Path]:
     return sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
-def demo_args(out: Path, *extra: str) -> list[str]:
-    return small_run(out, out.parent / "prepared", "tracking.wandb=offline", "data.synthetic_test=300",
-                     "train.log_every=5", *extra)
-
-
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory):
     """An offline run made with a (fake) API key set: the key must appear in none of its outputs."""
     out = tmp_path_factory.mktemp("wandb") / "demo"
-    proc = run([PYTHON, "job/train.py", *demo_args(out)], env={"WANDB_API_KEY": FAKE_KEY})
+    args = small_run(out, out.parent / "prepared", "tracking.wandb=offline", "data.synthetic_test=300",
+                     "train.log_every=5")
+    proc = run([PYTHON, "job/train.py", *args], env={"WANDB_API_KEY": FAKE_KEY})
     assert FAKE_KEY not in proc.stdout + proc.stderr
     return out
 

@@ -50,6 +50,7 @@ def test_refusals_before_any_work(tmp_path, capsys):
 def test_an_output_dir_this_job_cannot_use(tmp_path, capsys, monkeypatch):
     """A best/ the job did not write would be replaced: refused; an unwritable output_dir is
     refused before any work (checked with os.access, patched here: root may write anywhere)."""
+    from job import checkpoint
     from job import train as train_module
 
     foreign = tmp_path / "out" / "best"
@@ -59,7 +60,7 @@ def test_an_output_dir_this_job_cannot_use(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert str(foreign) in err and "was not written by this job" in err
     assert (foreign / "notes.txt").read_text() == "mine"
-    monkeypatch.setattr(train_module.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: False)
     assert train_module.main(train_args(tmp_path, f"train.output_dir={tmp_path / 'elsewhere'}")) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path} is not writable" in err

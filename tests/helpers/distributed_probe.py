@@ -20,9 +20,10 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from job.config import load_config
-from job.distributed import build_accelerator, collective_timeout, training_timeouts, wrap_for_training
+from job.distributed import (build_accelerator, collective_timeout, replicas_identical, training_timeouts,
+                             wrap_for_training)
 from job.loop import TrainParts, TrainState, train_one_epoch
-from job.train import replicas_identical
+
 
 out = Path(sys.argv[1])
 cfg = load_config(None, ["train.setup_timeout_minutes=1", "train.step_timeout_minutes=0.05",
