@@ -34,8 +34,9 @@ LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_pr
 
 # Real transfer, then the same head on a random backbone: what the ImageNet weights buy.
 demo: install $(DEMO_WEIGHTS)
-	$(LAUNCH) job/train.py --config job/configs/demo.yaml
-	$(LAUNCH) job/train.py --config job/configs/demo.yaml model.pretrained=false train.output_dir=runs/demo-random
+	$(LAUNCH) job/train.py --config job/configs/demo.yaml train.resume=never
+	$(LAUNCH) job/train.py --config job/configs/demo.yaml train.resume=never model.pretrained=false \
+		train.output_dir=runs/demo-random
 	$(BIN)/python -m job.reporting compare runs/demo runs/demo-random
 
 # The plumbing alone on generated data (no weights needed): a small network from scratch.

@@ -1,18 +1,20 @@
 """What each training default costs or buys: the same short runs with one setting changed at a time.
 
-    python bench/defaults.py [--scratch-epochs 5] [--finetune-epochs 2]
+    python bench/defaults.py [--scratch-epochs 5] [--finetune-epochs 2] [--seeds 2]
 
 On the real CIFAR-10 sample (data/samples: 1,800 train / 200 val / 1,000 test), two settings:
   * from scratch: resnet10t at 32 px, random weights, SGD lr 0.05, cosine;
   * fine-tuning real ImageNet weights: EfficientNet-Lite0 (the packaged weights) at 96 px, all
     layers, SGD lr 0.01 (the default), cosine.
-Every row uses a 512-unit hidden head with dropout 0.3 unless it says otherwise, and changes the
-listed keys against the job's defaults; prints test accuracy.
+The first row is the job's defaults as they are (linear head, no clipping, no smoothing, backbone
+LR x1.0 for the random backbone and x0.1 for the pretrained one); every other row changes the
+listed keys against it. Prints the test accuracy of each seed and their mean.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,14 +22,20 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PREVIOUS = ("train.grad_clip=1.0", "loss.label_smoothing=0.1", "optim.backbone_lr_scale=0.1")
-VARIANTS = [
-    ("current defaults", ()),
-    ("previous defaults (clip 1.0, smoothing 0.1, backbone LR x0.1)", PREVIOUS),
-    ("+ grad_clip 1.0", ("train.grad_clip=1.0",)),
-    ("+ label_smoothing 0.1", ("loss.label_smoothing=0.1",)),
-    ("+ linear head (head_hidden [], no dropout)", ("model.head_hidden=[]", "model.head_dropout=0.0")),
-]
+OLD_HEAD = ("model.head_hidden=[512]", "model.head_dropout=0.3")
+
+
+def variants(pretrained: bool) -> list[tuple[str, tuple[str, ...]]]:
+    other_scale = "1.0" if pretrained else "0.1"
+    return [
+        ("defaults", ()),
+        ("+ grad_clip 1.0", ("train.grad_clip=1.0",)),
+        ("+ label_smoothing 0.1", ("loss.label_smoothing=0.1",)),
+        ("+ 512-unit hidden head, dropout 0.3", OLD_HEAD),
+        (f"+ backbone LR x{other_scale}", (f"optim.backbone_lr_scale={other_scale}",)),
+        ("previous defaults (all four: clip, smoothing, 512 head, x0.1)",
+         ("train.grad_clip=1.0", "loss.label_smoothing=0.1", "optim.backbone_lr_scale=0.1", *OLD_HEAD)),
+    ]
 
 
 def run(out: Path, prepared: Path, base: list[str], extra: tuple[str, ...]) -> tuple[float, float]:
@@ -42,26 +50,33 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scratch-epochs", type=int, default=5)
     p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=2, help="train.seed 0..N-1 for every row")
     args = p.parse_args()
     from job.weights import packaged_efficientnet_lite0
 
     common = ["train.strategy=finetune", "optim.name=sgd", "optim.weight_decay=1e-4", "schedule.name=cosine",
               "schedule.warmup_epochs=0.5", "early_stopping.patience=0", "tracking.wandb=disabled",
-              "model.head_hidden=[512]", "model.head_dropout=0.3", "train.log_every=1000"]
+              "model.head_hidden=[]", "model.head_dropout=0.0", "optim.backbone_lr_scale=null",
+              "train.log_every=1000"]
     settings = {
-        "from scratch (resnet10t, 32 px)": common + [
+        "from scratch (resnet10t, 32 px)": (False, common + [
             "model.name=resnet10t", "model.pretrained=false", "model.weights=null", "data.image_size=32",
-            "optim.lr=0.05", f"train.epochs={args.scratch_epochs}"],
-        "fine-tuning ImageNet weights (EfficientNet-Lite0, 96 px)": common + [
+            "optim.lr=0.05", f"train.epochs={args.scratch_epochs}"]),
+        "fine-tuning ImageNet weights (EfficientNet-Lite0, 96 px)": (True, common + [
             "model.name=tf_efficientnet_lite0", f"model.weights={packaged_efficientnet_lite0()}",
-            "data.image_size=96", "optim.lr=0.01", f"train.epochs={args.finetune_epochs}"],
+            "data.image_size=96", "optim.lr=0.01", f"train.epochs={args.finetune_epochs}"]),
     }
     work = Path(tempfile.mkdtemp(prefix="defaults-bench-"))
-    for name, base in settings.items():
-        print(f"\n{name}\n{'variant':62} {'test acc':>8} {'seconds':>8}", flush=True)
-        for i, (label, extra) in enumerate(VARIANTS):
-            accuracy, seconds = run(work / f"{len(name)}-{i}", work / "prep", base, extra)
-            print(f"{label:62} {accuracy:8.3f} {seconds:8.1f}", flush=True)
+    seeds = list(range(args.seeds))
+    for name, (pretrained, base) in settings.items():
+        print(f"\n{name}\n{'variant':62} {'seeds':>14} {'mean':>6} {'s/run':>6}", flush=True)
+        for i, (label, extra) in enumerate(variants(pretrained)):
+            results = [run(work / f"{len(name)}-{i}-{seed}", work / "prep", base, (*extra, f"train.seed={seed}"))
+                       for seed in seeds]
+            accuracies = [a for a, _ in results]
+            per_seed = " ".join(f"{a:.3f}" for a in accuracies)
+            print(f"{label:62} {per_seed:>14} {statistics.mean(accuracies):6.3f} "
+                  f"{statistics.mean(s for _, s in results):6.1f}", flush=True)
 
 
 if __name__ == "__main__":

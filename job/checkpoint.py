@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+import yaml
 from safetensors.torch import load_file, save_file
 
 from job.atomic import ForeignDirectoryError, atomic_directory
@@ -85,6 +86,7 @@ class Checkpointer:
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path}: not a readable checkpoint of this job ({e}); set train.resume=never "
                               "to start over or point it at another checkpoint") from None
+        self._refuse_another_experiment(path)
         try:
             self.accelerator.load_state(str(path))
         except (pickle.UnpicklingError, OSError, ValueError, RuntimeError, KeyError) as e:
@@ -94,6 +96,30 @@ class Checkpointer:
                               "files were not written by this job for this config, or were altered: resume from "
                               "another checkpoint, or start over with train.resume=never") from None
         return trainer_state
+
+
+    def _refuse_another_experiment(self, path: Path) -> None:
+        """A checkpoint continues only the run that wrote it: resuming it under another model,
+        head, input size, data source, strategy, seed or batch size (say, ``make demo`` after
+        editing its config, with the same output_dir) would silently mix two experiments."""
+        saved_file = path / "config.yaml"
+        if self.config is None or not saved_file.is_file():
+            return
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+        current = self.config.to_dict()
+        for key in RESUME_MUST_MATCH:
+            section, name = key.split(".")
+            before, now = saved.get(section, {}).get(name), current[section][name]
+            if before != now:
+                raise ConfigError(f"{path} was written with {key}={before!r}, this run has {key}={now!r}: resuming "
+                                  "would continue another experiment. Use a new train.output_dir, start over with "
+                                  f"train.resume=never, or set {key} back")
+
+
+# What a checkpoint's weights and step counters mean (model.weights is left out: the same file may
+# be mounted at another path).
+RESUME_MUST_MATCH = ("model.name", "model.pretrained", "model.head_hidden", "data.source", "data.image_size",
+                     "data.batch_size", "train.strategy", "train.seed")
 
 
 def save_best(accelerator: Accelerator, bare_model: torch.nn.Module, output_dir: str | Path, card: ModelCard) -> None:

@@ -1,6 +1,8 @@
 """Optimizer and LR schedule from timm's factories, with per-part parameter groups."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
@@ -35,14 +37,33 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, *, ep
     per_update = cfg.name != "plateau"
     # warmup_prefix: warm up first, then decay over the remaining epochs, so the peak LR is
     # reached at the end of warm-up and the schedule ends exactly at `epochs`.
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.name, num_epochs=max(epochs - cfg.warmup_epochs, 1e-9) if per_update else epochs,
-        warmup_prefix=per_update, decay_epochs=cfg.decay_epochs,
-        decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
-        warmup_epochs=cfg.warmup_epochs, patience_epochs=cfg.plateau_patience,
-        plateau_mode=plateau_mode, step_on_epochs=not per_update,
-        updates_per_epoch=updates_per_epoch if per_update else 0)
+    with warnings.catch_warnings():
+        # timm deprecates its plateau scheduler because timm's own checkpoints drop the state of
+        # the wrapped ReduceLROnPlateau; ours keep it (trainer_state.json "plateau"), and resuming
+        # a plateau run is tested (tests/test_optim.py: scheduler_state). It stays: it is the recipe's LR decay.
+        warnings.filterwarnings("ignore", message="PlateauLRScheduler is deprecated", category=FutureWarning)
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=cfg.name, num_epochs=max(epochs - cfg.warmup_epochs, 1e-9) if per_update else epochs,
+            warmup_prefix=per_update, decay_epochs=cfg.decay_epochs,
+            decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
+            warmup_epochs=cfg.warmup_epochs, patience_epochs=cfg.plateau_patience,
+            plateau_mode=plateau_mode, step_on_epochs=not per_update,
+            updates_per_epoch=updates_per_epoch if per_update else 0)
     return scheduler
+
+
+def scheduler_state(scheduler: Scheduler) -> dict:
+    """Everything a resumed run needs to continue the schedule, the plateau counters included
+    (timm's plateau scheduler wraps torch's ReduceLROnPlateau, whose state its own does not hold)."""
+    inner = getattr(scheduler, "lr_scheduler", None)
+    return {"scheduler": scheduler.state_dict(), "plateau": inner.state_dict() if inner is not None else None}
+
+
+def load_scheduler_state(scheduler: Scheduler, saved: dict) -> None:
+    scheduler.load_state_dict(saved["scheduler"])
+    inner = getattr(scheduler, "lr_scheduler", None)
+    if inner is not None and saved.get("plateau") is not None:
+        inner.load_state_dict(saved["plateau"])
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -35,7 +35,7 @@ from job.early_stopping import EarlyStopping
 from job.features import FeatureLoader, Preempted, cached_features, feature_key
 from job.loop import StepHooks, StepLog, TrainParts, TrainState, evaluate, train_one_epoch
 from job.model import ModelCard, Strategy, WeightsError, create_model
-from job.optim import build_optimizer, build_scheduler, current_lr
+from job.optim import build_optimizer, build_scheduler, current_lr, load_scheduler_state, scheduler_state
 from job.preemption import EXIT_BAD_INPUT, EXIT_PREEMPTED, PreemptionSignal, record_exit_code
 from job.records import EpochRecord, RunSummary, shown_epoch
 from job.reporting import sample_predictions
@@ -287,18 +287,13 @@ class Trainer:
         return bare
 
     def _trainer_state(self) -> dict:
-        scheduler = self.parts.scheduler
-        inner = getattr(scheduler, "lr_scheduler", None)  # timm's plateau wraps torch's ReduceLROnPlateau
         return {"state": self.state.state_dict(), "early_stopping": self.stopper.state_dict(),
-                "scheduler": scheduler.state_dict(), "plateau": inner.state_dict() if inner is not None else None}
+                **scheduler_state(self.parts.scheduler)}
 
     def _load_trainer_state(self, saved: dict) -> None:
         self.state.load_state_dict(saved["state"])
         self.stopper.load_state_dict(saved["early_stopping"])
-        self.parts.scheduler.load_state_dict(saved["scheduler"])
-        inner = getattr(self.parts.scheduler, "lr_scheduler", None)
-        if inner is not None and saved.get("plateau") is not None:
-            inner.load_state_dict(saved["plateau"])
+        load_scheduler_state(self.parts.scheduler, saved)
 
     def _after_first_update(self) -> None:
         """Compilation and autotuning happen in the first step, under the generous setup timeout;

@@ -88,3 +88,39 @@ def test_no_weight_decay_on_biases_and_norms_and_backbone_scale():
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]
     frozen = build_optimizer(model, cfg.optim, train_backbone=False)
     assert {names[id(p)].split(".")[0] for g in frozen.param_groups for p in g["params"]} == {"head"}
+
+
+def test_a_resumed_plateau_schedule_continues_where_it_stopped():
+    """Saved and restored mid-run (through JSON, as trainer_state.json holds it), the plateau
+    schedule keeps its best metric and bad-epoch count: the LR drops at the same epoch as in an
+    uninterrupted run. Without the wrapped ReduceLROnPlateau's state it would drop later."""
+    import json as json_module
+
+    from job.optim import build_scheduler, load_scheduler_state, scheduler_state
+
+    cfg = load_config(None, ["schedule.name=plateau", "schedule.plateau_patience=2", "schedule.warmup_epochs=0",
+                             "optim.lr=0.1"])
+    metrics = [0.5, 0.6, 0.55, 0.55, 0.55, 0.55, 0.55]  # best at epoch 1, then no improvement
+
+    def fresh():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return optimizer, build_scheduler(optimizer, cfg.schedule, epochs=7, updates_per_epoch=1, plateau_mode="max")
+
+    optimizer, scheduler = fresh()
+    straight = []
+    for epoch, metric in enumerate(metrics):
+        scheduler.step(epoch + 1, metric)
+        straight.append(optimizer.param_groups[0]["lr"])
+    optimizer, scheduler = fresh()
+    resumed = []
+    for epoch, metric in enumerate(metrics):
+        if epoch == 3:  # preempted after 3 epochs: a new process restores the saved state
+            saved = json_module.loads(json_module.dumps(scheduler_state(scheduler)))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer, scheduler = fresh()
+            optimizer.param_groups[0]["lr"] = lr  # the optimizer's own state (Accelerate restores it)
+            load_scheduler_state(scheduler, saved)
+        scheduler.step(epoch + 1, metric)
+        resumed.append(optimizer.param_groups[0]["lr"])
+    assert resumed == straight
+    assert straight[0] == 0.1 and straight[-1] < 0.1  # it did decay within the run

@@ -154,3 +154,14 @@ def test_an_altered_checkpoint_is_refused_not_unpickled(tmp_path, prepared, trai
                                                    f"train.resume={checkpoint}")], check=False)
     assert_refused(proc, str(checkpoint), "cannot restore this checkpoint", "train.resume=never")
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_resuming_under_another_model_or_input_size_is_refused(trained):
+    """train.resume=auto finds the run's checkpoint; with another head or input size it would
+    continue a different experiment (here: `make demo` after editing its config)."""
+    before = sorted(p.name for p in trained.rglob("*"))
+    for override, key in (("model.head_hidden=[32]", "model.head_hidden"), ("data.image_size=40", "data.image_size")):
+        proc = run([PYTHON, "job/train.py", *cifar_run(trained, trained.parent / "prep-other", "train.epochs=9",
+                                                       override)], check=False)
+        assert_refused(proc, "checkpoints/epoch0008-step0000232 was written with", f"{key}=", "train.resume=never")
+    assert sorted(p.name for p in trained.rglob("*")) == before
