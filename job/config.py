@@ -91,9 +91,9 @@ class TrainConfig:
 class OptimConfig:
     name: Literal["sgd", "adamw", "adam"] = "sgd"  # sgd = SGD with Nesterov momentum
     lr: float = 0.01  # peak learning rate for the head, per optimizer step (not scaled by world size)
-    # backbone LR = lr x this (finetune, two_stage); None = 0.1 for a pretrained backbone, 1.0
-    # for a random one (which has nothing to preserve)
-    backbone_lr_scale: float | None = None
+    # backbone LR = lr x this (finetune, two_stage); 1.0 fine-tuned best in bench/defaults.py
+    # (docs/BENCHMARKS.md); lower it for long, high-LR recipes that must protect pretrained features
+    backbone_lr_scale: float = 1.0
     momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-4  # not applied to biases and norm parameters
 
@@ -177,10 +177,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     cfg = _build(Config, raw, "")
     cfg.train.output_dir = sweep_output_dir(cfg.train.output_dir)
     validate(cfg)
-    if cfg.optim.backbone_lr_scale is None:
-        # 0.1 keeps a pretrained backbone close to what it learned; a random backbone has nothing
-        # to keep and trains at the head's LR (docs/BENCHMARKS.md, "Defaults").
-        cfg.optim.backbone_lr_scale = 0.1 if cfg.model.pretrained else 1.0
     return cfg
 
 
@@ -284,8 +280,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.log_every >= 1 and cfg.train.signal_check_every >= 1,
          "train.log_every and train.signal_check_every must be >= 1"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
-        (cfg.optim.backbone_lr_scale is None or cfg.optim.backbone_lr_scale >= 0,
-         "optim.backbone_lr_scale must be >= 0 (or null: 0.1 pretrained, 1.0 random)"),
+        (cfg.optim.backbone_lr_scale >= 0, "optim.backbone_lr_scale must be >= 0"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (0.0 <= cfg.loss.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)"),
         (cfg.train.cache_features != "true" or cfg.train.strategy == "feature_extraction",

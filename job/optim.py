@@ -21,7 +21,6 @@ def build_optimizer(model: TransferModel, cfg: OptimConfig, train_backbone: bool
     """
     groups = param_groups_weight_decay(model.head, cfg.weight_decay)
     if train_backbone:
-        assert cfg.backbone_lr_scale is not None, "load_config resolves optim.backbone_lr_scale"
         for group in param_groups_weight_decay(model.backbone, cfg.weight_decay):
             groups.append({**group, "lr_scale": cfg.backbone_lr_scale})
     groups = [g for g in groups if g["params"]]

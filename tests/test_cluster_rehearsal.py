@@ -221,43 +221,53 @@ def test_two_pods_preempted_through_pid1_then_resume_as_world_size_2(tmp_path):
     assert len(runs) == 1, runs
 
 
-@pytest.fixture()
-def one_process_pod(tmp_path):
-    """Start docker/launch.sh as PID 1 with one process (the default and the 1-GPU overlay), on a
-    shared small store; returns start(tag, *overrides, script=None) -> Pod."""
+@pytest.fixture(params=[1, 2], ids=["1-process", "2-processes"])
+def pod_of(request, tmp_path):
+    """Start docker/launch.sh as PID 1 with 1 process (the default and the 1-GPU overlay) or 2
+    (several GPUs per node: torchrun under it), on a shared small store; returns
+    start(tag, *overrides, script=None) -> Pod."""
     if reason := pid_namespaces():
         pytest.skip(reason)
     prepare_data_volume(tmp_path)
-    out = tmp_path / "runs" / "one"
+    out = tmp_path / "runs" / "pod"
 
     def start(tag: str, *overrides: str, script: str | None = None) -> Pod:
-        env = pod_env(NPROC_PER_NODE="1", TERMINATION_GRACE_PERIOD_SECONDS="60",
-                      **({"TRAIN_SCRIPT": script} if script else {}))
+        env = pod_env(NPROC_PER_NODE=str(request.param), TERMINATION_GRACE_PERIOD_SECONDS="60",
+                      MASTER_PORT=str(free_port()), **({"TRAIN_SCRIPT": script} if script else {}))
         command = ["bash", str(REPO / "docker" / "launch.sh"), "--config", SMALL,
                    f"train.output_dir={out}", f"data.prepared_dir={tmp_path / 'data' / 'prepared'}", *overrides]
         return Pod(command, env, tmp_path / f"{tag}.log")
 
-    start.out = out
+    start.out, start.nproc = out, request.param
     return start
 
 
-def test_pid1_one_process_sigterm_bad_config_and_crash(one_process_pod):
-    """One process per node: `accelerate launch` runs train.py as a plain child and has no SIGTERM
-    handler. As PID 1 it would never even see the signal; launch.sh must deliver it. (Resuming
-    from such a checkpoint: the two-pod test above and tests/test_train_e2e.py.)"""
-    pod = one_process_pod("preempted")
-    pod.wait_for("step 20:")  # mid epoch 2
+def test_pid1_sigterm_resume_bad_config_and_crash(pod_of):
+    """With one process `accelerate launch` runs train.py as a plain child and has no SIGTERM
+    handler (as PID 1 it would never even see the signal); with two, torchrun forwards it but
+    exits 1. launch.sh must deliver the signal and exit with the job's code: 143 with a
+    checkpoint, then the resumed run finishes; 2 for a bad config; a crash's own code."""
+    nproc = pod_of.nproc
+    steps_per_epoch = {1: STEPS_PER_EPOCH, 2: 9}[nproc]  # 540 images, 32 per process and batch
+    pod = pod_of("preempted")
+    pod.wait_for(f"step {steps_per_epoch + 3}:")  # mid epoch 2
     pod.terminate()
     assert pod.wait(timeout=120) == EXIT_PREEMPTED, pod.text()[-5000:]
-    assert "SIGTERM: saved" in pod.text() and "reported: 143; exit code 143" in pod.text()
-    mid_epoch_checkpoint(one_process_pod.out, STEPS_PER_EPOCH)
+    assert f"reported: {' '.join(['143'] * nproc)}; exit code 143" in pod.text(), pod.text()[-3000:]
+    mid_epoch_checkpoint(pod_of.out, steps_per_epoch)
+    resumed = pod_of("resumed")
+    assert resumed.wait(timeout=300) == 0, resumed.text()[-5000:]
+    assert "resumed from" in resumed.text()
+    metrics = json.loads((pod_of.out / "metrics.json").read_text())
+    assert metrics["world_size"] == nproc and metrics["epochs_completed"] == 2
 
-    bad = one_process_pod("bad-config", "train.epochs=zero")
+    bad = pod_of("bad-config", "train.epochs=zero")
     assert bad.wait(timeout=120) == EXIT_BAD_INPUT, bad.text()[-3000:]
     assert "train.epochs" in bad.text()
-    crash = one_process_pod("crash", script=str(REPO / "tests" / "helpers" / "crash_train.py"))
+    crash = pod_of("crash", script=str(REPO / "tests" / "helpers" / "crash_train.py"))
     assert crash.wait(timeout=120) == 1, crash.text()[-3000:]
-    assert "illegal memory access" in crash.text() and "reported: 1; exit code 1" in crash.text()
+    assert "illegal memory access" in crash.text()
+    assert f"reported: {' '.join(['1'] * nproc)}; exit code 1" in crash.text()
 
 
 # ---------------------------------------------------------------- the launcher alone, in seconds
@@ -282,8 +292,8 @@ def test_launcher_exit_code_is_the_jobs(tmp_path, nproc, actions, expected):
 
 
 def test_sigterm_to_pid1_reaches_every_training_process_of_the_pod(tmp_path):
-    """Two processes in one pod (torchrun would report 1): both save, the pod exits 143. One
-    process per pod: test_pid1_one_process_sigterm_bad_config_and_crash, with real training."""
+    """Two processes in one pod (torchrun would report 1): both save, the pod exits 143. With
+    real training: test_pid1_sigterm_resume_bad_config_and_crash."""
     if reason := pid_namespaces():
         pytest.skip(reason)
     nproc = 2

@@ -12,15 +12,6 @@ def test_defaults_are_the_products_defaults():
     assert cfg.train.strategy == "finetune" and cfg.train.resume == "auto"
 
 
-def test_the_backbone_lr_scale_default_depends_on_the_weights():
-    """Resolved once, at load time (and so saved in config.yaml): 0.1 keeps pretrained weights
-    close to what they learned; a random backbone trains at the head's LR. Explicit values win."""
-    assert load_config().optim.backbone_lr_scale == 0.1
-    assert load_config(None, ["model.pretrained=false"]).optim.backbone_lr_scale == 1.0
-    assert load_config(None, ["model.pretrained=false", "optim.backbone_lr_scale=0.3"]).optim.backbone_lr_scale == 0.3
-    assert load_config(None, ["optim.backbone_lr_scale=0"]).optim.backbone_lr_scale == 0.0
-
-
 def test_yaml_then_overrides_win(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"train": {"epochs": 7, "strategy": "two_stage"}, "optim": {"lr": 0.5}}))

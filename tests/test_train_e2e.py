@@ -67,6 +67,19 @@ def test_evaluate_gives_identical_results_on_1_and_2_processes(trained):
     assert val["samples"] == 200
 
 
+def test_evaluate_reads_the_data_where_it_is_mounted_now(trained, prepared, tmp_path):
+    """best/model.json holds no store path: a run evaluates against the same data mounted
+    elsewhere (another pod, another machine) with --store."""
+    import shutil
+
+    moved = tmp_path / "mounted-elsewhere" / "cifar10"
+    shutil.copytree(prepared / "cifar10", moved)
+    assert str(prepared) not in (trained / "best" / "model.json").read_text()
+    result = json.loads(run([PYTHON, "job/evaluate.py", "--run", str(trained), "--store", str(moved)])
+                        .stdout.splitlines()[-1])
+    assert result["samples"] == 1000 and result["accuracy"] == _metrics(trained)["test_accuracy"]
+
+
 def test_predict_prints_top5_for_image_files(trained):
     images = [sorted((FOLDER_MINI / "test" / c).iterdir())[0] for c in ("cat", "ship")]
     lines = run([PYTHON, "job/predict.py", "--run", str(trained), *map(str, images)]).stdout.strip().splitlines()
