@@ -72,17 +72,22 @@ def remove_abandoned(final: Path) -> None:
             tag_host, _, pid = path.name[len(f".{final.name}.{kind}-"):].rpartition("-")
             if not pid.isdigit() or not _abandoned(path, tag_host == host, int(pid)):
                 continue
-            if kind == "old" and not final.exists():
-                path.rename(final)  # killed between the two renames: the old version is the good one
-            else:
-                shutil.rmtree(path, ignore_errors=True)
+            try:
+                if kind == "old" and not final.exists():
+                    path.rename(final)  # killed between the two renames: the old version is the good one
+                else:
+                    shutil.rmtree(path, ignore_errors=True)
+            except OSError:  # another process got there first
+                pass
 
 
 def _abandoned(path: Path, same_host: bool, pid: int) -> bool:
     if same_host:
         return not _alive(pid)
     try:
-        newest = max((p.lstat().st_mtime for p in (path, *path.rglob("*"))), default=0.0)
+        # ctime too: a rename (how .old- directories are made) keeps mtimes but updates the ctime
+        newest = max((max(st.st_mtime, st.st_ctime) for st in (p.lstat() for p in (path, *path.rglob("*")))),
+                     default=0.0)
     except OSError:  # being removed by its owner right now
         return False
     return time.time() - newest > ABANDONED_AFTER_SECONDS

@@ -105,7 +105,14 @@ class Checkpointer:
         saved_file = path / "config.yaml"
         if self.config is None or not saved_file.is_file():
             return
-        saved = yaml.safe_load(saved_file.read_text()) or {}
+        try:
+            saved = yaml.safe_load(saved_file.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            saved = e
+        if not isinstance(saved, dict) or not all(isinstance(saved.get(k.split(".")[0], {}), dict)
+                                                  for k in RESUME_MUST_MATCH):
+            raise ConfigError(f"{saved_file}: not a config this job wrote; resume from another checkpoint, or "
+                              "start over with train.resume=never")
         current = self.config.to_dict()
         for key in RESUME_MUST_MATCH:
             section, name = key.split(".")

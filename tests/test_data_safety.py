@@ -154,26 +154,32 @@ def test_a_temporary_directory_left_by_a_killed_run_is_removed(tmp_path):
     assert sorted(p.name for p in (tmp_path / "src").iterdir()) == ["cifar-10-batches-py"]
 
 
-def test_a_run_that_reuses_the_store_also_cleans_up_and_other_hosts_leftovers_expire(tmp_path):
+def test_a_run_that_reuses_the_store_also_cleans_up_and_other_hosts_leftovers_expire(tmp_path, monkeypatch):
     """A rescheduled pod has a new hostname: its predecessor's temporaries cannot be matched by
-    PID, so they are removed once nothing in them changed for ABANDONED_AFTER_SECONDS; a fresh
-    one (another node may be writing it now) is left alone. A run that only reuses cleans too."""
+    PID, so they are removed once nothing in them changed for ABANDONED_AFTER_SECONDS (here 2 s).
+    A fresh one, or an old version another node has just renamed aside (a rename keeps mtimes,
+    not ctimes), is left alone: that node may be committing right now. A run that only reuses
+    the store cleans up too."""
     from job import atomic
 
     store = tmp_path / "store"
     prepare("synthetic", tmp_path / "src", store, num_train=100, num_test=20)
+    monkeypatch.setattr(atomic, "ABANDONED_AFTER_SECONDS", 2)
     dead = tmp_path / f".store.tmp-{socket.gethostname()}-{2**22 + 7}"
     stale = tmp_path / ".store.tmp-old-pod-0-17"
-    fresh = tmp_path / ".store.tmp-other-pod-1-17"
-    for d in (dead, stale, fresh):
+    previous = tmp_path / "previous-version"
+    for d in (dead, stale, previous):
         d.mkdir()
         (d / "meta.json").write_text("{}")
-    old = time.time() - atomic.ABANDONED_AFTER_SECONDS - 60
-    for p in (stale, stale / "meta.json"):
-        os.utime(p, (old, old))
+    time.sleep(2.5)
+    fresh = tmp_path / ".store.tmp-other-pod-1-17"
+    fresh.mkdir()
+    renamed_aside = tmp_path / ".store.old-other-pod-1-17"
+    previous.rename(renamed_aside)  # its files keep their old mtimes
     _, reused = prepare("synthetic", tmp_path / "src", store, num_train=100, num_test=20)
     assert reused
-    assert not dead.exists() and not stale.exists() and fresh.is_dir()
+    assert not dead.exists() and not stale.exists()
+    assert fresh.is_dir() and renamed_aside.is_dir()
 
 
 def test_sigterm_during_synthetic_generation_then_rerun_cleans_up(tmp_path):

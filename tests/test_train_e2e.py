@@ -161,6 +161,12 @@ def test_an_altered_checkpoint_is_refused_not_unpickled(tmp_path, prepared, trai
 
     checkpoint = tmp_path / "epoch0008-step0000232"
     shutil.copytree(sorted((trained / "checkpoints").iterdir())[-1], checkpoint)
+    good_config = (checkpoint / "config.yaml").read_text()
+    (checkpoint / "config.yaml").write_text("model: [unbalanced\n")
+    proc = run([PYTHON, "job/train.py", *cifar_run(tmp_path / "out", prepared, "train.epochs=9",
+                                                   f"train.resume={checkpoint}")], check=False)
+    assert_refused(proc, str(checkpoint / "config.yaml"), "not a config this job wrote")
+    (checkpoint / "config.yaml").write_text(good_config)
     with open(checkpoint / "optimizer.bin", "wb") as f:
         pickle.dump({"state": Exploit()}, f)
     proc = run([PYTHON, "job/train.py", *cifar_run(tmp_path / "out", prepared, "train.epochs=9",

@@ -118,6 +118,19 @@ def test_a_tiny_pickle_cannot_allocate_a_huge_array(tmp_path, good_store, call):
     assert_untouched(tmp_path, good_store, {"hostile"})
 
 
+def test_an_object_dtype_is_refused_before_numpy_builds_the_array(tmp_path, good_store):
+    """An object array is rebuilt from a pickled list, which NumPy's __setstate__ trusts (a
+    crafted state can crash the interpreter): no dtype holding Python objects is created."""
+    import numpy as np
+
+    root = _batch_dir(tmp_path)
+    objects = np.array([0] * 3072, dtype=object).reshape(1, 3072)
+    (root / "data_batch_5").write_bytes(pickle.dumps({b"data": objects, b"labels": [0]}, protocol=2))
+    proc = prepare_cli(root.parent, tmp_path / "store")
+    assert_refused(proc, str(root / "data_batch_5"), "holds Python objects")
+    assert_untouched(tmp_path, good_store, {"hostile"})
+
+
 # ---------------------------------------------------------------- bounded reads
 
 def prepare_cli_measured(root: Path, out: Path, **limits: int) -> subprocess.CompletedProcess:

@@ -74,6 +74,15 @@ def _bounded_reconstruct(subtype, shape, dtype):
     return np._core.multiarray._reconstruct(np.ndarray, dims, dtype)
 
 
+def _plain_dtype(*args):
+    """``numpy.dtype`` without Python objects: an object dtype would make NumPy build the array
+    from a pickled list of objects (and NumPy's own ``__setstate__`` can crash on a crafted one)."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise ValueError(f"dtype {dtype} holds Python objects; an official batch holds only numbers and bytes")
+    return dtype
+
+
 _SAFE_GLOBALS = {
     (module, name): target
     for core in ("numpy.core", "numpy._core")
@@ -82,7 +91,7 @@ _SAFE_GLOBALS = {
         (f"{core}.multiarray", "scalar", np._core.multiarray.scalar),
         (f"{core}.numeric", "_frombuffer", np._core.numeric._frombuffer),
     )
-} | {("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): np.dtype,
+} | {("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): _plain_dtype,
      ("_codecs", "encode"): __import__("codecs").encode}
 
 
