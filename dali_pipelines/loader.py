@@ -1,5 +1,5 @@
 """The iterator the training loop sees: ``(images, labels)`` torch batches from a DALI pipeline,
-with its length per epoch, its sample counts, and ``set_epoch(epoch, start_step)`` for resume.
+with its length per epoch, its sample counts, and ``set_epoch(epoch, start_sample)`` for resume.
 """
 from __future__ import annotations
 
@@ -39,14 +39,38 @@ class LoaderSpec:
     device_id: int | None = None  # CUDA device for the GPU pipeline; None = CPU-only pipeline
     prefetch: int = 2  # batches DALI prepares ahead of the loop
     augment: bool = True  # random shifts and flips on training loaders (data.augment)
+    backend: str = "dali"  # dali | torch (dali_pipelines/torch_loader.py): data.loader, resolved
+
+
+def resolve_backend(choice: str, say=print) -> str:
+    """``data.loader``: ``dali`` or ``torch`` as asked; ``auto`` is DALI where it imports, else
+    the torch loader, said out loud (it is slower: docs/BENCHMARKS.md)."""
+    if choice != "auto":
+        return choice
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as e:
+        say(f"data.loader=auto: DALI is not importable here ({e}); using the PyTorch loader "
+            "(same batches, slower: pip install nvidia-dali-cuda130 for the fast path)")
+        return "torch"
+    return "dali"
+
+
+def image_loader(spec: LoaderSpec, **kwargs):
+    """A DaliLoader or TorchLoader (same arguments, same batches) for ``spec.backend``."""
+    if spec.backend == "torch":
+        from dali_pipelines.torch_loader import TorchLoader
+
+        return TorchLoader(spec=spec, **kwargs)
+    return DaliLoader(spec=spec, **kwargs)
 
 
 def make_loader(store, split: str, spec: LoaderSpec, *, train: bool, batch_size: int, rank: int = 0,
-                world_size: int = 1, seed: int = 0) -> "DaliLoader":
-    """A DaliLoader over one split of a prepared store (``job.data.Store``) for one rank."""
+                world_size: int = 1, seed: int = 0):
+    """An image loader over one split of a prepared store (``job.data.Store``) for one rank."""
     data = store.split(split)
-    return DaliLoader(labels=data.labels, images=data.images, files=data.files, spec=spec, train=train,
-                      batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+    return image_loader(spec, labels=data.labels, images=data.images, files=data.files, train=train,
+                        batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
 
 
 def dali_device_id(device: torch.device) -> int | None:
@@ -110,15 +134,16 @@ class DaliLoader:
     """Shards, shuffles and augments one split for one rank (rules in dali_pipelines/sampling.py).
 
     Give it ``images`` (N, H, W, 3) uint8 (may be a memmap) or ``files`` (encoded JPEG/PNG paths),
-    plus ``labels``. Iterate after ``set_epoch(epoch, start_step)``; ``len()`` is the number of
-    batches this rank yields in a full epoch. ``plan`` replaces the sharding rule with explicit
-    batches of sample indices (the feature cache's extraction order).
+    plus ``labels``. Iterate after ``set_epoch(epoch, start_sample)``; ``len()`` is the number of
+    batches this rank yields in a full epoch, ``plan`` (a ``sampling.EpochPlan``) what the next
+    iteration yields. ``batches`` replaces the sharding rule with explicit batches of sample
+    indices (the feature cache's extraction order).
     """
 
     def __init__(self, *, labels: np.ndarray, spec: LoaderSpec, train: bool, batch_size: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0,
                  images: np.ndarray | None = None, files: Sequence[str | Path] | None = None,
-                 plan: list[np.ndarray] | None = None):
+                 batches: list[np.ndarray] | None = None):
         if (images is None) == (files is None):
             raise ValueError("give exactly one of images= or files=")
         self.spec, self.train, self.batch_size, self.seed = spec, train, batch_size, seed
@@ -127,24 +152,24 @@ class DaliLoader:
         self.augment = train and spec.augment
         self._source = _BatchSource(images, [str(f) for f in files] if files is not None else None,
                                     np.asarray(labels), self.augment, io_threads=max(2, spec.num_threads))
-        self._full_plan = plan if plan is not None else self._plan()
+        self.plan = sampling.EpochPlan(self.num_samples, train=train, batch_size=batch_size, rank=rank,
+                                       world_size=world_size, batches=batches)
         self._iterator = None
         self._exhausted = True
-        self.epoch, self.start_step = 0, 0
+        self.epoch = 0
 
     def __len__(self) -> int:
-        return len(self._full_plan)
+        return len(self.plan.full)
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Prepare epoch ``epoch`` starting at batch ``start_step`` (resume mid-epoch)."""
-        if not 0 <= start_step <= len(self):
-            raise ValueError(f"start_step {start_step} outside [0, {len(self)}]")
-        self.epoch, self.start_step = epoch, start_step
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        """Prepare epoch ``epoch`` from sample position ``start_sample`` (resume mid-epoch)."""
+        self.epoch = epoch
+        self.plan.restart(start_sample)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = sampling.epoch_permutation(self.num_samples, self.seed, self.epoch) if self.train else None
         aug = sampling.epoch_augmentation(self.num_samples, self.seed, self.epoch) if self.augment else None
-        self._source.restart(self._full_plan[self.start_step:], order, aug)
+        self._source.restart(self.plan.batches, order, aug)
         if not self._source.plan:
             return
         self._start()
@@ -156,11 +181,6 @@ class DaliLoader:
                 images = images.to(torch.bfloat16)
             yield images, labels
         self._exhausted = True
-
-    def _plan(self) -> list[np.ndarray]:
-        if self.train:
-            return sampling.train_batches(self.num_samples, self.world_size, self.rank, self.batch_size)
-        return sampling.eval_batches(self.num_samples, self.world_size, self.rank, self.batch_size)
 
     def _start(self) -> None:
         """(Re)start the DALI pipeline on the freshly planned epoch."""
@@ -182,8 +202,7 @@ class DaliLoader:
             dtype="float16" if spec.dtype == "bfloat16" else spec.dtype,
             layout="HWC" if spec.channels_last else "CHW",
             device="cpu" if spec.device_id is None else "gpu",
-            # a balanced training tail batch may hold one extra sample
-            batch_size=max(self.batch_size + 1, *(len(b) for b in self._full_plan)),
+            batch_size=self.plan.max_batch,
             num_threads=spec.num_threads, device_id=spec.device_id, seed=self.seed,
             prefetch_queue_depth=spec.prefetch)
         self._iterator = DALIGenericIterator(pipe, ["images", "labels"], size=-1, auto_reset=False)

@@ -12,7 +12,6 @@ which DALI's readers (random shuffle buffer, own sharding) cannot promise.
 """
 from __future__ import annotations
 
-import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
 from dali_pipelines.loader import RESIZE_INTERPOLATION
@@ -35,8 +34,10 @@ def image_pipeline(source, *, train: bool, encoded: bool, image_size: int, mean:
                                  layout=[None if encoded else "HWC", None, None, None][: 4 if train else 2])
     images, labels = outputs[0], outputs[1]
     if encoded:
+        # fancy upsampling: nvJPEG then upsamples chroma as libjpeg-turbo does, so a model trained
+        # on GPU-decoded pixels is served the same pixels by the CPU pipeline (predict.py)
         images = fn.decoders.image(images, device="mixed" if device == "gpu" else "cpu",
-                                   output_type=types.RGB)
+                                   output_type=types.RGB, jpeg_fancy_upsampling=True)
     elif device == "gpu":
         images = images.gpu()  # upload the small uint8 image; everything after runs on the GPU
     mirror = 0
@@ -44,8 +45,9 @@ def image_pipeline(source, *, train: bool, encoded: bool, image_size: int, mean:
         shift, mirror = outputs[2], outputs[3]
         # Random crop with zero padding, expressed as a translation of the whole image so that it
         # means the same thing for 32x32 CIFAR and for folder images of any size.
-        images = fn.slice(images, shift, np.array([1.0, 1.0], dtype=np.float32), axis_names="WH",
-                          normalized_anchor=True, normalized_shape=True,
+        # Anchor and shape as arguments: argument inputs live on the CPU, where the shift already
+        # is; a GPU operator given them as positional inputs copies them to the host every batch.
+        images = fn.slice(images, rel_start=shift, rel_shape=[1.0, 1.0], axis_names="WH",
                           out_of_bounds_policy="pad", fill_values=0)
     normalize = dict(mirror=mirror, dtype=_DTYPES[dtype], output_layout=layout,
                      mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])

@@ -8,15 +8,19 @@ what an uninterrupted one would have yielded from there.
 Training shard rule (documented in the README, property-tested in tests/test_sampling.py):
   1. Shuffle all N indices with a generator seeded by ``(seed, epoch)``: every rank computes
      the same permutation.
-  2. Cut it into ``steps = ceil(N / G)`` global batches, ``G = world_size * batch_size``. Every
-     global batch but the last is full: rank r takes its slice ``[r*b, (r+1)*b)``.
-  3. The tail (``R = N - (steps-1)*G`` samples, ``1 <= R <= G``) is split as evenly as
-     possible over the ranks (sizes differ by at most one). If ``R < world_size`` some rank
-     would get an empty batch, which DDP cannot step on; then the tail is folded into the
-     previous global batch and those ``G + R`` samples are split evenly instead (each rank
-     gets ``b`` or ``b + 1``).
+  2. Cut positions ``[start, N)`` of it into global batches of ``G = world_size * batch_size``
+     (``start`` is 0 except when resuming mid-epoch). Each global batch is split over the
+     ranks as evenly as possible (``np.array_split``): a full one gives rank r the slice
+     ``[r*b, (r+1)*b)``.
+  3. The tail (``R`` samples, ``1 <= R <= G``) is split the same way. If ``R < 2 * world_size``
+     some rank would get a batch of 0 or 1 sample (DDP cannot step on an empty batch, and a
+     batch-norm layer cannot train on one sample), so the tail is folded into the previous
+     global batch and those ``G + R`` samples are split instead (each rank gets ``b`` to ``b + 2``).
   So every rank runs the same number of steps, the shards are disjoint, and together they
-  cover every training sample exactly once per epoch.
+  cover every training sample exactly once per epoch. Each step consumes a contiguous range
+  of the permutation, so a position in the epoch is a number of *samples*, the same whatever
+  the world size: a checkpoint written by 2 processes mid-epoch resumes on 1 (or 8) at the
+  first unseen sample (``start``).
 
 Evaluation rule: the N samples in order are split into ``world_size`` contiguous chunks
 (``np.array_split``); each rank batches its chunk with a partial last batch. Ranks may run
@@ -39,24 +43,69 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0]).permutation(num_samples)
 
 
-def train_batches(num_samples: int, world_size: int, rank: int, batch_size: int) -> list[np.ndarray]:
+def global_steps(num_samples: int, world_size: int, batch_size: int, start: int = 0) -> list[tuple[int, int]]:
+    """``[lo, hi)`` positions of the epoch permutation that each step consumes, all ranks together,
+    from position ``start`` on (module docstring, rule 2-3)."""
+    global_batch = world_size * batch_size
+    bounds = list(range(start, num_samples, global_batch)) + [num_samples]
+    if len(bounds) > 2 and num_samples - bounds[-2] < 2 * world_size:  # fold a tail too small to split
+        del bounds[-2]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def train_batches(num_samples: int, world_size: int, rank: int, batch_size: int,
+                  start: int = 0) -> list[np.ndarray]:
     """Positions in the epoch permutation that ``rank`` reads, one array per step (module docstring)."""
     _check_shard_args(num_samples, world_size, rank, batch_size)
     if num_samples < world_size:
         raise ValueError(
             f"{num_samples} training samples cannot be sharded over {world_size} processes: "
             "every process needs at least one sample; use fewer processes or more data")
-    global_batch = world_size * batch_size
-    steps = -(-num_samples // global_batch)
-    tail_start = (steps - 1) * global_batch
-    if num_samples - tail_start < world_size:  # a rank would get an empty last batch
-        steps -= 1
-        tail_start -= global_batch
-    positions = np.arange(num_samples)
-    batches = [positions[s * global_batch + rank * batch_size: s * global_batch + (rank + 1) * batch_size]
-               for s in range(steps - 1)]
-    batches.append(np.array_split(positions[tail_start:], world_size)[rank])
-    return batches
+    if not 0 <= start <= num_samples:
+        raise ValueError(f"start {start} outside [0, {num_samples}]")
+    return [np.array_split(np.arange(lo, hi), world_size)[rank]
+            for lo, hi in global_steps(num_samples, world_size, batch_size, start)]
+
+
+class EpochPlan:
+    """One rank's batches of one split for an epoch, and where each step leaves the epoch (in
+    samples, the same on every rank): what every loader iterates and reports."""
+
+    def __init__(self, num_samples: int, *, train: bool, batch_size: int, rank: int = 0, world_size: int = 1,
+                 batches: list[np.ndarray] | None = None):
+        self.num_samples, self.train, self.batch_size = num_samples, train, batch_size
+        self.rank, self.world_size = rank, world_size
+        self._explicit = batches
+        self.full = batches if batches is not None else self._batches(0)
+        self.start = 0
+        self.batches, self.ends = self.full, self._ends(0)
+
+    def _batches(self, start: int) -> list[np.ndarray]:
+        if self.train:
+            return train_batches(self.num_samples, self.world_size, self.rank, self.batch_size, start)
+        return eval_batches(self.num_samples, self.world_size, self.rank, self.batch_size)
+
+    def _ends(self, start: int) -> list[int]:
+        if not self.train or self._explicit is not None:
+            return []
+        return [hi for _, hi in global_steps(self.num_samples, self.world_size, self.batch_size, start)]
+
+    def restart(self, start: int = 0) -> None:
+        """Plan the epoch from sample position ``start`` (0, or where a checkpoint left it)."""
+        if start and not self.train:
+            raise ValueError("only training plans resume mid-epoch")
+        self.start = start
+        self.batches = self.full if start == 0 else self._batches(start)
+        self.ends = self._ends(start)
+
+    def position_after(self, steps: int) -> int:
+        """Samples of the epoch consumed (all ranks) once ``steps`` batches of this plan have run."""
+        return self.ends[steps - 1] if steps else self.start
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch any plan of this split may hold (a folded tail adds up to 2)."""
+        return max([self.batch_size + 2 * self.train, *(len(b) for b in self.full)])
 
 
 def eval_batches(num_samples: int, world_size: int, rank: int, batch_size: int) -> list[np.ndarray]:

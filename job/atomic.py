@@ -39,14 +39,19 @@ def atomic_directory(final: Path, *, is_ours: Callable[[Path], bool]) -> Iterato
     tag = f"{socket.gethostname()}-{os.getpid()}"
     tmp = final.parent / f".{final.name}.tmp-{tag}"
     old = final.parent / f".{final.name}.old-{tag}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if _is_our_temporary(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    _mark(tmp)
     try:
         yield tmp
-        shutil.rmtree(old, ignore_errors=True)
+        if _is_our_temporary(old):
+            shutil.rmtree(old, ignore_errors=True)
         if final.exists():
+            _mark(final)  # what is renamed aside carries the marker, so a killed run's .old- is cleaned up too
             final.rename(old)
         tmp.rename(final)
+        _unmark(final)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -62,7 +67,9 @@ def remove_abandoned(final: Path) -> None:
     """Clean up after killed processes: remove their ``.NAME.tmp-HOST-PID``, and their
     ``.NAME.old-HOST-PID`` (or put it back, if ``final`` is missing). A temporary of this host
     is abandoned when its process is dead; another host's, when nothing in it changed for
-    ABANDONED_AFTER_SECONDS. Called before every write and by every run that reuses ``final``."""
+    ABANDONED_AFTER_SECONDS. Only directories that carry TEMPORARY_MARKER are touched: a user's
+    folder that merely looks like one (``.store.tmp-laptop-4242``) is never ours to delete.
+    Called before every write and by every run that reuses ``final``."""
     final = Path(final)
     if not final.parent.is_dir():
         return
@@ -70,15 +77,33 @@ def remove_abandoned(final: Path) -> None:
     for kind in ("tmp", "old"):
         for path in final.parent.glob(f".{final.name}.{kind}-*"):
             tag_host, _, pid = path.name[len(f".{final.name}.{kind}-"):].rpartition("-")
-            if not pid.isdigit() or not _abandoned(path, tag_host == host, int(pid)):
+            if not pid.isdigit() or not _is_our_temporary(path) or not _abandoned(path, tag_host == host, int(pid)):
                 continue
             try:
                 if kind == "old" and not final.exists():
                     path.rename(final)  # killed between the two renames: the old version is the good one
+                    _unmark(final)
                 else:
                     shutil.rmtree(path, ignore_errors=True)
             except OSError:  # another process got there first
                 pass
+
+
+# Written into every temporary (and into a version before it is renamed aside): cleanup matches
+# this file, never a name alone.
+TEMPORARY_MARKER = ".cifar-transfer-temporary"
+
+
+def _mark(directory: Path) -> None:
+    (directory / TEMPORARY_MARKER).write_text("a temporary of cifar-transfer's job/atomic.py: removed when abandoned\n")
+
+
+def _unmark(directory: Path) -> None:
+    (directory / TEMPORARY_MARKER).unlink(missing_ok=True)
+
+
+def _is_our_temporary(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and (path / TEMPORARY_MARKER).is_file()
 
 
 def _abandoned(path: Path, same_host: bool, pid: int) -> bool:

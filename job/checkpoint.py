@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 import yaml
 from safetensors.torch import load_file, save_file
 
 from job.atomic import ForeignDirectoryError, atomic_directory
-from job.config import CHECKPOINT_MARKER, Config, ConfigError
+from job.config import CHECKPOINT_MARKER, CONFIG_HEADER, Config, ConfigError, read_yaml_mapping
 from job.model import ModelCard
 
 _NAME = re.compile(r"^epoch(\d+)-step(\d+)$")
@@ -75,8 +76,12 @@ class Checkpointer:
         if resume == "never":
             return None
         if resume == "auto":
-            found = self.all()
-            return found[-1] if found else None
+            # The main process lists and every rank takes its choice: on network storage a
+            # restarted node may still see an older listing, and ranks that resumed from
+            # different checkpoints would train on, out of step, without noticing.
+            found = self.all() if self.accelerator.is_main_process else []
+            (name,) = broadcast_object_list([found[-1].name if found else None])
+            return self.dir / name if name else None
         return Path(resume)
 
     def load(self, path: Path) -> dict:
@@ -86,10 +91,16 @@ class Checkpointer:
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path}: not a readable checkpoint of this job ({e}); set train.resume=never "
                               "to start over or point it at another checkpoint") from None
+        if not isinstance(trainer_state, dict) or not {"state", "early_stopping"} <= trainer_state.keys():
+            raise ConfigError(f"{path / CHECKPOINT_MARKER}: not the trainer state this job writes (no state and "
+                              "early_stopping); resume from another checkpoint, or start over with "
+                              "train.resume=never")
         self._refuse_another_experiment(path)
+        from safetensors import SafetensorError
+
         try:
             self.accelerator.load_state(str(path))
-        except (pickle.UnpicklingError, OSError, ValueError, RuntimeError, KeyError) as e:
+        except (pickle.UnpicklingError, OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
             # weights_only loading refuses anything but tensors and plain containers; a model whose
             # shapes differ from the checkpoint's (another config) fails here too.
             raise ConfigError(f"{path}: cannot restore this checkpoint ({type(e).__name__}: {str(e)[:500]}). Its "
@@ -114,7 +125,9 @@ class Checkpointer:
             raise ConfigError(f"{saved_file}: not a config this job wrote; resume from another checkpoint, or "
                               "start over with train.resume=never")
         current = self.config.to_dict()
-        for key in RESUME_MUST_MATCH:
+        # A global batch is the experiment's; its per-process share may change with the world size.
+        keys = [k for k in RESUME_MUST_MATCH if k != "data.batch_size" or current["data"]["global_batch_size"] is None]
+        for key in keys:
             section, name = key.split(".")
             before, now = saved.get(section, {}).get(name), current[section][name]
             if before != now:
@@ -126,7 +139,7 @@ class Checkpointer:
 # What a checkpoint's weights and step counters mean (model.weights is left out: the same file may
 # be mounted at another path).
 RESUME_MUST_MATCH = ("model.name", "model.pretrained", "model.head_hidden", "data.source", "data.image_size",
-                     "data.batch_size", "train.strategy", "train.seed")
+                     "data.batch_size", "data.global_batch_size", "train.strategy", "train.seed")
 
 
 def save_best(accelerator: Accelerator, bare_model: torch.nn.Module, output_dir: str | Path, card: ModelCard) -> None:
@@ -160,3 +173,21 @@ def check_output_dir(out: Path) -> None:
     if best.exists() and not (best / "model.json").is_file() and (not best.is_dir() or any(best.iterdir())):
         raise ConfigError(f"{best} exists and was not written by this job (no model.json); it would be replaced "
                           "by the best model: choose another train.output_dir")
+    if out.is_dir() and any(out.iterdir()) and not is_run_dir(out):
+        raise ConfigError(f"train.output_dir={out} is a non-empty folder that no run of this job wrote (no "
+                          "config.yaml of ours): its config.yaml, history.jsonl, best/ would be overwritten. "
+                          "Nothing was written; choose a new or empty train.output_dir")
+
+
+def is_run_dir(out: Path) -> bool:
+    """Whether ``out`` is an output_dir this job wrote: its config.yaml starts with CONFIG_HEADER,
+    or (runs from before the header) holds every section of a resolved config and nothing else."""
+    path = out / "config.yaml"
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            if f.readline().rstrip("\n") == CONFIG_HEADER:
+                return True
+        saved = read_yaml_mapping(path, "config.yaml")
+    except (OSError, ConfigError):
+        return False
+    return set(saved) == set(Config().to_dict()) and all(isinstance(v, dict) for v in saved.values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -18,8 +19,18 @@ from typing import Any, Literal
 
 import yaml
 
+from job.bounds import shown, within_size
 
 CHECKPOINT_MARKER = "trainer_state.json"  # in every checkpoint directory this job writes
+# The first line of every config.yaml the job writes: what marks an output_dir as a run of ours.
+CONFIG_HEADER = "# the resolved config of a cifar-transfer run (job/train.py)"
+# Bounds on a config file: ours are a few KB with ~80 values; anchors that expand a small file
+# into a huge value (a "billion laughs") are refused before anything walks it.
+MAX_CONFIG_BYTES = 2**20
+MAX_CONFIG_VALUES = 10_000
+# Pixels per side: the largest pretrained input among timm's classifiers is ~800 (EVA-02 at
+# 448, BEiT at 512, some at 800); beyond this a batch no longer fits in memory anyway.
+MAX_IMAGE_SIZE = 1024
 
 
 class ConfigError(ValueError):
@@ -44,6 +55,13 @@ class DataConfig:
     augment: bool = True  # training crops (zero-padded shifts) and flips; off when features are cached
     synthetic_train: int = 5000  # images generated for source=synthetic (train + val)
     synthetic_test: int = 1000
+    # Images per optimizer update over all processes; set, it replaces batch_size with
+    # global_batch_size / (processes x train.grad_accum_steps), so a recipe means the same
+    # optimisation on 1 or 64 GPUs (raise grad_accum_steps when a batch does not fit).
+    global_batch_size: int | None = None
+    # dali: the fast path (default); torch: the same batches on PyTorch alone, for machines
+    # without DALI; auto: DALI where it imports, else torch, said in the log
+    loader: Literal["dali", "torch", "auto"] = "dali"
 
 
 @dataclass
@@ -85,6 +103,10 @@ class TrainConfig:
     # (and the job restarts from its checkpoint) instead of hanging.
     setup_timeout_minutes: float = 60.0
     step_timeout_minutes: float = 5.0
+    # A mid-epoch checkpoint (the SIGTERM one, resumable) at least this often, besides those at
+    # epoch ends and on SIGTERM: bounds the work lost with a node that vanishes without SIGTERM,
+    # or whose grace period is too short for a save (spot on GKE: 15 s). 0 = off.
+    checkpoint_every_minutes: float = 30.0
 
 
 @dataclass
@@ -146,7 +168,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(f"{CONFIG_HEADER}\n" + yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -155,14 +177,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Defaults, then the YAML file, then ``section.key=value`` overrides; validated."""
     raw: dict[str, Any] = {}
     if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must be a mapping of sections, got {type(raw).__name__}")
+        raw = read_yaml_mapping(Path(path), "config file")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
@@ -172,12 +187,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"section {section!r} must be a mapping")
         try:
             raw[section][name] = yaml.safe_load(value)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             raw[section][name] = value
+        if not within_size(raw[section][name], MAX_CONFIG_VALUES):
+            raise ConfigError(f"override {key} expands to more than MAX_CONFIG_VALUES={MAX_CONFIG_VALUES} values")
     cfg = _build(Config, raw, "")
     cfg.train.output_dir = sweep_output_dir(cfg.train.output_dir)
     validate(cfg)
     return cfg
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML mapping from ``path`` (a config file, a run's config.yaml), every failure a one-line
+    ConfigError naming the file; bounded in bytes and in what its aliases expand to."""
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{what} {path} is larger than MAX_CONFIG_BYTES={MAX_CONFIG_BYTES}; not a config")
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {path} cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {shown(str(e).replace(chr(10), ' '))}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} {path} nests values too deeply; not a config") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {path} must be a mapping of sections, got {type(raw).__name__}")
+    if not within_size(raw, MAX_CONFIG_VALUES):
+        raise ConfigError(f"{what} {path} expands to more than MAX_CONFIG_VALUES={MAX_CONFIG_VALUES} values (YAML "
+                          "aliases of aliases?); a config holds ~100")
+    return raw
 
 
 def sweep_output_dir(output_dir: str) -> str:
@@ -191,6 +231,8 @@ def sweep_output_dir(output_dir: str) -> str:
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """A Config from a saved ``config.yaml`` mapping (e.g. a finished run's)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a saved config must be a mapping of sections, got {type(raw).__name__}")
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg
@@ -209,7 +251,7 @@ def _build(cls, raw: dict[str, Any], prefix: str):
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                raise ConfigError(f"{prefix}{name} must be a mapping of keys, got {value!r}")
+                raise ConfigError(f"{prefix}{name} must be a mapping of keys, got {shown(value)}")
             kwargs[name] = _build(hint, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, hint, prefix + name)
@@ -223,7 +265,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             spellings = ("true", "yes", "on") if value else ("false", "no", "off")
             value = next((a for a in args if a in spellings), value)
         if value not in args:
-            raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, args))}")
+            raise ConfigError(f"{key}={shown(value)} is not valid; choose one of {', '.join(map(str, args))}")
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -232,15 +274,15 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return _coerce(value, inner, key)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, e.g. {key}=[512,256]; got {value!r}")
+            raise ConfigError(f"{key} must be a list, e.g. {key}=[512,256]; got {shown(value)}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
+            raise ConfigError(f"{key} must be true or false, got {shown(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
+            raise ConfigError(f"{key} must be an integer, got {shown(value)}")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
@@ -249,20 +291,38 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
+            raise ConfigError(f"{key} must be a number, got {shown(value)}")
+        if not math.isfinite(value):  # .inf / .nan would train to the end on garbage
+            raise ConfigError(f"{key}={value} is not a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
+            raise ConfigError(f"{key} must be a string, got {shown(value)}")
         return str(value)
     raise TypeError(f"unsupported config type {hint} for {key}")  # a bug in this module
+
+
+def per_process_batch(data: DataConfig, world_size: int, grad_accum_steps: int) -> int:
+    """``data.batch_size``, or ``data.global_batch_size`` divided over the processes and the
+    accumulation steps of one update (it must divide exactly: the recipe's batch is its meaning)."""
+    if data.global_batch_size is None:
+        return data.batch_size
+    share, rest = divmod(data.global_batch_size, world_size * grad_accum_steps)
+    if rest or share < 1:
+        raise ConfigError(f"data.global_batch_size={data.global_batch_size} is not a multiple of {world_size} "
+                          f"process(es) x train.grad_accum_steps={grad_accum_steps}; choose a multiple, or change "
+                          "train.grad_accum_steps")
+    return share
 
 
 def validate(cfg: Config) -> None:
     """Range checks that types cannot express."""
     checks = [
-        (cfg.data.image_size is None or cfg.data.image_size >= 16, "data.image_size must be >= 16 (or null for the model's size)"),
+        (cfg.data.image_size is None or 16 <= cfg.data.image_size <= MAX_IMAGE_SIZE,
+         f"data.image_size must be in [16, {MAX_IMAGE_SIZE}] (MAX_IMAGE_SIZE), or null for the model's size"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
+        (cfg.data.global_batch_size is None or cfg.data.global_batch_size >= 1,
+         "data.global_batch_size must be >= 1, or null to use data.batch_size per process"),
         (0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction must be in (0, 1): training needs a validation "
                                             "split (a folder source's val/ folder, when present, replaces it)"),
         (cfg.data.split_seed >= 0 and cfg.train.seed >= 0, "data.split_seed and train.seed must be >= 0"),
@@ -282,12 +342,14 @@ def validate(cfg: Config) -> None:
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.backbone_lr_scale >= 0, "optim.backbone_lr_scale must be >= 0"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (0.0 <= cfg.optim.momentum < 1.0, "optim.momentum must be in [0, 1)"),
         (0.0 <= cfg.loss.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)"),
         (cfg.train.cache_features != "true" or cfg.train.strategy == "feature_extraction",
          "train.cache_features=true needs train.strategy=feature_extraction: features can be cached only while "
          "the backbone is frozen for the whole run"),
         (cfg.train.setup_timeout_minutes > 0 and cfg.train.step_timeout_minutes > 0,
          "train.setup_timeout_minutes and train.step_timeout_minutes must be > 0"),
+        (cfg.train.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes must be >= 0 (0 = off)"),
         (cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs must be >= 0"),
         (cfg.schedule.min_lr >= 0 and cfg.schedule.warmup_lr >= 0, "schedule.min_lr and warmup_lr must be >= 0"),
         (cfg.schedule.decay_epochs > 0, "schedule.decay_epochs must be > 0"),
@@ -299,14 +361,41 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(message)
     if cfg.data.root:
-        root, store = Path(cfg.data.root).resolve(), (Path(cfg.data.prepared_dir) / cfg.data.source).resolve()
+        root, store = _resolved(cfg.data.root, "data.root"), _resolved(Path(cfg.data.prepared_dir) / cfg.data.source,
+                                                                     "data.prepared_dir")
         if root == store or store.is_relative_to(root) or root.is_relative_to(store):
             raise ConfigError(f"data.prepared_dir={cfg.data.prepared_dir} puts the store at {store}, which overlaps "
                               f"data.root={cfg.data.root} (one is inside the other): writing the store could "
                               "replace the dataset. Put data.prepared_dir outside data.root")
+        # What the run writes may not land in the dataset either (the next prepare would list it as
+        # images) nor around it (replacing best/ or checkpoints/ there would touch the data).
+        for key, value in (("train.output_dir", cfg.train.output_dir),
+                           ("train.feature_cache_dir", cfg.train.feature_cache_dir)):
+            written = _resolved(value, key) if value else None
+            if written is not None and (written == root or written.is_relative_to(root) or root.is_relative_to(written)):
+                raise ConfigError(f"{key}={value} overlaps data.root={cfg.data.root} (one is inside the other): the "
+                                  f"run would write into the dataset. Put {key} outside data.root")
     if cfg.train.resume not in ("auto", "never") and not (Path(cfg.train.resume) / CHECKPOINT_MARKER).is_file():
         raise ConfigError(f"train.resume={cfg.train.resume!r}: not a checkpoint written by this job (no "
                           f"{CHECKPOINT_MARKER}); use auto, never, or an OUTPUT_DIR/checkpoints/epoch*-step* directory")
+
+
+def _resolved(path: str | Path, key: str) -> Path:
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python 3.11)
+        raise ConfigError(f"{key}={path} cannot be resolved ({e}); fix the path") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts (``--batch-size``, ``--top``): argparse turns the error into exit 2."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
 
 
 def parse_args(argv: list[str] | None = None, description: str = "") -> Config:

@@ -87,8 +87,18 @@ def training_timeouts(accelerator: Accelerator, cfg: TrainConfig) -> None:
     peer died or its pod was lost): the job exits and restarts from its checkpoint. Called after
     the first optimizer update, so that compilation (``torch.compile`` compiles in the first
     step) and cuDNN autotuning still run under the setup timeout."""
+    _set_timeout(accelerator, cfg.step_timeout_minutes)
+
+
+def setup_timeouts(accelerator: Accelerator, cfg: TrainConfig) -> None:
+    """Back to the generous setup timeout, for a step that may compile again (the ``two_stage``
+    unfreeze changes what needs gradients: a compiled model recompiles in its first step)."""
+    _set_timeout(accelerator, cfg.setup_timeout_minutes)
+
+
+def _set_timeout(accelerator: Accelerator, minutes: float) -> None:
     if accelerator.num_processes > 1 and torch.distributed.is_initialized():
-        torch.distributed.set_timeout(timedelta(minutes=cfg.step_timeout_minutes))
+        torch.distributed.set_timeout(timedelta(minutes=minutes))
 
 
 def collective_timeout() -> timedelta | None:
@@ -155,7 +165,10 @@ def once_per_node_first(accelerator: Accelerator, work: Callable[[], T]) -> T:
 def replicas_identical(accelerator: Accelerator, model: torch.nn.Module) -> bool:
     """Whether every rank holds bit-identical parameters (what DDP promises): one CRC32 per tensor,
     gathered. Logged at the end of every multi-process run; a mismatch is a bug worth a loud line."""
-    crcs = [zlib.crc32(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()) for p in model.parameters()]
+    # reshape(-1) first: a channels_last 1x1 convolution weight is "contiguous" with a stride of C
+    # in its size-1 last dimension, which .view(torch.uint8) refuses (tests/test_presets_e2e.py)
+    crcs = [zlib.crc32(p.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+            for p in model.parameters()]
     mine = torch.tensor(crcs, dtype=torch.int64, device=accelerator.device)
     every = accelerator.gather(mine).view(accelerator.num_processes, -1).cpu().numpy()
     same = bool(np.all(every == every[0]))

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 
-from dali_pipelines.loader import LoaderSpec, dali_device_id, make_loader
-from job.config import ConfigError, DataConfig, TrainConfig, config_from_dict
+from dali_pipelines.loader import LoaderSpec, dali_device_id, make_loader, resolve_backend
+from job.config import ConfigError, DataConfig, TrainConfig, config_from_dict, positive_int, read_yaml_mapping
 from job.data import DataError, load_store
 from job.distributed import build_accelerator
 from job.loop import evaluate
@@ -22,12 +22,14 @@ from job.model import WeightsError, load_trained
 def store_of_run(run: Path) -> Path:
     """The prepared store a run trained on, from its resolved config (relative paths are taken
     from the current directory, as the training job took them)."""
-    import yaml
-
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; pass --store PATH of the prepared store")
     try:
-        data = config_from_dict(yaml.safe_load((run / "config.yaml").read_text())).data
-    except FileNotFoundError:
-        raise ConfigError(f"{run}/config.yaml not found; pass --store PATH of the prepared store") from None
+        data = config_from_dict(read_yaml_mapping(path, "the run's config")).data
+    except ConfigError as e:
+        raise ConfigError(f"{path}: not a config this job wrote ({e}); pass --store PATH of the prepared store") \
+            from None
     return Path(data.prepared_dir) / data.source
 
 
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, help="output_dir of a training run")
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--store", help="prepared store to read (default: the one in the run's config.yaml)")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per process per step")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per process per step")
     args = parser.parse_args(argv)
     try:
         accelerator = build_accelerator(TrainConfig())
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         store = load_store(args.store or store_of_run(Path(args.run)))
         if store.classes != card.classes:
             raise DataError(f"{store.path} has classes {store.classes}, the model was trained on {card.classes}")
-        spec = LoaderSpec(card.preprocessing, num_threads=DataConfig.num_threads, device_id=dali_device_id(accelerator.device))
+        spec = LoaderSpec(card.preprocessing, num_threads=DataConfig.num_threads, device_id=dali_device_id(accelerator.device),
+                          backend=resolve_backend("auto", say=accelerator.print))
         loader = make_loader(store, args.split, spec, train=False, batch_size=args.batch_size,
                              rank=accelerator.process_index, world_size=accelerator.num_processes)
     except (ConfigError, DataError, WeightsError) as e:

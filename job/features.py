@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 
 from dali_pipelines import sampling
-from dali_pipelines.loader import RESIZE_INTERPOLATION, DaliLoader, LoaderSpec
+from dali_pipelines.loader import RESIZE_INTERPOLATION, LoaderSpec, image_loader
 from job.atomic import ForeignDirectoryError, atomic_directory
 from job.config import ConfigError
 from job.distributed import all_ranks_or_none
@@ -121,9 +121,9 @@ def _extract(acc: Accelerator, model: torch.nn.Module, store, spec: LoaderSpec, 
         for split in SPLITS:
             data = store.split(split)
             n = len(data)
-            loader = DaliLoader(labels=data.labels, images=data.images, files=data.files, spec=spec, train=False,
+            loader = image_loader(spec, labels=data.labels, images=data.images, files=data.files, train=False,
                                 batch_size=batch_size,
-                                plan=extraction_batches(n, world, acc.process_index, batch_size))
+                                batches=extraction_batches(n, world, acc.process_index, batch_size))
             rows = np.zeros((n, width), dtype=dtype) if acc.is_local_main_process else None
             num_batches = -(-n // batch_size)
             steps = -(-num_batches // world)  # the most batches any rank has
@@ -178,19 +178,20 @@ class FeatureLoader:
     def __init__(self, features: np.ndarray, labels: np.ndarray, *, train: bool, batch_size: int, device,
                  rank: int = 0, world_size: int = 1, seed: int = 0):
         self.features, self.labels, self.train, self.seed, self.device = features, labels, train, seed, device
-        plan = sampling.train_batches if train else sampling.eval_batches
-        self._plan = plan(len(labels), world_size, rank, batch_size)
-        self.epoch, self.start_step = 0, 0
+        self.plan = sampling.EpochPlan(len(labels), train=train, batch_size=batch_size, rank=rank,
+                                       world_size=world_size)
+        self.epoch = 0
 
     def __len__(self) -> int:
-        return len(self._plan)
+        return len(self.plan.full)
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        self.epoch = epoch
+        self.plan.restart(start_sample)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = sampling.epoch_permutation(len(self.labels), self.seed, self.epoch) if self.train else None
-        for positions in self._plan[self.start_step:]:
+        for positions in self.plan.batches:
             idx = order[positions] if order is not None else positions
             x = torch.from_numpy(np.asarray(self.features[idx]))
             yield (x.to(self.device, torch.float32, non_blocking=True),

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from job.config import TrainConfig
+from job.config import ConfigError, TrainConfig
 from job.optim import current_lr
 
 
@@ -44,7 +44,9 @@ class TrainState:
     """Where training is; saved in every checkpoint (``trainer_state.json``)."""
 
     epoch: int = 0  # the epoch in progress (or next to run), 0-based
-    step_in_epoch: int = 0  # batches of `epoch` already consumed
+    # samples of `epoch` already consumed, all ranks together: a prefix of the epoch's permutation,
+    # so a checkpoint resumes at the same sample on any world size (dali_pipelines/sampling.py)
+    samples_in_epoch: int = 0
     global_step: int = 0  # optimizer updates so far
     partial: EpochSums = field(default_factory=EpochSums)
     run_id: str | None = None  # the W&B run this job writes to
@@ -53,6 +55,9 @@ class TrainState:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
+        if "step_in_epoch" in state:  # written before positions were counted in samples
+            raise ConfigError("this checkpoint counts its position in per-rank batches (an earlier version of "
+                             "the job); resume it with that version, or start over with train.resume=never")
         self.__dict__.update({**state, "partial": EpochSums(**state["partial"])})
 
 
@@ -118,7 +123,8 @@ def train_one_epoch(cfg: TrainConfig, parts: TrainParts, loader, state: TrainSta
     # the GPU; the sample count is known on the host.
     sums = torch.zeros(2, dtype=torch.float64, device=acc.device)
     samples, wait_seconds, epoch_start = 0, 0.0, time.perf_counter()
-    window, micro, remaining = ThroughputMeter(acc.num_processes), 0, len(loader) - state.step_in_epoch
+    plan = loader.plan  # what this iteration yields: the rest of the epoch
+    window, micro, consumed, remaining = ThroughputMeter(acc.num_processes), 0, 0, len(plan.batches)
     batches = iter(loader)
     while True:
         fetch_start = time.perf_counter()
@@ -132,6 +138,10 @@ def train_one_epoch(cfg: TrainConfig, parts: TrainParts, loader, state: TrainSta
         update = micro % cfg.grad_accum_steps == 0 or micro == remaining
         # Skip DDP's gradient all-reduce on micro-batches that do not end in an update.
         sync = contextlib.nullcontext() if update or parts.ddp is None else parts.ddp.no_sync()
+        if cfg.compile:
+            # One graph for every batch size: the epoch's tail (a folded or shorter batch) would
+            # otherwise recompile, long after the collective timeout was shortened.
+            torch._dynamo.maybe_mark_dynamic(images, 0)
         with sync:
             with acc.autocast():
                 logits = parts.model(images)
@@ -150,7 +160,8 @@ def train_one_epoch(cfg: TrainConfig, parts: TrainParts, loader, state: TrainSta
         parts.optimizer.step()
         parts.optimizer.zero_grad(set_to_none=True)
         state.global_step += 1
-        state.step_in_epoch += micro
+        consumed += micro
+        state.samples_in_epoch = plan.position_after(consumed)
         remaining -= micro
         micro = 0
         parts.scheduler.step_update(num_updates=state.global_step)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dali_pipelines.loader import Preprocessing
-from job.config import ConfigError, ModelConfig, TrainConfig
+from job.config import MAX_IMAGE_SIZE, ConfigError, ModelConfig, TrainConfig
 from job.weights import WeightsError, load_backbone_weights
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -151,6 +151,42 @@ class ModelCard:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})  # older cards carried extra keys
 
+    @classmethod
+    def read(cls, path: Path) -> "ModelCard":
+        """A card from a file, checked field by field: a WeightsError names the file otherwise."""
+        try:
+            card = cls.from_json(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
+            raise WeightsError(f"{path} is not a model card of this job ({type(e).__name__}: {str(e)[:200]}); "
+                               "copy the run's best/ again") from None
+        problem = card._problem()
+        if problem:
+            raise WeightsError(f"{path} is not a model card of this job: {problem}; copy the run's best/ again")
+        return card
+
+    def _problem(self) -> str | None:
+        def numbers(values, kind=(int, float)) -> bool:
+            return isinstance(values, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in values)
+
+        if not isinstance(self.model, str) or not timm.is_model(self.model):
+            return f"model {self.model!r:.80} is not a timm model"
+        if not numbers(self.head_hidden, int) or any(h < 1 for h in self.head_hidden):
+            return "head_hidden is not a list of positive integers"
+        if not isinstance(self.head_activation, str) or self.head_activation not in _ACTIVATIONS:
+            return f"head_activation {self.head_activation!r:.40} is not one of {', '.join(_ACTIVATIONS)}"
+        if (isinstance(self.head_dropout, bool) or not isinstance(self.head_dropout, (int, float))
+                or not 0 <= self.head_dropout < 1):
+            return "head_dropout is not a number in [0, 1)"
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or not 16 <= self.image_size <= MAX_IMAGE_SIZE:
+            return f"image_size is not an integer in [16, {MAX_IMAGE_SIZE}]"
+        if not numbers(self.mean) or not numbers(self.std) or len(self.mean) != 3 or len(self.std) != 3 \
+                or not all(s > 0 for s in self.std):
+            return "mean and std are not 3 numbers each (std > 0)"
+        if not isinstance(self.classes, list) or len(self.classes) < 2 or not all(isinstance(c, str) for c in self.classes) \
+                or len(set(self.classes)) != len(self.classes):
+            return "classes is not a list of at least 2 distinct names"
+        return None
+
 
 def create_model(cfg: ModelConfig, num_classes: int, image_size: int | None = None
                  ) -> tuple[TransferModel, Preprocessing]:
@@ -169,13 +205,23 @@ def load_trained(run_dir: str | Path) -> tuple[TransferModel, ModelCard]:
     """The best model of a finished run (``run_dir/best``) and its model card."""
     from safetensors.torch import load_file
 
+    from safetensors import SafetensorError
+
     best = Path(run_dir) / "best"
     if not (best / "model.safetensors").is_file() or not (best / "model.json").is_file():
         raise WeightsError(f"{best}/model.safetensors or model.json not found: is {run_dir} the output_dir of a "
                            "run that finished at least one epoch?")
-    card = ModelCard.from_json((best / "model.json").read_text())
+    card = ModelCard.read(best / "model.json")
     model, _ = create_model(card.model_config(), card.num_classes)
-    model.load_state_dict(load_file(str(best / "model.safetensors")))
+    try:
+        model.load_state_dict(load_file(str(best / "model.safetensors")))
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"{best}/model.safetensors is not a readable safetensors file ({str(e)[:200]}): "
+                           "damaged or truncated; copy the run again or train anew") from None
+    except RuntimeError as e:  # missing keys or shape mismatches: the card and the weights disagree
+        raise WeightsError(f"{best}/model.safetensors does not fit the model {best}/model.json describes "
+                           f"({card.model}, head {card.head_hidden}, {card.num_classes} classes): "
+                           f"{str(e).strip().splitlines()[0][:200]}; was model.json edited?") from None
     return model.eval(), card
 
 
@@ -188,16 +234,19 @@ def preprocessing(backbone: nn.Module) -> Preprocessing:
 
 def check_input_size(backbone: nn.Module, name: str, size: int, pretrained_size: int) -> None:
     """One tiny forward pass: some architectures cannot shrink a small image far enough
-    (Inception-ResNet-V2 needs at least 75 px)."""
-    if size >= pretrained_size:
+    (Inception-ResNet-V2 needs at least 75 px), others take only their own size (a ViT's patch
+    grid is fixed: timm asserts it)."""
+    if size == pretrained_size:
         return
     was_training = backbone.training
     try:
         with torch.no_grad():
             backbone.eval().forward_features(torch.zeros(1, 3, size, size))
-    except RuntimeError as e:
-        raise ConfigError(f"data.image_size={size} is too small for {name} (its pretrained size is "
-                          f"{pretrained_size}): {str(e).splitlines()[0]}. Use a larger data.image_size, or null "
+    except (RuntimeError, AssertionError, ValueError) as e:
+        what = "too small" if size < pretrained_size else "not an input size"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"data.image_size={size} is {what} for {name} (its pretrained size is "
+                          f"{pretrained_size}): {reason}. Use another data.image_size, or null "
                           "for the pretrained size") from None
     finally:
         backbone.train(was_training)

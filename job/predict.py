@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dali_pipelines.loader import DaliLoader, LoaderSpec, dali_device_id
-from job.config import ConfigError, DataConfig
+from dali_pipelines.loader import LoaderSpec, dali_device_id, image_loader, resolve_backend
+from job.config import ConfigError, DataConfig, positive_int
 from job.data import IMAGE_EXTENSIONS, check_image
 from job.distributed import resolve_device
 from job.model import WeightsError, load_trained
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="output_dir of a training run")
     parser.add_argument("images", nargs="+", help=f"image files ({', '.join(IMAGE_EXTENSIONS)})")
-    parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--top", type=positive_int, default=5, help="classes shown per image")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     args = parser.parse_args(argv)
     try:
@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return 2
     # The same DALI evaluation pipeline as training: identical decode, resize and normalization.
-    spec = LoaderSpec(card.preprocessing, num_threads=DataConfig.num_threads, device_id=dali_device_id(device))
-    loader = DaliLoader(labels=np.zeros(len(args.images), dtype=np.int64), files=args.images, spec=spec,
+    spec = LoaderSpec(card.preprocessing, num_threads=DataConfig.num_threads, device_id=dali_device_id(device),
+                      backend=resolve_backend("auto", say=lambda line: print(line, file=sys.stderr)))
+    loader = image_loader(spec, labels=np.zeros(len(args.images), dtype=np.int64), files=args.images,
                         train=False, batch_size=32)
     model.to(device)
     k = min(args.top, card.num_classes)

@@ -22,6 +22,18 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM: "terminated, restart me"
 EXIT_CODE_DIR_ENV = "JOB_EXIT_CODE_DIR"
 
 
+def exit_on_sigterm_during_setup() -> None:
+    """Until ``PreemptionSignal`` takes over: SIGTERM during the imports and the Accelerator's
+    setup exits 143 at once (nothing to save yet), not 1, which would count as a crash. Called
+    first thing by job/train.py, before the heavy imports; this module imports nothing heavy."""
+
+    def stop(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+        record_exit_code(EXIT_PREEMPTED)  # also when this interrupts an import, before main() runs
+        raise SystemExit(EXIT_PREEMPTED)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 class PreemptionSignal:
     """Records SIGTERM (what Kubernetes sends before it evicts a pod); the loop asks at step
     boundaries, and the decision is made collectively so every rank saves and stops together."""
@@ -39,6 +51,20 @@ class PreemptionSignal:
         if self.received:
             self.accelerator.set_trigger()
         return self.accelerator.check_trigger()
+
+    def poll(self, checkpoint_due: bool) -> str | None:
+        """Collective, one all-reduce: "preempted" on every rank if any rank received SIGTERM,
+        else "checkpoint" if the main process says a timed checkpoint is due (its clock alone
+        decides, so the ranks agree), else None."""
+        import torch
+
+        acc = self.accelerator
+        flags = torch.tensor([float(self.received), float(checkpoint_due and acc.is_main_process)],
+                             device=acc.device)
+        received, due = acc.reduce(flags, reduction="sum").tolist()
+        if received > 0:
+            return "preempted"
+        return "checkpoint" if due > 0 else None
 
 
 def record_exit_code(code: int) -> None:

@@ -36,7 +36,12 @@ class EpochRecord:
 
     @classmethod
     def from_json(cls, line: str) -> "EpochRecord":
-        return cls(**json.loads(line))
+        record = cls(**json.loads(line))
+        for f in dataclasses.fields(record):  # every field is a number; comparisons and sums follow
+            value = getattr(record, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{f.name}={value!r:.40} is not a number")
+        return record
 
 
 @dataclass

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dali_pipelines.loader import DaliLoader, LoaderSpec  # noqa: E402
+from dali_pipelines.loader import image_loader, LoaderSpec  # noqa: E402
 from job.records import EpochRecord, shown_epoch  # noqa: E402
 
 CURVES_SIZE = (15, 4)  # inches at 100 dpi -> 1500 x 400 px
@@ -79,8 +79,8 @@ def sample_predictions(model, store, spec: LoaderSpec, device, count: int = 16) 
 
     split = store.split("test")
     k = min(count, len(split))
-    loader = DaliLoader(labels=split.labels[:k], images=None if split.images is None else split.images[:k],
-                        files=None if split.files is None else split.files[:k], spec=spec, train=False, batch_size=k)
+    loader = image_loader(spec, labels=split.labels[:k], images=None if split.images is None else split.images[:k],
+                          files=None if split.files is None else split.files[:k], train=False, batch_size=k)
     was_training = model.training
     model.eval()
     # float(): under mixed precision the loader emits bf16/fp16 images, the weights are float32

@@ -19,7 +19,8 @@ import timm
 import torch
 from accelerate import Accelerator
 
-from job.config import Config
+from job.config import Config, ConfigError
+from job.bounds import shown
 from job.records import EpochRecord, RunSummary, shown_epoch
 
 
@@ -89,7 +90,21 @@ class HistorySink:
     def records(self) -> list[EpochRecord]:
         if not self.path.exists():
             return []
-        return [EpochRecord.from_json(line) for line in self.path.read_text().splitlines() if line.strip()]
+        try:
+            lines = self.path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{self.path} cannot be read ({e}); move it away or use another train.output_dir") \
+                from None
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(EpochRecord.from_json(line))
+            except (ValueError, TypeError) as e:  # not JSON, not a mapping, other keys
+                raise ConfigError(f"{self.path}: line {number} is not an epoch record of this job ({shown(str(e))}); "
+                                  "move the file away or use another train.output_dir") from None
+        return records
 
 
 def _new_run_id() -> str:

@@ -19,18 +19,25 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from pathlib import Path
 
+from job.preemption import exit_on_sigterm_during_setup
 
-import torch
-from accelerate.utils import set_seed
+# First, before the heavy imports: as a job, a SIGTERM from here until training starts exits 143
+# (nothing to save yet), not 1, a crash. Imported (tests, tools), it leaves the handlers alone.
+if __name__ == "__main__":
+    exit_on_sigterm_during_setup()
 
-from dali_pipelines.loader import LoaderSpec, dali_device_id, make_loader
+import torch  # noqa: E402 - after the SIGTERM handler, on purpose
+from accelerate.utils import set_seed  # noqa: E402
+
+from dali_pipelines.loader import LoaderSpec, dali_device_id, make_loader, resolve_backend
 from job.checkpoint import Checkpointer, check_output_dir, load_best_weights, save_best
-from job.config import Config, ConfigError, parse_args
+from job.config import Config, ConfigError, parse_args, per_process_batch
 from job.data import DataError, prepare_from_config
 from job.distributed import (all_ranks_or_none, build_accelerator, collective_timeout, once_per_node_first,
-                             replicas_identical, training_timeouts, wrap_for_training)
+                             replicas_identical, setup_timeouts, training_timeouts, wrap_for_training)
 from job.early_stopping import EarlyStopping
 from job.features import FeatureLoader, Preempted, cached_features, feature_key
 from job.loop import StepHooks, StepLog, TrainParts, TrainState, evaluate, train_one_epoch
@@ -38,6 +45,7 @@ from job.model import ModelCard, Strategy, WeightsError, create_model
 from job.optim import build_optimizer, build_scheduler, current_lr, load_scheduler_state, scheduler_state
 from job.preemption import EXIT_BAD_INPUT, EXIT_PREEMPTED, PreemptionSignal, record_exit_code
 from job.records import EpochRecord, RunSummary, shown_epoch
+from job.storage import check_writable, feature_cache_root
 from job.reporting import sample_predictions
 from job.tracking import Trackers, TrackingError, redact
 
@@ -73,9 +81,11 @@ class Trainer:
         check_output_dir(self.out)
         self.strategy = Strategy.from_config(tc)
         self.cached = use_feature_cache(cfg)
+        check_writable(cfg, cached=self.cached)  # before anything expensive: exit 2 naming the path
         acc = self.accelerator = build_accelerator(
             tc, find_unused_parameters=self.strategy.needs_unused_parameter_check and not self.cached)
         self.preemption = PreemptionSignal(acc)
+        cfg.data.batch_size = per_process_batch(cfg.data, acc.num_processes, tc.grad_accum_steps)
         set_seed(tc.seed)  # the same initial weights on every rank
 
         # ---- data and model: built once per node first (shared or node-local caches), then everywhere
@@ -91,7 +101,8 @@ class Trainer:
         self.spec = LoaderSpec(self.prep, num_threads=cfg.data.num_threads,
                                dtype=_INPUT_DTYPES[acc.mixed_precision] if acc.device.type == "cuda" else "float32",
                                channels_last=tc.channels_last, device_id=dali_device_id(acc.device),
-                               augment=cfg.data.augment and not self.cached)
+                               augment=cfg.data.augment and not self.cached,
+                               backend=resolve_backend(cfg.data.loader, say=acc.print))
         self.bare.to(acc.device)
         if tc.channels_last:
             self.bare.to(memory_format=torch.channels_last)
@@ -135,9 +146,9 @@ class Trainer:
         self.checkpointer = Checkpointer(acc, self.out, tc.keep_checkpoints, config=cfg)
         resume_from = self.checkpointer.resolve(tc.resume)
         if resume_from is not None:
-            self._load_trainer_state(self.checkpointer.load(resume_from))
+            self._load_trainer_state(self.checkpointer.load(resume_from), resume_from)
             acc.print(f"resumed from {resume_from} (epoch {shown_epoch(self.state.epoch)}, "
-                      f"batch {self.state.step_in_epoch})")
+                      f"sample {self.state.samples_in_epoch})")
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
@@ -147,6 +158,8 @@ class Trainer:
         if self.features is not None:
             self.trackers.log_summary({"feature_extraction_seconds": self.features.extraction_seconds})
         self.short_timeouts = False  # set after the first update: see _after_first_update
+        self.pause: str | None = None  # why the last epoch paused: "preempted" or "checkpoint"
+        self.last_checkpoint = time.monotonic()  # train.checkpoint_every_minutes counts from here
         acc.print(f"training {cfg.model.name} ({tc.strategy}{', cached features' if self.cached else ''}) on "
                   f"{cfg.data.source}: {self.store.counts} images, {self.num_classes} classes, "
                   f"{self.prep.image_size}px, {acc.num_processes} process(es), "
@@ -156,24 +169,31 @@ class Trainer:
     def train_and_validate_epoch(self, epoch: int) -> bool:
         """One epoch, its validation, the best model and a checkpoint. False when preempted."""
         acc, tc, state = self.accelerator, self.cfg.train, self.state
-        if not self.cached:
+        if not self.cached and self.bare.backbone_frozen != self.strategy.frozen_at(epoch):
             self.bare.freeze_backbone(self.strategy.frozen_at(epoch))
+            if tc.compile and self.short_timeouts:  # the next step recompiles: the setup timeout again
+                setup_timeouts(acc, tc)
+                self.short_timeouts = False
         loader = self.loaders["train"]
-        loader.set_epoch(epoch, start_step=state.step_in_epoch)
-        progress = _progress(acc, len(loader), state.step_in_epoch, epoch, tc.epochs)
         first_step = state.global_step
+        while True:  # a timed checkpoint pauses the epoch: saved, it goes on from the same sample
+            loader.set_epoch(epoch, start_sample=state.samples_in_epoch)
+            progress = _progress(acc, len(loader), len(loader) - len(loader.plan.batches), epoch, tc.epochs)
 
-        def on_batch() -> None:
+            def on_batch() -> None:
+                if progress is not None:
+                    progress.update()
+                if not self.short_timeouts and state.global_step > first_step:
+                    self._after_first_update()
+
+            hooks = StepHooks(stop_requested=self._pause_requested,
+                              on_log=lambda log: self._on_step(log, progress), on_batch=on_batch)
+            train = train_one_epoch(tc, self.parts, loader, state, hooks)
             if progress is not None:
-                progress.update()
-            if not self.short_timeouts and state.global_step > first_step:
-                self._after_first_update()
-
-        hooks = StepHooks(stop_requested=self.preemption.requested, on_log=lambda log: self._on_step(log, progress),
-                          on_batch=on_batch)
-        train = train_one_epoch(tc, self.parts, loader, state, hooks)
-        if progress is not None:
-            progress.close()
+                progress.close()
+            if train is not None or self.pause == "preempted":
+                break
+            self.save_on_time(epoch)
         if train is None:
             return False
         val = evaluate(self._eval_model(), self.loaders["val"], acc, self.num_classes)
@@ -186,8 +206,9 @@ class Trainer:
                              val_loss=val["loss"], val_accuracy=val["accuracy"], val_samples=val["samples"])
         self.trackers.log_epoch(record)
         acc.print(_epoch_line(record))
-        state.epoch, state.step_in_epoch = epoch + 1, 0
+        state.epoch, state.samples_in_epoch = epoch + 1, 0
         self.checkpointer.save(state.epoch, state.global_step, self._trainer_state())
+        self.last_checkpoint = time.monotonic()
         return True
 
     def announce_early_stop(self) -> None:
@@ -197,6 +218,14 @@ class Trainer:
         s = self.stopper
         self.accelerator.print(f"early stopping: no {s.metric} improvement for {s.patience} epochs "
                                f"(best {s.best:.4f} at epoch {shown_epoch(s.best_epoch)})")
+
+    def save_on_time(self, epoch: int) -> None:
+        """``train.checkpoint_every_minutes``: the SIGTERM checkpoint (mid-epoch, resumable), and
+        training goes on. Bounds the work a node lost without warning costs, and what a spot
+        grace period too short for a full save (GKE: 15 s) costs."""
+        path = self.checkpointer.save(epoch, self.state.global_step, self._trainer_state())
+        self.last_checkpoint = time.monotonic()
+        self.accelerator.print(f"saved {path} (train.checkpoint_every_minutes={self.cfg.train.checkpoint_every_minutes:g})")
 
     def exit_preempted(self, epoch: int) -> int:
         """Save where we are and let the orchestrator restart us."""
@@ -260,7 +289,7 @@ class Trainer:
     def _cached_features(self):
         cfg, acc = self.cfg, self.accelerator
         key = feature_key(cfg, self.prep, self.store, precision=acc.mixed_precision)  # autocast applies on CPU too
-        root = Path(cfg.train.feature_cache_dir or Path(cfg.data.prepared_dir) / "features")
+        root = feature_cache_root(cfg)
         acc.print("train.cache_features: the frozen backbone's features are computed once, so training-time "
                   "augmentation is off (the fixed-feature protocol)")
         try:
@@ -290,10 +319,23 @@ class Trainer:
         return {"state": self.state.state_dict(), "early_stopping": self.stopper.state_dict(),
                 **scheduler_state(self.parts.scheduler)}
 
-    def _load_trainer_state(self, saved: dict) -> None:
-        self.state.load_state_dict(saved["state"])
-        self.stopper.load_state_dict(saved["early_stopping"])
-        load_scheduler_state(self.parts.scheduler, saved)
+    def _load_trainer_state(self, saved: dict, path: Path) -> None:
+        try:
+            self.state.load_state_dict(saved["state"])
+            self.stopper.load_state_dict(saved["early_stopping"])
+            load_scheduler_state(self.parts.scheduler, saved)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # an edited or foreign trainer_state.json
+            raise ConfigError(f"{path}/trainer_state.json: not the trainer state this job writes ({type(e).__name__}: "
+                              f"{str(e)[:200]}); resume from another checkpoint, or start over with "
+                              "train.resume=never") from None
+
+    def _pause_requested(self) -> bool:
+        """Collective, every train.signal_check_every updates: SIGTERM on any rank stops the
+        run; else the main process's clock may call for a timed checkpoint."""
+        every = self.cfg.train.checkpoint_every_minutes
+        due = every > 0 and time.monotonic() - self.last_checkpoint >= every * 60
+        self.pause = self.preemption.poll(due)
+        return self.pause is not None
 
     def _after_first_update(self) -> None:
         """Compilation and autotuning happen in the first step, under the generous setup timeout;

@@ -107,20 +107,19 @@ def _load_torch(path: Path) -> object:
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": noise, not a problem
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        text = str(e)
-        needed = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        # Never suggest loading it with weights_only=False: this file just failed the check that
+        # stops a pickle from running code, and the suggestion would run it.
+        needed = _forbidden_global(str(e))
         if needed:
             raise WeightsError(
-                f"weights file {path} needs a full Python unpickle (it refers to {needed.group(1)}), which "
-                "could run arbitrary code, so it is not loaded. On a machine where you trust the file, "
-                "convert its tensors to safetensors:\n  " + _convert_hint(path) +
-                f"\nand point model.weights at {path.with_suffix('.safetensors')}") from None
-        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n\n", text, re.S)
+                f"weights file {path} refers to the Python global {needed}, which a weights-only load refuses: "
+                "unpickling it could run arbitrary code, so it is not loaded. Ask its provider for a "
+                ".safetensors file (or a plain torch.save(model.state_dict())) instead") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n\n", str(e), re.S)
         raise WeightsError(
             f"weights file {path} is not a weights-only PyTorch state dict "
-            f"({detail.group(1).strip() if detail else _first_line(e)}): it is damaged, of another "
-            "format, or a pickle of Python objects. If you trust it, convert it on that machine:\n  "
-            + _convert_hint(path)) from None
+            f"({detail.group(1).strip()[:200] if detail else _first_line(e)[:200]}): it is damaged, of another "
+            "format, or a pickle of Python objects; download it again, or get it as a .safetensors file") from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, AttributeError, TypeError) as e:
         # Text or truncated files fail deep inside torch with whatever error the parser hit.
         raise WeightsError(f"weights file {path} is not a PyTorch state dict ({type(e).__name__}: "
@@ -128,13 +127,12 @@ def _load_torch(path: Path) -> object:
                            "download it again, or give a safetensors file a .safetensors suffix") from None
 
 
-def _convert_hint(path: Path) -> str:
-    src, out = str(path), str(path.with_suffix(".safetensors"))
-    return ('python -c "import torch, safetensors.torch as s; '
-            f"c = torch.load({src!r}, weights_only=False); "
-            "c = c.state_dict() if hasattr(c, 'state_dict') else c.get('state_dict', c.get('model', c)); "
-            "s.save_file({k: v.detach().clone().contiguous() for k, v in c.items() if torch.is_tensor(v)}, "
-            f'{out!r})"')
+def _forbidden_global(message: str) -> str | None:
+    """The global a weights-only load refused, from torch's message (whose wording changes across
+    versions: "Unsupported global: GLOBAL posix.system" before 2.14, "Trying to load unsupported
+    GLOBAL posix.system whose module posix is blocked" since)."""
+    found = re.search(r"GLOBAL\s+([\w.]+)", message)
+    return found.group(1) if found else None
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -368,6 +366,8 @@ def convert(src: str | Path, model_name: str, out: str | Path, *, force: bool = 
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        # mkstemp's 0600 would keep the weights from other users and pod UIDs: the umask decides.
+        os.chmod(tmp, 0o666 & ~_umask())
         save_file(state, tmp, metadata={"format": "pt", "timm_model": model_name})
         if force:
             os.replace(tmp, out)
@@ -380,6 +380,12 @@ def convert(src: str | Path, model_name: str, out: str | Path, *, force: bool = 
     finally:
         Path(tmp).unlink(missing_ok=True)
     return len(state)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,7 +52,12 @@ def test_saved_config_round_trips(tmp_path):
     ("train.seed=-3", r"train.seed must be >= 0"),
     ("optim.lr=-1", "optim.lr must be > 0"),
     ("model.head_dropout=1.5", "head_dropout"),
-    ("data.image_size=8", "data.image_size must be >= 16"),
+    ("data.image_size=8", r"data.image_size must be in \[16, 1024\]"),
+    ("data.image_size=100000", r"data.image_size must be in \[16, 1024\] \(MAX_IMAGE_SIZE\)"),
+    ("optim.lr=.inf", "optim.lr=inf is not a finite number"),
+    ("schedule.min_lr=.nan", "schedule.min_lr=nan is not a finite number"),
+    ("optim.weight_decay=-inf", "optim.weight_decay=-inf is not a finite number"),
+    ("optim.momentum=-0.5", r"optim.momentum must be in \[0, 1\)"),
     ("train.resume=/does/not/exist", "not a checkpoint written by this job"),
     ("epochs=3", "section.key=value"),
 ])

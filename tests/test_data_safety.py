@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from helpers.runs import CIFAR_MINI, FOLDER_MINI, PYTHON, assert_refused, prepare_cli, run, snapshot
+from job.atomic import TEMPORARY_MARKER
 from job.data import prepare
 
 
@@ -150,6 +151,7 @@ def test_a_temporary_directory_left_by_a_killed_run_is_removed(tmp_path):
     leftover = tmp_path / "src" / f".cifar-10-batches-py.tmp-{socket.gethostname()}-{dead_pid}"
     leftover.mkdir(parents=True)
     (leftover / "data_batch_1").write_bytes(b"half written")
+    (leftover / TEMPORARY_MARKER).write_text("")  # what atomic_directory puts in each of its temporaries
     prepare("synthetic", tmp_path / "src", tmp_path / "store", num_train=100, num_test=20)
     assert sorted(p.name for p in (tmp_path / "src").iterdir()) == ["cifar-10-batches-py"]
 
@@ -171,9 +173,11 @@ def test_a_run_that_reuses_the_store_also_cleans_up_and_other_hosts_leftovers_ex
     for d in (dead, stale, previous):
         d.mkdir()
         (d / "meta.json").write_text("{}")
+        (d / TEMPORARY_MARKER).write_text("")
     time.sleep(2.5)
     fresh = tmp_path / ".store.tmp-other-pod-1-17"
     fresh.mkdir()
+    (fresh / TEMPORARY_MARKER).write_text("")
     renamed_aside = tmp_path / ".store.old-other-pod-1-17"
     previous.rename(renamed_aside)  # its files keep their old mtimes
     _, reused = prepare("synthetic", tmp_path / "src", store, num_train=100, num_test=20)

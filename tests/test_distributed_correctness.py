@@ -39,7 +39,7 @@ def test_two_processes_preempted_resumed_and_stopped_early_stay_in_sync(tmp_path
     assert code != 0 and not (out / "metrics.json").exists()
     assert any(not p.name.endswith("step0000009") for p in (out / "checkpoints").iterdir())  # mid-epoch save
     resumed = run(accelerate_launch(2, "job/train.py", *args)).stdout
-    assert "resumed from" in resumed and "epoch 2, batch" in resumed
+    assert "resumed from" in resumed and "epoch 2, sample" in resumed
     m = _metrics(out)
     assert m["world_size"] == 2 and m["test_samples"] == 200
     assert m["stopped_early"] and m["epochs_completed"] == 2 and m["best_epoch"] == 0
@@ -55,7 +55,7 @@ def test_two_processes_preempted_resumed_and_stopped_early_stay_in_sync(tmp_path
     # further epoch trains, the same best weights are tested again.
     (out / "metrics.json").unlink()
     again = run(accelerate_launch(2, "job/train.py", *args)).stdout
-    assert "resumed from" in again and "epoch 3, batch 0" in again and "\nepoch " not in again
+    assert "resumed from" in again and "epoch 3, sample 0" in again and "\nepoch " not in again
     assert _metrics(out)["test_accuracy"] == m["test_accuracy"] and _metrics(out)["epochs_completed"] == 2
     assert len((out / "history.jsonl").read_text().splitlines()) == 2
 

@@ -81,9 +81,9 @@ def test_resume_mid_epoch_yields_what_an_uninterrupted_run_would(cifar_store):
     assert len(epoch0) == len(uninterrupted) == 29 and sum(len(y) for _, y in epoch0) == 1800
     assert not torch.equal(epoch0[0][1], epoch1[0][1])  # reshuffled
     resumed = make()
-    first = next(iter(_iter_from(resumed, 1, 5)))  # abandon epoch 1 after one batch...
+    first = next(iter(_iter_from(resumed, 1, 5 * 64)))  # abandon epoch 1 after one batch...
     assert torch.equal(first[0], epoch1[5][0])
-    tail = _collect(resumed, 1, 17)  # ...and restart it at batch 17 in the same loader
+    tail = _collect(resumed, 1, 17 * 64)  # ...and restart it at sample 17 x 64 (batch 17) in the same loader
     assert len(tail) == len(epoch1) - 17
     for (x, y), (rx, ry) in zip(epoch1[17:], tail):
         assert torch.equal(x, rx) and torch.equal(y, ry)

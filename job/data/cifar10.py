@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from job.bounds import shown, within_size
 from job.data.errors import DataError
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -41,6 +42,11 @@ MAX_TARBALL_BYTES = 2 * 2**30  # all members together, uncompressed
 MAX_TARBALL_MEMBERS = 1000
 MAX_TAR_HEADER_BYTES = 2**20  # one read while scanning headers (GNU long names, pax records: ~KB)
 MAX_DOWNLOAD_BYTES = 1 * 2**30  # the official tarball is 163 MB
+# Elements of one unpickled file, counted as its readers walk them (a shared list as often as it
+# is referenced): an official batch holds ~20,000 (10,000 labels and file names), and no batch
+# under MAX_BATCH_BYTES can hold more than ~90,000 images. A few hundred bytes of memo references
+# can otherwise describe a list of 2^30 labels.
+MAX_PICKLE_ELEMENTS = 1_000_000
 
 # What unpickling the official files (and our synthetic ones) needs: NumPy's array
 # reconstruction under its NumPy 1 and NumPy 2 module names, and bytes re-encoding of
@@ -119,13 +125,19 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def unpickle(blob: bytes, where: str):
-    """A CIFAR batch or ``batches.meta`` from its bytes, through the restricted unpickler."""
+    """A CIFAR batch or ``batches.meta`` from its bytes, through the restricted unpickler; the
+    result holds at most MAX_PICKLE_ELEMENTS elements, however often they are shared."""
     try:
-        return _SafeUnpickler(blob, where).load()
+        obj = _SafeUnpickler(blob, where).load()
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - pickle raises many types on garbage
-        raise DataError(f"{where}: not a readable CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+        raise DataError(f"{where}: not a readable CIFAR-10 python batch ({type(e).__name__}: {str(e)[:200]})") \
+            from None
+    if not within_size(obj, MAX_PICKLE_ELEMENTS):
+        raise DataError(f"{where}: expands to more than MAX_PICKLE_ELEMENTS={MAX_PICKLE_ELEMENTS} elements "
+                        "(nested or shared lists; an official batch holds ~20,000); not a CIFAR-10 batch")
+    return obj
 
 
 def _locate(root: Path) -> tuple[bool, Path]:
@@ -164,6 +176,10 @@ def read_cifar_python(root: Path) -> tuple[list[str], dict]:
         if not isinstance(names, list) or not names or not all(isinstance(n, (bytes, str)) for n in names):
             raise DataError(f"{where('batches.meta')}: no b'label_names' list of names")
         classes = [n.decode(errors="replace") if isinstance(n, bytes) else n for n in names]
+        repeated = sorted({c for c in classes if classes.count(c) > 1})
+        if repeated:
+            raise DataError(f"{where('batches.meta')}: class name(s) {shown(repeated)} appear more than once in "
+                            "b'label_names'; every class needs its own name")
 
     def batch(names: tuple[str, ...]) -> dict:
         parts = [_read_batch(members[n], where(n), len(classes)) for n in names]
@@ -185,7 +201,10 @@ def _read_directory(base: Path) -> dict[str, bytes]:
         if info.st_size > MAX_BATCH_BYTES:
             raise DataError(f"{path}: {info.st_size} bytes, more than MAX_BATCH_BYTES={MAX_BATCH_BYTES} "
                             "(an official batch is ~31 MB); not a CIFAR-10 batch")
-        members[name] = path.read_bytes()
+        with open(path, "rb") as f:
+            members[name] = f.read(MAX_BATCH_BYTES + 1)  # bounded even if the file grows meanwhile
+        if len(members[name]) > MAX_BATCH_BYTES:
+            raise DataError(f"{path}: grew past MAX_BATCH_BYTES={MAX_BATCH_BYTES} while being read; not a CIFAR-10 batch")
     return members
 
 
@@ -260,9 +279,14 @@ def _read_batch(blob: bytes, where: str, num_classes: int) -> tuple[np.ndarray, 
         raise DataError(f"{where}: b'data' has shape {shape} and dtype {dtype}; "
                         "expected (N, 3072) uint8 (32x32 RGB, channel-major)")
     try:
-        labels = np.asarray(d[b"labels"], dtype=np.int64)
+        labels = np.asarray(d[b"labels"])
     except (TypeError, ValueError, OverflowError):
         raise DataError(f"{where}: b'labels' is not a list of integers") from None
+    # Integers only: casting would truncate 0.7 to class 0 (and True to class 1) without a word.
+    if labels.size and labels.dtype.kind not in "iu":
+        raise DataError(f"{where}: b'labels' holds {labels.dtype} values (e.g. {shown(labels.ravel()[:3].tolist())}); "
+                        "class labels must be integers")
+    labels = labels.astype(np.int64)
     if labels.shape != (len(data),):
         raise DataError(f"{where}: {labels.size} labels for {len(data)} images")
     bad = labels[(labels < 0) | (labels >= num_classes)]

@@ -11,6 +11,10 @@ from job.data.cifar10 import CIFAR10_CLASSES, CIFAR10_DIR, dump_batch
 from job.data.errors import DataError
 
 STAMP = ".synthetic.json"  # marks a directory this writer created: the only kind it replaces
+# CIFAR-10's own sizes (50,000 + 10,000 train, 10,000 test). Generation holds ~60 KB of float64
+# per image in memory at once (~4 GB at the bound); tests and demos use a few thousand.
+MAX_SYNTHETIC_TRAIN = 60_000
+MAX_SYNTHETIC_TEST = 10_000
 
 
 def write_synthetic_cifar(root: Path, *, num_train: int, num_test: int, seed: int,
@@ -24,6 +28,10 @@ def write_synthetic_cifar(root: Path, *, num_train: int, num_test: int, seed: in
     if Path(root).exists() and not Path(root).is_dir():
         raise DataError(f"data.root={root} is a file; for data.source=synthetic it is the directory the generated "
                         "batches go to (or null for one beside the store)")
+    if num_train > MAX_SYNTHETIC_TRAIN or num_test > MAX_SYNTHETIC_TEST:
+        raise DataError(f"synthetic data: num_train={num_train}, num_test={num_test}; at most "
+                        f"MAX_SYNTHETIC_TRAIN={MAX_SYNTHETIC_TRAIN} and MAX_SYNTHETIC_TEST={MAX_SYNTHETIC_TEST} "
+                        "(CIFAR-10's size): for more, use real data")
     base = Path(root) / CIFAR10_DIR
     params = {"num_train": num_train, "num_test": num_test, "seed": seed, "num_classes": num_classes}
     if _stamp(base) == params:

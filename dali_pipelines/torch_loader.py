@@ -1,0 +1,142 @@
+"""The DALI loader's contract on PyTorch alone (``data.loader=torch``): for machines without DALI
+(a CUDA 12 driver, macOS, ARM, a bare GPU node for the smoke test) and as a baseline.
+
+The same sampling plan (dali_pipelines/sampling.py), the same augmentation parameters, the same
+outputs (shape, dtype, layout) as ``DaliLoader``, within interpolation rounding (tested against
+it in tests/test_torch_loader.py). Raw 32x32 images cross to the device as uint8 (3 KB each);
+the shift, flip, normalization and upscale run there, as in the DALI graph. Encoded files are
+decoded on the host (PIL, a thread pool one batch ahead), resized there one by one (their sizes
+differ), then normalized on the device. DALI stays the default and the faster path
+(docs/BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dali_pipelines import sampling
+from dali_pipelines.loader import _BatchSource, LoaderSpec
+
+_MODES = {"linear": "bilinear", "cubic": "bicubic"}
+
+
+class TorchLoader:
+    """``DaliLoader``'s interface and batches, built with torch operations (module docstring)."""
+
+    def __init__(self, *, labels: np.ndarray, spec: LoaderSpec, train: bool, batch_size: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0,
+                 images: np.ndarray | None = None, files: Sequence[str | Path] | None = None,
+                 batches: list[np.ndarray] | None = None):
+        if (images is None) == (files is None):
+            raise ValueError("give exactly one of images= or files=")
+        self.spec, self.train, self.batch_size, self.seed = spec, train, batch_size, seed
+        self.num_samples = len(labels)
+        self.augment = train and spec.augment
+        self.device = torch.device("cpu") if spec.device_id is None else torch.device("cuda", spec.device_id)
+        self._source = _BatchSource(images, [str(f) for f in files] if files is not None else None,
+                                    np.asarray(labels), self.augment, io_threads=max(2, spec.num_threads))
+        self._decoder = ThreadPoolExecutor(max_workers=max(1, spec.num_threads)) if files is not None else None
+        self.plan = sampling.EpochPlan(self.num_samples, train=train, batch_size=batch_size, rank=rank,
+                                       world_size=world_size, batches=batches)
+        self.epoch = 0
+        mean = torch.tensor(spec.prep.mean, dtype=torch.float32, device=self.device) * 255
+        std = torch.tensor(spec.prep.std, dtype=torch.float32, device=self.device) * 255
+        self._mean, self._std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.plan.full)
+
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        """Prepare epoch ``epoch`` from sample position ``start_sample`` (resume mid-epoch)."""
+        self.epoch = epoch
+        self.plan.restart(start_sample)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = sampling.epoch_permutation(self.num_samples, self.seed, self.epoch) if self.train else None
+        aug = sampling.epoch_augmentation(self.num_samples, self.seed, self.epoch) if self.augment else None
+        self._source.restart(self.plan.batches, order, aug)
+        with ThreadPoolExecutor(max_workers=1) as ahead:  # the next batch's host work overlaps this step
+            pending = ahead.submit(self._host_batch)
+            while True:
+                batch = pending.result()
+                if batch is None:
+                    return
+                pending = ahead.submit(self._host_batch)
+                yield self._device_batch(*batch)
+
+    # ------------------------------------------------------------------ host side
+    def _host_batch(self):
+        """The next planned batch as host arrays (images decoded and resized when encoded), or None."""
+        try:
+            out = self._source()
+        except StopIteration:
+            return None
+        images, labels = out[0], out[1]
+        shift, flip = (out[2], out[3]) if self.augment else (None, None)
+        if self._decoder is not None:
+            jobs = [self._decoder.submit(self._decode, data, None if shift is None else shift[i],
+                                         0 if flip is None else int(flip[i])) for i, data in enumerate(images)]
+            images = np.stack([j.result() for j in jobs])
+            shift = flip = None  # applied per image before its resize, as DALI does
+        return images, labels, shift, flip
+
+    def _decode(self, data: np.ndarray, shift, flip: int) -> np.ndarray:
+        """One encoded image -> (size, size, 3) uint8: decode, translate, mirror, resize (antialiased)."""
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data.tobytes())) as im:
+            pixels = np.array(im.convert("RGB"))  # writable: torch.from_numpy below
+        x = torch.from_numpy(pixels).unsqueeze(0)  # (1, H, W, 3)
+        if shift is not None:
+            x = _translate(x, torch.from_numpy(np.asarray(shift)).view(1, 2))
+        if flip:
+            x = x.flip(2)
+        size = self.spec.prep.image_size
+        x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(size, size), mode=_MODES[_interpolation()],
+                          align_corners=False, antialias=True)
+        return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)[0].numpy()
+
+    # ------------------------------------------------------------------ device side
+    def _device_batch(self, images: np.ndarray, labels: np.ndarray, shift, flip):
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)  # uint8, once
+        y = torch.from_numpy(labels).to(self.device, non_blocking=True)
+        if shift is not None:
+            x = _translate(x, torch.from_numpy(shift).to(self.device))
+        if flip is not None:
+            mirror = torch.from_numpy(flip).to(self.device).bool().view(-1, 1, 1, 1)
+            x = torch.where(mirror, x.flip(2), x)
+        x = (x.permute(0, 3, 1, 2).float() - self._mean) / self._std  # NCHW view of NHWC memory
+        size = self.spec.prep.image_size
+        if x.shape[-1] != size or x.shape[-2] != size:  # normalize first, then one resize pass (as DALI)
+            x = F.interpolate(x, size=(size, size), mode=_MODES[_interpolation()], align_corners=False,
+                              antialias=False)
+        fmt = torch.channels_last if self.spec.channels_last else torch.contiguous_format
+        return x.to(dtype=getattr(torch, self.spec.dtype), memory_format=fmt), y
+
+
+def _interpolation() -> str:
+    from dali_pipelines.loader import RESIZE_INTERPOLATION
+
+    return RESIZE_INTERPOLATION
+
+
+def _translate(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) images moved by ``shift`` (B, 2) (x, y) fractions of the side, zero padded:
+    output pixel (y, x) = input (y + dy, x + dx), as DALI's slice with a relative start."""
+    b, h, w, _ = images.shape
+    dx = torch.round(shift[:, 0].float() * w).long()
+    dy = torch.round(shift[:, 1].float() * h).long()
+    pad = int(max(dx.abs().max(), dy.abs().max()))
+    if pad == 0:
+        return images
+    padded = F.pad(images, (0, 0, pad, pad, pad, pad))  # zeros around H and W
+    rows = torch.arange(h, device=images.device).view(1, h) + dy.view(b, 1) + pad
+    cols = torch.arange(w, device=images.device).view(1, w) + dx.view(b, 1) + pad
+    batch = torch.arange(b, device=images.device).view(b, 1, 1)
+    return padded[batch, rows.view(b, h, 1), cols.view(b, 1, w)]

@@ -1,0 +1,84 @@
+"""data.loader=torch: the DALI loader's contract on PyTorch alone, checked batch by batch against
+DaliLoader on the real CIFAR-10 samples (raw and JPEG), train and eval, both layouts and dtypes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dali_pipelines.loader import DaliLoader, LoaderSpec, Preprocessing, resolve_backend
+from dali_pipelines.torch_loader import TorchLoader
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def _pair(store, split, *, train, size, n=96, batch=32, **spec_kw):
+    data = store.split(split)
+    kwargs = dict(labels=data.labels[:n], images=None if data.images is None else data.images[:n],
+                  files=None if data.files is None else data.files[:n], train=train, batch_size=batch, seed=5)
+    spec = LoaderSpec(Preprocessing(size, MEAN, STD), num_threads=2, **spec_kw)
+    return DaliLoader(spec=spec, **kwargs), TorchLoader(spec=spec, **kwargs)
+
+
+def _epoch(loader, epoch=1, start=0):
+    loader.set_epoch(epoch, start)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("layout,dtype", [("CHW", "float32"), ("HWC", "bfloat16"), ("CHW", "float16")])
+def test_raw_batches_match_dali_within_interpolation_rounding(cifar_store, train, layout, dtype):
+    dali, torch_ = _pair(cifar_store, "train", train=train, size=75, channels_last=layout == "HWC", dtype=dtype)
+    assert len(dali) == len(torch_) == 3
+    a, b = _epoch(dali), _epoch(torch_)
+    assert len(a) == len(b) == 3
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(ya, yb) and ya.dtype == yb.dtype == torch.int64
+        assert xa.shape == xb.shape == (32, 3, 75, 75) and xa.dtype == xb.dtype == getattr(torch, dtype)
+        assert xa.is_contiguous(memory_format=torch.channels_last) == xb.is_contiguous(
+            memory_format=torch.channels_last) == (layout == "HWC")
+        diff = (xa.float() - xb.float()).abs()
+        rounding = 1e-2 if dtype != "float32" else 1e-4
+        assert diff.max() <= 2 / 255 + rounding and diff.mean() < 0.25 / 255 + rounding / 4, (diff.max(), diff.mean())
+
+
+def test_jpeg_batches_match_dali_within_decoder_and_resize_rounding(folder_store):
+    for train in (False, True):
+        dali, torch_ = _pair(folder_store, "test", train=train, size=64, n=64)
+        for (xa, ya), (xb, yb) in zip(_epoch(dali), _epoch(torch_)):
+            assert torch.equal(ya, yb) and xa.shape == xb.shape == (32, 3, 64, 64)
+            diff = (xa - xb).abs()
+            # two JPEG decoders and two antialiased resizes: a few grey levels on average
+            assert diff.mean() < 4 / 255, diff.mean()
+
+
+def test_resume_mid_epoch_and_shards_follow_the_same_plan(cifar_store):
+    data = cifar_store.split("train")
+    spec = LoaderSpec(Preprocessing(32, MEAN, STD), num_threads=1, backend="torch")
+    seen = []
+    for rank in range(2):
+        loader = TorchLoader(labels=np.arange(len(data)), images=data.images, train=True, batch_size=64, seed=0,
+                             rank=rank, world_size=2, spec=spec)
+        seen += [int(i) for _, y in _epoch(loader, 4) for i in y]
+    assert sorted(seen) == list(range(len(data)))
+    whole = TorchLoader(labels=data.labels, images=data.images, train=True, batch_size=64, seed=3, spec=spec)
+    full, tail = _epoch(whole, 1), _epoch(whole, 1, start=17 * 64)
+    assert len(tail) == len(full) - 17
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(full[17:], tail))
+
+
+def test_auto_uses_dali_where_it_imports_and_says_so_when_it_falls_back(monkeypatch):
+    assert resolve_backend("auto") == "dali" and resolve_backend("torch") == "torch"
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_dali(name, *args, **kwargs):
+        if name.startswith("nvidia.dali"):
+            raise ImportError("No module named 'nvidia.dali'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_dali)
+    said = []
+    assert resolve_backend("auto", say=said.append) == "torch"
+    assert "DALI is not importable" in said[0] and "PyTorch loader" in said[0]
