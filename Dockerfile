@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # GPU image of the training job. The CUDA runtime ships inside the torch (cu130) and DALI
-# (cuda130) wheels and the driver comes from the node through the NVIDIA container toolkit
-# (R580 or newer for CUDA 13), so a slim Python base is enough.
+# (cuda130) wheels and the driver comes from the node (R580 or newer for CUDA 13): through the
+# NVIDIA container toolkit, or GKE's mount (below). So a slim Python base is enough.
 #   docker build -t REGISTRY/cifar-transfer:0.1.0 .
 #   docker build --build-arg PRETRAINED_MODEL=inception_resnet_v2 -t REGISTRY/cifar-transfer:0.1.0-irv2 .
 FROM python:3.11.11-slim-bookworm
@@ -12,6 +12,16 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/opt/hf-cache \
     MPLCONFIGDIR=/tmp/matplotlib
+
+# The driver, wherever the node puts it. With the NVIDIA container toolkit (EKS, AKS, the GPU
+# Operator) it is injected into the standard library paths. GKE's device plugin instead mounts it
+# at /usr/local/nvidia/{lib64,bin} without the toolkit: nothing would find libcuda.so and the
+# pip-installed torch would see no GPU. NVIDIA's CUDA images set these same three variables.
+# NVIDIA_VISIBLE_DEVICES is left unset on purpose: "all" in the image would hand every GPU of
+# the node to any pod of this image that asks for none (the data Job) on toolkit nodes.
+ENV PATH=/usr/local/nvidia/bin:${PATH} \
+    LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/nvidia/lib \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 # A C compiler and the C library headers: Triton (train.compile=true) builds small C helpers
 # the first time it runs. Not version-pinned: the base image is pinned, and Debian replaces

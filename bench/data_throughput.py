@@ -9,6 +9,8 @@ same run, alternating, so a noisy machine affects both alike.
 """
 from __future__ import annotations
 
+import _repo  # noqa: F401,I001 - first: the repository root on sys.path (runs from a plain checkout)
+
 import argparse
 import statistics
 import tempfile

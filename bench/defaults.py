@@ -11,6 +11,8 @@ backbone at the head's LR); every other row changes the listed keys against it. 
 """
 from __future__ import annotations
 
+import _repo  # noqa: F401,I001 - first: the repository root on sys.path (runs from a plain checkout)
+
 import argparse
 import json
 import statistics

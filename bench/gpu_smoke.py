@@ -6,14 +6,21 @@
 1. environment: driver, CUDA, native bf16, DALI; says loudly what is missing;
 2. DALI GPU pipelines vs the CPU ones on the same real images: raw and encoded, train and eval,
    CHW and HWC, float32 / float16 / bfloat16, within stated tolerances;
-3. job/train.py for a few steps: mixed decode + two_stage + fp16 + clipping + accumulation;
-   bf16 + channels_last + compile, then evaluate.py and predict.py; SIGTERM, then resume;
-4. throughput at 299 px bf16: the model's training step alone, and end to end with the
-   data-wait fraction.
-Every step that cannot run (no GPU, no DALI) is skipped, and the last line names them. The exit
-code is non-zero when a step that ran failed.
+3. DALI output lifetime: GPU batches read behind a queue of heavy kernels keep their pixels
+   (each batch's checksum equals the CPU pipeline's);
+4. job/train.py for a few steps with DALI if present, and with data.loader=torch in any case:
+   mixed decode + two_stage + fp16 + clipping + accumulation; bf16 + channels_last + compile,
+   then evaluate.py and predict.py; SIGTERM, then resume;
+5. throughput at 299 px bf16: the model's training step alone over per-GPU batch sizes (MFU,
+   peak memory, the fastest batch), and end to end (steady-state images/s) with each loader.
+Runs from a plain checkout with a system Python (torch, timm, accelerate; DALI and wandb
+optional). A compact table of the figures closes the output; then every step that could not
+run (no GPU, no DALI) is named on the last line. The exit code is non-zero when a step that ran
+failed.
 """
 from __future__ import annotations
+
+import _repo  # noqa: F401,I001 - first: the repository root on sys.path (runs from a plain checkout)
 
 import argparse
 import json
@@ -30,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "data" / "samples"
 skipped: list[str] = []
 failed: list[str] = []
+figures: list[tuple[str, str]] = []  # (what, value): the closing table
 
 
 def say(line: str = "") -> None:
@@ -119,6 +127,37 @@ def parity(gpu: bool) -> None:
         say("(dry run: CPU against CPU; the comparison code path ran)")
 
 
+@step("DALI output lifetime under queued GPU work")
+def lifetime() -> None:
+    """Each batch's checksum is computed by a kernel queued behind heavy matmuls, long after the
+    loop moved on: a buffer DALI reused too early would show another batch's pixels."""
+    import torch
+
+    from dali_pipelines.loader import DaliLoader, LoaderSpec, Preprocessing
+    from job.data import prepare
+
+    store, _ = prepare("cifar10", SAMPLES / "cifar10-mini.tar.gz", Path(tempfile.mkdtemp()) / "raw")
+    data = store.split("train")
+    sums = {}
+    for device_id in (None, 0):
+        spec = LoaderSpec(Preprocessing(299, (0.5,) * 3, (0.5,) * 3), num_threads=4, device_id=device_id)
+        loader = DaliLoader(labels=data.labels[:1024], images=data.images[:1024], spec=spec, train=True,
+                            batch_size=64, seed=2)
+        heavy = torch.randn(4096, 4096, device="cuda")
+        sums[device_id] = []
+        for images, _ in loader:
+            if device_id == 0:
+                for _ in range(8):  # ~10 ms of queued work before the checksum reads the batch
+                    heavy = (heavy @ heavy).tanh_()
+            sums[device_id].append(images.double().sum().reshape(1))
+        sums[device_id] = torch.cat(sums[device_id]).cpu()
+    worst = float(((sums[0] - sums[None]).abs() / sums[None].abs().clamp(min=1)).max())
+    say(f"{len(sums[0])} batches, worst relative checksum difference GPU vs CPU: {worst:.2e}")
+    figures.append(("DALI lifetime: worst checksum diff", f"{worst:.1e}"))
+    if worst > 1e-3:
+        raise AssertionError("a GPU batch changed under queued work: DALI reused its buffer too early")
+
+
 def train_args(out: Path, prep: Path, gpu: bool, *extra: str) -> list[str]:
     """A short from-scratch run on generated data; ``extra`` overrides pick the path under test."""
     size, train, test = ("128", "2000", "500") if gpu else ("32", "300", "100")
@@ -141,22 +180,28 @@ def job(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return proc
 
 
+def loaders() -> list[str]:
+    """The data loaders this machine can run: DALI where it imports, PyTorch's everywhere."""
+    return ["dali", "torch"] if have_dali() else ["torch"]
+
+
 @step("training paths")
-def training(gpu: bool, work: Path) -> None:
+def training(gpu: bool, work: Path, loader: str) -> None:
+    both = ("data.loader=" + loader,)
     if gpu:  # the dry run leaves out what the CPU test suite already runs end to end
-        job(["job/train.py", *train_args(work / "mixed", work / "prep", gpu, "data.source=folder",
+        job(["job/train.py", *train_args(work / f"mixed-{loader}", work / "prep", gpu, "data.source=folder",
                                          f"data.root={SAMPLES / 'cifar10-folder-mini'}", "data.val_fraction=0.5",
                                          "train.strategy=two_stage", "train.head_epochs=1",
                                          "train.mixed_precision=fp16", "train.grad_clip=1.0",
-                                         "train.grad_accum_steps=2")])
+                                         "train.grad_accum_steps=2", *both)])
     else:
         skipped.append("mixed decode + two_stage + fp16 (dry run; tests/test_train_e2e.py runs its CPU parts)")
-    compiled = work / "compiled"
+    compiled = work / f"compiled-{loader}"
     job(["job/train.py", *train_args(compiled, work / "prep", gpu, "train.channels_last=true",
                                      f"train.mixed_precision={'bf16' if gpu else 'no'}",
-                                     f"train.compile={'true' if gpu else 'false'}")], timeout=600)
+                                     f"train.compile={'true' if gpu else 'false'}", *both)], timeout=600)
     if not gpu:
-        skipped.append("train.compile (dry run; tests/test_distributed_correctness.py compiles on CPU)")
+        skipped.append("train.compile (dry run; tests/test_presets_e2e.py compiles on CPU)")
     result = json.loads(job(["job/evaluate.py", "--run", str(compiled)]).stdout.splitlines()[-1])
     say(f"evaluate.py: accuracy {result['accuracy']:.4f} on {result['samples']} images")
     image = sorted((SAMPLES / "cifar10-folder-mini" / "test" / "ship").iterdir())[0]
@@ -164,7 +209,7 @@ def training(gpu: bool, work: Path) -> None:
     if not gpu:
         skipped.append("SIGTERM and resume (dry run; tests/test_train_e2e.py)")
         return
-    args = train_args(work / "preempted", work / "prep", gpu, "train.log_every=1")
+    args = train_args(work / f"preempted-{loader}", work / "prep", gpu, "train.log_every=1", *both)
     proc = subprocess.Popen([sys.executable, "job/train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:
@@ -179,22 +224,33 @@ def training(gpu: bool, work: Path) -> None:
         raise RuntimeError("the second run did not resume")
 
 
-@step("throughput at 299 px bf16")
-def throughput(gpu: bool, work: Path) -> None:
+@step("model throughput at 299 px bf16 over per-GPU batch sizes")
+def model_throughput(gpu: bool) -> None:
     model = "inception_resnet_v2" if gpu else "test_resnet"
-    size, batch, steps = ("299", "64", "30") if gpu else ("32", "16", "3")
-    precision = "bf16" if gpu else "no"
-    job(["bench/model_throughput.py", "--model", model, "--size", size, "--batch-size", batch,
-         "--precision", precision, "--channels-last", "--steps", steps])
-    if not have_dali() or not gpu:
-        skipped.append("end-to-end images/s (needs DALI and a GPU)")
+    size, batches, steps = ("299", ["32", "64", "128", "256"], "20") if gpu else ("32", ["8", "16"], "3")
+    out = job(["bench/model_throughput.py", "--model", model, "--size", size, "--batch-size", *batches,
+               "--precision", "bf16" if gpu else "no", "--channels-last", "--steps", steps]).stdout
+    for line in out.splitlines():
+        if line.startswith("batch "):
+            figures.append((f"{model} step alone, {line.split(':')[0]}", line.split(": ", 1)[1]))
+        elif line.startswith("fastest batch"):
+            figures.append(("fastest per-GPU batch", line.split("= ", 1)[1]))
+
+
+@step("end-to-end throughput")
+def end_to_end(gpu: bool, work: Path, loader: str) -> None:
+    if not gpu:
+        skipped.append(f"end-to-end images/s with {loader} (needs a GPU)")
         return
-    run_dir = work / "e2e"
-    job(["job/train.py", *train_args(run_dir, work / "prep", gpu, f"model.name={model}", f"data.image_size={size}",
-                                     f"data.batch_size={batch}", f"train.mixed_precision={precision}",
-                                     "train.channels_last=true", "train.epochs=1")], timeout=600)
+    run_dir = work / f"e2e-{loader}"
+    job(["job/train.py", *train_args(run_dir, work / "prep", gpu, "model.name=inception_resnet_v2",
+                                     "data.image_size=299", "data.batch_size=64", "train.mixed_precision=bf16",
+                                     "train.channels_last=true", "train.epochs=1", f"data.loader={loader}")],
+        timeout=600)
     m = json.loads((run_dir / "metrics.json").read_text())
-    say(f"end to end: {m['train_images_per_second']:.1f} images/s, data wait {m['data_wait_fraction']:.1%}")
+    figures.append((f"end to end with {loader}, batch 64",
+                    f"{m['train_images_per_second_steady'] or m['train_images_per_second']:.1f} images/s steady, "
+                    f"data wait {m['data_wait_fraction']:.1%}"))
 
 
 def main() -> int:
@@ -218,15 +274,26 @@ def main() -> int:
     environment(gpu)
     if have_dali():
         parity(gpu)
-        training(gpu, work)
+        if gpu:
+            lifetime()
+        else:
+            skipped.append("DALI output lifetime (needs a GPU)")
     else:
-        skipped.extend(["DALI GPU/CPU parity", "training paths"])
-    throughput(gpu, work)
+        skipped.extend(["DALI GPU/CPU parity", "DALI output lifetime", "training with DALI (not installed)"])
+    # The dry run checks the script on one loader (the suite runs it with and without DALI).
+    for loader in loaders() if gpu else loaders()[:1]:
+        training(gpu, work, loader)
+    model_throughput(gpu)
+    for loader in loaders():
+        end_to_end(gpu, work, loader)
     if not gpu:
         skipped.append("every GPU measurement (no GPU: dry run on CPU)")
     say("")
+    say("== figures")
+    for what, value in figures:
+        say(f"{what:44} {value}")
     say(f"failed: {', '.join(failed) if failed else 'none'}")
-    say(f"skipped: {'; '.join(skipped) if skipped else 'none'}")
+    say(f"skipped: {'; '.join(dict.fromkeys(skipped)) if skipped else 'none'}")
     return 1 if failed else 0
 
 

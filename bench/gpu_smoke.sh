@@ -6,5 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}"
+# A plain checkout needs no install: the job's modules import from the repository root.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 set -o pipefail
 PYTHONUNBUFFERED=1 "$python" bench/gpu_smoke.py "$@" 2>&1 | tee "${OUT:-.}/gpu_smoke.log"

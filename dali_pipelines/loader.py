@@ -3,6 +3,7 @@ with its length per epoch, its sample counts, and ``set_epoch(epoch, start_sampl
 """
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,35 @@ class _BatchSource:
         return out
 
 
+class HeldOutputs:
+    """Keeps each GPU batch alive until the GPU work that reads it has run.
+
+    DALI's (default, dynamic) executor hands torch its own output buffers through DLPack. The
+    host runs ahead of the GPU (no per-step sync, compiled graphs), so when the loop drops a
+    batch its kernels may still be queued; DALI could then reuse the buffer for a later batch
+    while they read it: a step would train on another batch's pixels with this batch's labels.
+    When the next batch is asked for, an event is recorded on torch's stream after everything
+    queued so far, and the batch is released only once that event has completed (the oldest is
+    waited for when more than ``depth`` are held). On the CPU the work is done when the loop
+    asks for the next batch, and nothing is held.
+    """
+
+    def __init__(self, depth: int, new_event=None):
+        self.depth, self.held = depth, deque()
+        self.new_event = new_event or (lambda: torch.cuda.Event())
+
+    def hold(self, batch: tuple[torch.Tensor, ...]) -> None:
+        if batch[0].device.type != "cuda":
+            return
+        event = self.new_event()
+        event.record()  # on the current stream, after the step that read the batch
+        self.held.append((event, batch))
+        while self.held and self.held[0][0].query():
+            self.held.popleft()
+        while len(self.held) > self.depth:
+            self.held.popleft()[0].synchronize()
+
+
 class DaliLoader:
     """Shards, shuffles and augments one split for one rank (rules in dali_pipelines/sampling.py).
 
@@ -156,6 +186,7 @@ class DaliLoader:
                                        world_size=world_size, batches=batches)
         self._iterator = None
         self._exhausted = True
+        self._held = HeldOutputs(depth=spec.prefetch + 2)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -173,13 +204,19 @@ class DaliLoader:
         if not self._source.plan:
             return
         self._start()
+        previous = None
         for data in self._iterator:
+            if previous is not None:  # its step is queued now: hold DALI's buffers until it has run
+                self._held.hold(previous)
             images, labels = data[0]["images"], data[0]["labels"].view(-1)
+            previous = (data[0]["images"], data[0]["labels"])
             if self.spec.channels_last:  # NHWC memory seen as NCHW: channels_last, no copy
                 images = images.permute(0, 3, 1, 2)
             if self.spec.dtype == "bfloat16":  # DALI has no bfloat16 output: float16, cast where it lives
                 images = images.to(torch.bfloat16)
             yield images, labels
+        if previous is not None:
+            self._held.hold(previous)
         self._exhausted = True
 
     def _start(self) -> None:

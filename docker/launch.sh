@@ -12,7 +12,10 @@
 # Processes per node: NPROC_PER_NODE (or PET_NPROC_PER_NODE) if a number, else the local GPU
 # count, else 1 (CPU). Arguments are forwarded to job/train.py (or to TRAIN_SCRIPT).
 # TERMINATION_GRACE_PERIOD_SECONDS: the pod's terminationGracePeriodSeconds (the manifests set
-# both), from which torchrun's shutdown timeout is derived. LAUNCH_DRY_RUN=1 prints the command.
+# both), from which torchrun's shutdown timeout is derived. RENDEZVOUS_TIMEOUT_SECONDS (default
+# 3600): how long torchrun waits for every node to join (its own default, 600 s, is shorter than
+# a gang of GPU nodes may take to be scheduled, pull the image and start). LAUNCH_DRY_RUN=1
+# prints the command.
 #
 # Signals. This script is PID 1 of the container, and the kubelet sends its SIGTERM (preemption,
 # node drain, `kubectl delete`) to PID 1 only; the kernel drops signals that PID 1 has no handler
@@ -62,7 +65,8 @@ if ! [[ "$nproc" =~ ^[0-9]+$ ]]; then           # auto / cpu / gpu / empty
   [[ "$nproc" -ge 1 ]] || nproc=1
 fi
 grace="${TERMINATION_GRACE_PERIOD_SECONDS:-}"
-for value in "$nnodes" "$node_rank" "$nproc" "$master_port" ${grace:+"$grace"}; do
+rendezvous_timeout="${RENDEZVOUS_TIMEOUT_SECONDS:-3600}"
+for value in "$nnodes" "$node_rank" "$nproc" "$master_port" "$rendezvous_timeout" ${grace:+"$grace"}; do
   [[ "$value" =~ ^[0-9]+$ ]] || { echo "launch.sh: expected a number, got '$value'" >&2; exit 2; }
 done
 if (( nnodes > 1 )) && [[ -z "$master_addr" ]]; then
@@ -78,6 +82,8 @@ total=$(( nnodes * nproc ))
 cmd=(accelerate launch --num_machines "$nnodes" --num_processes "$total" --machine_rank "$node_rank")
 (( total > 1 )) && cmd+=(--multi_gpu)          # torch.distributed: NCCL on GPUs, gloo on CPUs
 (( nnodes > 1 )) && cmd+=(--main_process_ip "$master_addr" --main_process_port "$master_port")
+# torchrun's static rendezvous (accelerate's default) reads its join timeout from --rdzv_conf.
+(( total > 1 )) && cmd+=(--rdzv_conf "timeout=$rendezvous_timeout")
 # Precision and compilation come from the job's config (train.mixed_precision, train.compile).
 cmd+=(--mixed_precision no --dynamo_backend no "$script" "$@")
 

@@ -187,7 +187,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"section {section!r} must be a mapping")
         try:
             raw[section][name] = yaml.safe_load(value)
-        except (yaml.YAMLError, RecursionError):
+        except (yaml.YAMLError, RecursionError, ValueError):  # ValueError: an int of > 4300 digits
             raw[section][name] = value
         if not within_size(raw[section][name], MAX_CONFIG_VALUES):
             raise ConfigError(f"override {key} expands to more than MAX_CONFIG_VALUES={MAX_CONFIG_VALUES} values")
@@ -208,7 +208,7 @@ def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{what} {path} not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what} {path} cannot be read ({getattr(e, 'strerror', None) or e})") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an int of > 4300 digits
         raise ConfigError(f"{what} {path} is not valid YAML: {shown(str(e).replace(chr(10), ' '))}") from None
     except RecursionError:
         raise ConfigError(f"{what} {path} nests values too deeply; not a config") from None
@@ -372,7 +372,7 @@ def validate(cfg: Config) -> None:
         for key, value in (("train.output_dir", cfg.train.output_dir),
                            ("train.feature_cache_dir", cfg.train.feature_cache_dir)):
             written = _resolved(value, key) if value else None
-            if written is not None and (written == root or written.is_relative_to(root) or root.is_relative_to(written)):
+            if written is not None and (written.is_relative_to(root) or root.is_relative_to(written)):
                 raise ConfigError(f"{key}={value} overlaps data.root={cfg.data.root} (one is inside the other): the "
                                   f"run would write into the dataset. Put {key} outside data.root")
     if cfg.train.resume not in ("auto", "never") and not (Path(cfg.train.resume) / CHECKPOINT_MARKER).is_file():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -13,6 +14,7 @@ from accelerate import Accelerator
 
 from job.config import ConfigError, TrainConfig
 from job.optim import current_lr
+from job.records import shown_epoch
 
 
 @dataclass
@@ -25,6 +27,10 @@ class EpochSums:
     samples: float = 0.0
     seconds: float = 0.0  # the slowest rank's wall time
     wait_seconds: float = 0.0  # time spent waiting for batches, averaged over ranks
+    # The steady state: from the end of the first log window (pipeline start-up, cuDNN autotuning,
+    # compilation) to the end, timed with the device synchronised at both edges.
+    steady_samples: float = 0.0
+    steady_seconds: float = 0.0  # the slowest rank's
 
     def add(self, other: "EpochSums") -> None:
         for f in dataclasses.fields(self):
@@ -36,7 +42,8 @@ class EpochSums:
                 "train_samples": int(self.samples), "epoch_seconds": self.seconds,
                 "images_per_second": self.samples / seconds,
                 "images_per_second_per_device": self.samples / seconds / world_size,
-                "data_wait_fraction": self.wait_seconds / seconds}
+                "data_wait_fraction": self.wait_seconds / seconds,
+                "steady_images_per_second": self.steady_samples / max(self.steady_seconds, 1e-9)}
 
 
 @dataclass
@@ -93,15 +100,24 @@ class StepHooks:
     on_batch: Callable[[], None] = lambda: None
 
 
-class ThroughputMeter:
-    """Images per second and the fraction of time spent waiting for data, over a window."""
+def device_time(device: torch.device) -> float:
+    """Now, once the device has finished the work queued so far: a GPU runs behind the host, so
+    a host clock read without it would time the queueing, not the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
-    def __init__(self, world_size: int):
-        self.world_size = world_size
+
+class ThroughputMeter:
+    """Images per second and the fraction of time spent waiting for data, over a window whose
+    edges are device-synchronised (once per log window, where the loss is read anyway)."""
+
+    def __init__(self, world_size: int, device: torch.device = torch.device("cpu")):
+        self.world_size, self.device = world_size, device
         self.reset()
 
     def reset(self) -> None:
-        self.start, self.images, self.wait = time.perf_counter(), 0, 0.0
+        self.start, self.images, self.wait = device_time(self.device), 0, 0.0
 
     def add(self, images: int, waited: float) -> None:
         self.images += images
@@ -109,7 +125,7 @@ class ThroughputMeter:
 
     def read(self) -> tuple[float, float]:
         """(global images/s, data-wait fraction) since the last reset."""
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        elapsed = max(device_time(self.device) - self.start, 1e-9)
         return self.images * self.world_size / elapsed, self.wait / elapsed
 
 
@@ -122,9 +138,11 @@ def train_one_epoch(cfg: TrainConfig, parts: TrainParts, loader, state: TrainSta
     # This rank's device-side running sums (loss_sum, correct): adding to them never waits for
     # the GPU; the sample count is known on the host.
     sums = torch.zeros(2, dtype=torch.float64, device=acc.device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=acc.device)  # the first update with a non-finite loss
     samples, wait_seconds, epoch_start = 0, 0.0, time.perf_counter()
     plan = loader.plan  # what this iteration yields: the rest of the epoch
-    window, micro, consumed, remaining = ThroughputMeter(acc.num_processes), 0, 0, len(plan.batches)
+    window, micro, consumed, remaining = ThroughputMeter(acc.num_processes, acc.device), 0, 0, len(plan.batches)
+    steady = None  # (time, samples) when the steady-state window opened: after the first log window
     batches = iter(loader)
     while True:
         fetch_start = time.perf_counter()
@@ -150,6 +168,7 @@ def train_one_epoch(cfg: TrainConfig, parts: TrainParts, loader, state: TrainSta
             acc.backward(loss / min(cfg.grad_accum_steps, remaining))
         n = labels.shape[0]
         sums += torch.stack([loss.detach().double() * n, (logits.detach().argmax(1) == labels).sum().double()])
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), state.global_step + 1, first_bad)
         samples += n
         window.add(n, waited)
         hooks.on_batch()
@@ -165,28 +184,54 @@ def train_one_epoch(cfg: TrainConfig, parts: TrainParts, loader, state: TrainSta
         remaining -= micro
         micro = 0
         parts.scheduler.step_update(num_updates=state.global_step)
+        if steady is None and consumed >= cfg.log_every * cfg.grad_accum_steps:
+            steady = (device_time(acc.device), samples)
         if state.global_step % cfg.log_every == 0:
             images_per_second, wait_fraction = window.read()
             hooks.on_log(StepLog(step=state.global_step, loss=loss.item(), lr=current_lr(parts.optimizer),
                                  images_per_second=images_per_second, data_wait_fraction=wait_fraction))
             window.reset()
         if state.global_step % cfg.signal_check_every == 0 and hooks.stop_requested():
-            state.partial.add(_reduce_sums(acc, sums, samples, time.perf_counter() - epoch_start, wait_seconds))
+            state.partial.add(_reduce_sums(acc, sums, samples, time.perf_counter() - epoch_start, wait_seconds, steady))
             return None
-    state.partial.add(_reduce_sums(acc, sums, samples, time.perf_counter() - epoch_start, wait_seconds))
+    state.partial.add(_reduce_sums(acc, sums, samples, time.perf_counter() - epoch_start, wait_seconds, steady))
+    _stop_if_not_finite(state, first_bad)
     metrics = state.partial.metrics(acc.num_processes)
     state.partial = EpochSums()
     return metrics
 
 
+class NonFiniteLossError(ConfigError):
+    """The training loss became NaN or infinite: the weights are garbage from there on (exit 2)."""
+
+
+def _stop_if_not_finite(state: TrainState, first_bad: torch.Tensor) -> None:
+    """Checked once per epoch on the reduced loss sum, so every rank decides alike (a NaN on one
+    rank reaches all of them through the gradient all-reduce); the step is this rank's first."""
+    if math.isfinite(state.partial.loss_sum):
+        return
+    step = int(first_bad.item())
+    where = f"at step {step}" if step >= 0 else "on another process"
+    raise NonFiniteLossError(f"the training loss became NaN or infinite {where} (epoch {shown_epoch(state.epoch)}): "
+                             "the run is stopped; the last checkpoint and best/ are kept. Lower optim.lr, set "
+                             "train.grad_clip, or check the data")
+
+
 def _reduce_sums(acc: Accelerator, sums: torch.Tensor, samples: int, seconds: float,
-                 wait_seconds: float) -> EpochSums:
+                 wait_seconds: float, steady: tuple[float, int] | None) -> EpochSums:
     """This rank's sums -> global sums (one all-reduce and one gather per epoch or preemption)."""
-    local = torch.cat([sums, torch.tensor([float(samples)], dtype=torch.float64, device=sums.device)])
-    loss_sum, correct, total = acc.reduce(local, reduction="sum").tolist()
-    times = acc.gather(torch.tensor([[seconds, wait_seconds]], dtype=torch.float64, device=sums.device)).cpu()
+    steady_seconds, steady_samples = 0.0, 0
+    if steady is not None:
+        steady_seconds = device_time(acc.device) - steady[0]
+        steady_samples = samples - steady[1]
+    counts = [float(samples), float(steady_samples)]
+    local = torch.cat([sums, torch.tensor(counts, dtype=torch.float64, device=sums.device)])
+    loss_sum, correct, total, steady_total = acc.reduce(local, reduction="sum").tolist()
+    times = torch.tensor([[seconds, wait_seconds, steady_seconds]], dtype=torch.float64, device=sums.device)
+    times = acc.gather(times).cpu()
     return EpochSums(loss_sum=loss_sum, correct=correct, samples=total, seconds=float(times[:, 0].max()),
-                     wait_seconds=float(times[:, 1].mean()))
+                     wait_seconds=float(times[:, 1].mean()), steady_samples=steady_total,
+                     steady_seconds=float(times[:, 2].max()))
 
 
 @torch.no_grad()

@@ -174,16 +174,15 @@ class ModelCard:
             return "head_hidden is not a list of positive integers"
         if not isinstance(self.head_activation, str) or self.head_activation not in _ACTIVATIONS:
             return f"head_activation {self.head_activation!r:.40} is not one of {', '.join(_ACTIVATIONS)}"
-        if (isinstance(self.head_dropout, bool) or not isinstance(self.head_dropout, (int, float))
-                or not 0 <= self.head_dropout < 1):
+        if not numbers([self.head_dropout]) or not 0 <= self.head_dropout < 1:
             return "head_dropout is not a number in [0, 1)"
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or not 16 <= self.image_size <= MAX_IMAGE_SIZE:
+        if not numbers([self.image_size], int) or not 16 <= self.image_size <= MAX_IMAGE_SIZE:
             return f"image_size is not an integer in [16, {MAX_IMAGE_SIZE}]"
-        if not numbers(self.mean) or not numbers(self.std) or len(self.mean) != 3 or len(self.std) != 3 \
-                or not all(s > 0 for s in self.std):
+        if not (numbers(self.mean) and numbers(self.std) and len(self.mean) == len(self.std) == 3
+                and all(s > 0 for s in self.std)):
             return "mean and std are not 3 numbers each (std > 0)"
-        if not isinstance(self.classes, list) or len(self.classes) < 2 or not all(isinstance(c, str) for c in self.classes) \
-                or len(set(self.classes)) != len(self.classes):
+        names = self.classes if isinstance(self.classes, list) else []
+        if len(names) < 2 or not all(isinstance(c, str) for c in names) or len(set(names)) != len(names):
             return "classes is not a list of at least 2 distinct names"
         return None
 

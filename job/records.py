@@ -30,6 +30,9 @@ class EpochRecord:
     val_loss: float
     val_accuracy: float
     val_samples: int
+    # images/s after the first log window (start-up, autotuning, compilation), device-synchronised;
+    # 0 when the epoch was shorter than that window
+    steady_images_per_second: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -65,6 +68,7 @@ class RunSummary:
     features_cached: bool = False
     feature_extraction_seconds: float | None = None  # the one backbone pass (0 when the cache was reused)
     test_accuracy_cached: float | None = None  # the head on cached test features; must match test_accuracy
+    train_images_per_second_steady: float | None = None  # after each epoch's first log window (EpochRecord)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -277,7 +277,9 @@ class Trainer:
             confusion_matrix=test["confusion"], classes=self.store.classes,
             replicas_identical=self.replicas_identical, features_cached=self.cached,
             feature_extraction_seconds=self.features.extraction_seconds if self.features else None,
-            test_accuracy_cached=test.get("accuracy_cached"))
+            test_accuracy_cached=test.get("accuracy_cached"),
+            train_images_per_second_steady=_mean([h.steady_images_per_second for h in history
+                                                  if h.steady_images_per_second > 0]))
         samples = (sample_predictions(self.bare, self.store, self.spec, acc.device)
                    if acc.is_main_process else [])
         self.trackers.finish(summary, samples)
@@ -365,6 +367,10 @@ def _progress(accelerator, total: int, start: int, epoch: int, epochs: int):
 
     return tqdm(total=total, initial=start, desc=f"epoch {shown_epoch(epoch)}/{epochs}", unit="batch",
                 dynamic_ncols=True, leave=False, file=sys.stderr)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def _epoch_line(r: EpochRecord) -> str:

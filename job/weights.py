@@ -366,9 +366,9 @@ def convert(src: str | Path, model_name: str, out: str | Path, *, force: bool = 
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        save_file(state, tmp, metadata={"format": "pt", "timm_model": model_name})
         # mkstemp's 0600 would keep the weights from other users and pod UIDs: the umask decides.
         os.chmod(tmp, 0o666 & ~_umask())
-        save_file(state, tmp, metadata={"format": "pt", "timm_model": model_name})
         if force:
             os.replace(tmp, out)
         else:

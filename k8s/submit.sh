@@ -1,23 +1,35 @@
 #!/usr/bin/env bash
 # Render the training job for one run and apply it (or print it with --dry-run).
 #
-#   k8s/submit.sh --image REGISTRY/cifar-transfer:0.1.0 --name irv2-ft --nodes 1 --gpus 8
-#   k8s/submit.sh --image ... --name irv2-ft4 --nodes 4 --gpus 8 --jobset --spot gke   # JobSet on spot
+#   k8s/submit.sh --image REGISTRY/cifar-transfer@sha256:... --name irv2-ft --nodes 1 --gpus 8
+#   k8s/submit.sh --image REGISTRY/cifar-transfer:0.1.0 --name irv2-ft4 --nodes 4 --gpus 8 --spot gke --queue gpu
 #   k8s/submit.sh --image ... --name irv2-fe --config job/configs/feature_extraction.yaml -- train.epochs=20
 #   k8s/submit.sh --image ... --name irv2-kf --kubeflow --nodes 2 --gpus 8              # Kubeflow TrainJob
 #   k8s/submit.sh ... --dry-run > job.yaml                                              # print, do not apply
-#   k8s/submit.sh --image REGISTRY/cifar-transfer:0.1.0 --prepare-data [--storage-class CLASS]
+#   k8s/submit.sh --image REGISTRY/cifar-transfer:0.1.0 --prepare-data --storage-class CLASS
 #
-#   --jobset                  the nodes as a JobSet (needs its controller): all restart together
-#   --kubeflow                a Kubeflow Trainer TrainJob (needs the operator)
+#   --image REF               REPO@sha256:DIGEST, or REPO:TAG resolved to its digest (crane, skopeo or
+#                             docker buildx imagetools): every node runs the same build
+#   --allow-tag               keep REPO:TAG as it is (a tag can move between the nodes' pulls)
+#   --nodes N                 N > 1 runs as a JobSet (needs its controller): all nodes restart together
+#   --jobset                  a JobSet also for one node
+#   --kubeflow                a Kubeflow Trainer TrainJob on our TrainingRuntime (needs the operator)
 #   --spot PROVIDER           spot nodes: gke, eks, aks, karpenter, or KEY=VALUE (your pool's label)
+#   --gpu-type PROVIDER:TYPE  GPU nodes of one type: gke:nvidia-h100-80gb, eks:p5.48xlarge,
+#                             karpenter:h100, aks:Standard_ND96isr_H100_v5, or KEY=VALUE
+#   --topology KEY            several nodes: every pod in one domain of this node label
+#                             (default topology.kubernetes.io/zone)
+#   --interconnect NET        efa or infiniband (k8s/components/efa, k8s/components/infiniband)
+#   --queue NAME              Kueue LocalQueue: admitted as a gang, when the whole run fits
+#   --max-restarts N          JobSet and TrainJob: restarts of all nodes, preemptions included (10)
 #   --namespace NS            where to submit (default: kubectl's current namespace)
 #   --priority-class NAME     the pods' priorityClassName
-#   --storage-class NAME      with --prepare-data: the ReadWriteMany class of both volumes
+#   --storage-class NAME      with --prepare-data (required): the ReadWriteMany class of both volumes
+#                             (`default`: the cluster's default class, if it is ReadWriteMany)
 #   --offline                 HF_HUB_OFFLINE=1: use the weights baked into the image, never the Hub
 #   --deadline DURATION       activeDeadlineSeconds (default 48h; 90m, 36h, 3d, secs): the whole Job with
-#                             its retries; for a JobSet, each attempt (its child Jobs restart together)
-#   --ttl DURATION            delete the finished Job after this long (default 7d)
+#                             its retries; for a JobSet, each attempt (and, with --queue, the total)
+#   --ttl DURATION            delete the finished Job or JobSet after this long (default 7d)
 #   --replace                 delete an existing run of this name first (it resumes from its checkpoints)
 #
 # Words after `--` are config overrides (section.key=value) appended to the job's arguments.
@@ -26,17 +38,24 @@
 # the same name again after the Job is gone resumes from its checkpoints.
 set -euo pipefail
 
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "submit.sh: $*" >&2; exit 2; }
 
 image="" name="" nodes=1 gpus=1 spot="" kubeflow=0 jobset=0 dry_run=0 prepare=0 replace=0 offline=0
 namespace="" priority_class="" storage_class="" deadline="" ttl="" config="job/configs/finetune.yaml"
+allow_tag=0 queue="" max_restarts="" gpu_type="" topology="" interconnect=""
 overrides=()
 while (($#)); do
   case "$1" in
-    --image|--name|--nodes|--gpus|--config|--spot|--namespace|--priority-class|--storage-class|--deadline|--ttl)
+    --image|--name|--nodes|--gpus|--config|--spot|--namespace|--priority-class|--storage-class|--deadline|--ttl|\
+    --queue|--max-restarts|--gpu-type|--topology|--interconnect)
       (($# >= 2)) || die "$1 needs a value"
       case "$1" in
+        --queue) queue="$2" ;;
+        --max-restarts) max_restarts="$2" ;;
+        --gpu-type) gpu_type="$2" ;;
+        --topology) topology="$2" ;;
+        --interconnect) interconnect="$2" ;;
         --image) image="$2" ;;
         --name) name="$2" ;;
         --nodes) nodes="$2" ;;
@@ -53,6 +72,7 @@ while (($#)); do
     --jobset) jobset=1; shift ;;
     --kubeflow) kubeflow=1; shift ;;
     --offline) offline=1; shift ;;
+    --allow-tag) allow_tag=1; shift ;;
     --replace) replace=1; shift ;;
     --dry-run) dry_run=1; shift ;;
     --prepare-data) prepare=1; name="${name:-data}"; shift ;;
@@ -70,9 +90,33 @@ seconds() {  # $1 option, $2 duration (90m, 36h, 3d or seconds) -> seconds
 }
 dns_label='^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$'
 dns_subdomain='^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$'
-[[ -n "$image" ]] || die "--image REGISTRY/cifar-transfer:TAG is required"
-[[ "$image" == *:* && "${image##*:}" != "latest" && "${image##*/}" == *:* ]] \
-  || die "--image needs an explicit tag other than 'latest' (got '$image'): pods must run a known build"
+label_key='^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$'
+label_value='^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$'
+[[ -n "$image" ]] || die "--image REGISTRY/cifar-transfer@sha256:DIGEST (or :TAG) is required"
+if [[ "$image" == *@* ]]; then
+  digest="${image#*@}" repo="${image%%@*}"
+  [[ "$digest" =~ ^sha256:[0-9a-f]{64}$ ]] || die "--image: '$digest' is not a sha256 digest (sha256: and 64 hex digits)"
+  [[ "${repo##*/}" != *:* ]] || repo="${repo%:*}"   # REPO:TAG@DIGEST: the digest decides
+else
+  [[ "${image##*/}" == *:* && "${image##*:}" != "latest" ]] \
+    || die "--image needs a digest or an explicit tag other than 'latest' (got '$image'): pods must run a known build"
+  repo="${image%:*}" digest=""
+fi
+[[ -z "$queue" || "$queue" =~ $dns_subdomain ]] || die "--queue must be the name of a Kueue LocalQueue, got '$queue'"
+[[ -z "$max_restarts" || "$max_restarts" =~ ^[0-9]+$ ]] || die "--max-restarts must be a number, got '$max_restarts'"
+[[ -z "$topology" || "$topology" =~ $label_key ]] || die "--topology must be a node label key, got '$topology'"
+case "$interconnect" in ""|efa|infiniband) ;; *) die "--interconnect takes efa or infiniband, got '$interconnect'" ;; esac
+gpu_key="" gpu_value=""
+case "$gpu_type" in
+  "") ;;
+  gke:*) gpu_key=cloud.google.com/gke-accelerator gpu_value="${gpu_type#*:}" ;;
+  eks:*|aks:*) gpu_key=node.kubernetes.io/instance-type gpu_value="${gpu_type#*:}" ;;
+  karpenter:*) gpu_key=karpenter.k8s.aws/instance-gpu-name gpu_value="${gpu_type#*:}" ;;
+  *=*) gpu_key="${gpu_type%%=*}" gpu_value="${gpu_type#*=}" ;;
+  *) die "--gpu-type takes gke:TYPE, eks:TYPE, aks:TYPE, karpenter:TYPE or KEY=VALUE, got '$gpu_type'" ;;
+esac
+[[ -z "$gpu_type" ]] || [[ "$gpu_key" =~ $label_key && "$gpu_value" =~ $label_value ]] \
+  || die "--gpu-type: '$gpu_type' is not a valid node label (e.g. gke:nvidia-h100-80gb)"
 [[ "$name" =~ ^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$ ]] \
   || die "--name must be 1-32 lowercase letters, digits or '-' (a DNS label), got '$name'"
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$nodes'"
@@ -86,14 +130,22 @@ dns_subdomain='^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$'
 [[ -z "$deadline" || "$deadline" -gt 0 ]] || die "--deadline must be longer than 0"
 [[ -z "$ttl" ]] || ttl="$(seconds --ttl "$ttl")"
 (( kubeflow + jobset <= 1 )) || die "--kubeflow and --jobset are two different ways to run the nodes: pick one"
-(( kubeflow == 0 || ${#spot} == 0 )) || die "--spot applies to the Job and the JobSet; for a TrainJob, configure the runtime"
-(( kubeflow == 0 )) || [[ -z "$priority_class" ]] \
-  || die "--priority-class: a TrainJob cannot set it (runtimePatches have no such field); set it in the ClusterTrainingRuntime"
+(( kubeflow == 0 )) || [[ -z "$spot$gpu_type$topology$interconnect" ]] \
+  || die "--spot, --gpu-type, --topology and --interconnect apply to the Job and the JobSet; for a TrainJob, add them to k8s/kubeflow/runtime.yaml"
 (( kubeflow == 0 )) || [[ -z "$ttl" ]] \
-  || die "--ttl: the TrainJob API has no ttlSecondsAfterFinished; set it in the ClusterTrainingRuntime's JobSet template"
-(( prepare == 0 )) || [[ -z "$spot$priority_class" && $(( kubeflow + jobset + offline )) == 0 ]] \
+  || die "--ttl: not for a TrainJob: Trainer recreates a JobSet its TTL deleted (kubeflow/trainer #2981); delete finished TrainJobs yourself"
+(( prepare == 0 )) || [[ -z "$spot$priority_class$queue$max_restarts$gpu_type$topology$interconnect" \
+                        && $(( kubeflow + jobset + offline )) == 0 ]] \
   || die "--prepare-data takes --image, --namespace, --storage-class, --deadline, --ttl and --replace only"
+(( prepare == 0 )) || [[ -n "$storage_class" ]] \
+  || die "--prepare-data needs --storage-class: a ReadWriteMany class (NFS, Filestore, EFS, Azure Files, CephFS); on most clusters the default class is block storage and the claims would stay Pending (--storage-class default keeps it anyway)"
 (( prepare == 1 )) || [[ -z "$storage_class" ]] || die "--storage-class applies to --prepare-data (the volumes)"
+# Several nodes run as a JobSet: it restarts them together. An Indexed Job would recreate a failed
+# pod alone, into a rendezvous whose peers hang in a collective (k8s/overlays/multinode, by hand).
+(( nodes == 1 || kubeflow == 1 )) || jobset=1
+(( jobset == 1 || kubeflow == 1 )) || [[ -z "$max_restarts" ]] \
+  || die "--max-restarts applies to the JobSet and the TrainJob (the Indexed Job retries each node: backoffLimitPerIndex)"
+(( nodes > 1 )) || [[ -z "$topology" ]] || die "--topology places several nodes together; this run has one"
 spot_key="" spot_value="" spot_component=""
 case "$spot" in
   "") ;;
@@ -107,14 +159,39 @@ case "$spot" in
 esac
 command -v kubectl >/dev/null || die "kubectl not found: install it (https://kubernetes.io/docs/tasks/tools/)"
 
+# The same build on every node and every restart: a tag resolved once, here, to its digest.
+if [[ -z "$digest" ]] && (( ! allow_tag )); then
+  resolved="" how=""
+  if command -v crane >/dev/null; then
+    how=crane resolved="$(crane digest "$image" 2>&1)" || die "crane digest $image failed: $resolved"
+  elif command -v skopeo >/dev/null; then
+    how=skopeo resolved="$(skopeo inspect --format '{{.Digest}}' "docker://$image" 2>&1)" \
+      || die "skopeo inspect docker://$image failed: $resolved"
+  elif command -v docker >/dev/null && docker buildx version >/dev/null 2>&1; then
+    how="docker buildx imagetools" resolved="$(docker buildx imagetools inspect --format '{{.Manifest.Digest}}' "$image" 2>&1)" \
+      || die "docker buildx imagetools inspect $image failed: $resolved"
+  else
+    die "--image $image is a tag, which may point at another build by the time each node pulls it, and none of crane, skopeo or docker buildx is here to resolve it: pass REPO@sha256:DIGEST (docker push prints it), or --allow-tag"
+  fi
+  [[ "$resolved" =~ ^sha256:[0-9a-f]{64}$ ]] || die "$how gave '$resolved' for $image, not a sha256 digest"
+  digest="$resolved"
+  echo "submit.sh: $image is $repo@$digest" >&2
+fi
+image_ref="$repo${digest:+@$digest}"
+[[ -n "$digest" ]] || image_ref="$image"
+
 k8s="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 work="$k8s/.build/$name"   # inside k8s/ so kustomize may load the bases; git-ignored
 rm -rf "$work"
 mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
 
-repo="${image%:*}" tag="${image##*:}"
 full="cifar-transfer-$name"
+if [[ -n "$digest" ]]; then
+  image_entry="{name: ghcr.io/example/cifar-transfer, newName: $repo, digest: \"$digest\"}"
+else
+  image_entry="{name: ghcr.io/example/cifar-transfer, newName: $repo, newTag: \"${image##*:}\"}"
+fi
 cpu=$(( gpus * 8 )) mem="$(( gpus * 60 ))Gi" shm="$(( gpus * 8 ))Gi"
 
 args_patch() {  # JSON-patch ops that set the config file and append overrides

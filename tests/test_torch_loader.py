@@ -82,3 +82,43 @@ def test_auto_uses_dali_where_it_imports_and_says_so_when_it_falls_back(monkeypa
     said = []
     assert resolve_backend("auto", say=said.append) == "torch"
     assert "DALI is not importable" in said[0] and "PyTorch loader" in said[0]
+
+
+class _FakeEvent:
+    """A CUDA event stand-in: complete once the fake GPU has advanced past it."""
+
+    gpu_done = 0
+    recorded = 0
+
+    def record(self):
+        _FakeEvent.recorded += 1
+        self.n = _FakeEvent.recorded
+
+    def query(self):
+        return _FakeEvent.gpu_done >= self.n
+
+    def synchronize(self):
+        _FakeEvent.gpu_done = max(_FakeEvent.gpu_done, self.n)
+
+
+def test_gpu_batches_are_held_until_the_work_queued_after_them_has_run(monkeypatch):
+    """DALI's buffers (DLPack) must outlive the kernels that read them (the GPU runs behind the
+    host): a batch is released only when its event completed, the oldest waited for past depth."""
+    from dali_pipelines.loader import HeldOutputs
+
+    class OnGpu:  # what hold() looks at: the batch's device
+        device = torch.device("cuda")
+
+    held = HeldOutputs(depth=2, new_event=_FakeEvent)
+    batches = [(OnGpu(), i) for i in range(4)]
+    held.hold(batches[0])
+    held.hold(batches[1])
+    assert [b[1] for _, b in held.held] == [0, 1]  # the GPU has not run either step yet
+    _FakeEvent.gpu_done = 1  # the step of batch 0 completed
+    held.hold(batches[2])
+    assert [b[1] for _, b in held.held] == [1, 2]
+    held.hold(batches[3])  # 3 held > depth 2: wait for the oldest (batch 1's step), then release it
+    assert [b[1] for _, b in held.held] == [2, 3] and _FakeEvent.gpu_done == 2
+    cpu = HeldOutputs(depth=2, new_event=_FakeEvent)
+    cpu.hold((torch.zeros(1), torch.zeros(1)))
+    assert not cpu.held  # CPU work is done when the next batch is asked for

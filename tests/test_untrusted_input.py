@@ -352,3 +352,44 @@ def test_class_names_are_labels_never_paths(tmp_path):
     store, _ = prepare("folder", root, tmp_path / "store")
     assert weird in store.classes
     assert {p.name for p in tmp_path.iterdir()} == {"imgs", "store"}
+
+
+# ---------------------------------------------------------------- what a batch's values may be
+
+def test_a_memo_reference_bomb_is_refused_in_bounded_time_and_memory(tmp_path, good_store):
+    """~300 bytes of pickle whose labels are a nested list with 2^30 leaves (each level references
+    the one below twice): refused by counting what the object expands to, not by its bytes."""
+    import numpy as np
+
+    labels: list = [0]
+    for _ in range(30):
+        labels = [labels, labels]
+    blob = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": labels}, protocol=4)
+    assert len(blob) < 3500
+    root = _batch_dir(tmp_path)
+    (root / "data_batch_4").write_bytes(blob)
+    proc = prepare_cli_measured(root.parent, tmp_path / "store")
+    assert_refused(proc, str(root / "data_batch_4"), "MAX_PICKLE_ELEMENTS")
+    assert peak_mb(proc) < 400
+    assert_untouched(tmp_path, good_store, {"hostile"})
+
+
+@pytest.mark.parametrize("labels, needle", [([0.7, 1.7], "float64"), ([True, False], "bool")])
+def test_labels_must_be_integers(tmp_path, good_store, labels, needle):
+    """Floats were truncated to classes (0.7 -> 0) without a word; bools would be 0 and 1."""
+    import numpy as np
+
+    root = _batch_dir(tmp_path)
+    (root / "data_batch_1").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}))
+    proc = prepare_cli(root.parent, tmp_path / "store")
+    assert_refused(proc, str(root / "data_batch_1"), needle, "class labels must be integers")
+    assert_untouched(tmp_path, good_store, {"hostile"})
+
+
+def test_class_names_must_be_unique(tmp_path, good_store):
+    root = _batch_dir(tmp_path)
+    names = [b"cat", b"dog", b"cat", b"cat", *[f"c{i}".encode() for i in range(6)]]
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
+    proc = prepare_cli(root.parent, tmp_path / "store")
+    assert_refused(proc, str(root / "batches.meta"), "'cat'", "more than once")
+    assert_untouched(tmp_path, good_store, {"hostile"})

@@ -204,7 +204,8 @@ def _read_directory(base: Path) -> dict[str, bytes]:
         with open(path, "rb") as f:
             members[name] = f.read(MAX_BATCH_BYTES + 1)  # bounded even if the file grows meanwhile
         if len(members[name]) > MAX_BATCH_BYTES:
-            raise DataError(f"{path}: grew past MAX_BATCH_BYTES={MAX_BATCH_BYTES} while being read; not a CIFAR-10 batch")
+            raise DataError(f"{path}: grew past MAX_BATCH_BYTES={MAX_BATCH_BYTES} while being read; not a "
+                            "CIFAR-10 batch")
     return members
 
 

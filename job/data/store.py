@@ -13,11 +13,13 @@ not overlap its data root: a mistyped ``--out`` never deletes a user's files.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -100,36 +102,46 @@ def prepare(source: str, root: str | Path | None, out: str | Path, *,
     if seed < 0:
         raise DataError(f"seed must be >= 0, got {seed}")
     out = Path(out)
+    # Where the store goes is checked first: a path that cannot be written fails in a second,
+    # not after every image was decoded.
     if source == "synthetic":
-        root = Path(root) if root else out.parent / f"{out.name}-synthetic-source"
-        _refuse_overlap(root, out)
-        write_synthetic_cifar(root, num_train=num_train, num_test=num_test, seed=seed)
+        root = root or out.parent / f"{out.name}-synthetic-source"
     elif root is None:
         raise DataError(f"--root (data.root) is required for source {source!r}")
     root = Path(root)
     _refuse_overlap(root, out)
+    _refuse_unwritable(out)
     _refuse_foreign(out)
+    if source == "synthetic":
+        with _named_os_errors():
+            write_synthetic_cifar(root, num_train=num_train, num_test=num_test, seed=seed)
     if source == "cifar10" and download:
+        if root.is_file():
+            raise DataError(f"--root {root} is a file, and --download (data.download) needs the directory the "
+                            "tarball goes to: drop --download to read this tarball, or give its directory")
         # The tarball lands in root; root stays the directory, so a later run without
         # --download on the same root sees the same inputs and reuses the store.
-        download_cifar10(root, url=url or os.environ.get("CIFAR10_URL", CIFAR10_URL))
+        with _named_os_errors():
+            download_cifar10(root, url=url or os.environ.get("CIFAR10_URL", CIFAR10_URL))
     if not root.exists():
         hint = " (or add --download to fetch it)" if source == "cifar10" else ""
         raise DataError(f"data root {root} does not exist{hint}")
 
-    listing = list_image_folder(root, follow_symlinks) if source == "folder" else None
-    inputs = listing.stats() if listing else [(str(p.resolve()), *_size_mtime(p)) for p in cifar_inputs(root)]
+    with _named_os_errors():
+        listing = list_image_folder(root, follow_symlinks) if source == "folder" else None
+        inputs = listing.stats() if listing else [(str(p.resolve()), *_size_mtime(p)) for p in cifar_inputs(root)]
     fingerprint = _fingerprint(source, root, inputs, val_fraction=val_fraction, seed=seed)
     meta = _read_meta(out)
     if meta is not None and meta.get("fingerprint") == fingerprint and meta.get("version") == STORE_VERSION:
         remove_abandoned(out)
         return load_store(out), True
 
-    if listing is not None:
-        fmt, classes, splits = "encoded", listing.classes, listing.splits
-        check_images([f for s in splits.values() for f in s["files"]])
-    else:
-        fmt, (classes, splits) = "raw", read_cifar_python(root)
+    with _named_os_errors():
+        if listing is not None:
+            fmt, classes, splits = "encoded", listing.classes, listing.splits
+            check_images([f for s in splits.values() for f in s["files"]])
+        else:
+            fmt, (classes, splits) = "raw", read_cifar_python(root)
     if len(classes) < 2:
         raise DataError(f"{root}: found a single class ({classes[0]!r}); classification needs at least 2")
     if "val" not in splits:
@@ -137,6 +149,24 @@ def prepare(source: str, root: str | Path | None, out: str | Path, *,
     _check_splits(root, classes, splits, val_fraction)
     _write_store(out, fmt, classes, splits, fingerprint, source)
     return load_store(out), False
+
+
+@contextlib.contextmanager
+def _named_os_errors(fix: str = "fix its permissions or the link, or move it out of the dataset") -> Iterator[None]:
+    """An OS error on an input (no permission, a dangling link, a symlink loop) or on the store
+    being written becomes a DataError that names the file and ``fix``, instead of a traceback."""
+    try:
+        yield
+    except ForeignDirectoryError:  # has its own message
+        raise
+    except OSError as e:
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "a file"
+        raise DataError(f"{where}: {e.strerror or e}; {fix}") from None
+    except RuntimeError as e:
+        if not str(e).startswith("Symlink loop"):  # Path.resolve's way of saying ELOOP (Python < 3.13)
+            raise
+        raise DataError(f"{str(e)[len('Symlink loop from '):] or e}: a symlink loop; fix or remove the link") \
+            from None
 
 
 def stratified_split(data: dict, val_fraction: float, seed: int) -> tuple[dict, dict]:
@@ -177,7 +207,8 @@ def _check_splits(root: Path, classes: list[str], splits: dict, val_fraction: fl
 def _write_store(out: Path, fmt: str, classes: list[str], splits: dict, fingerprint: str, source: str) -> None:
     """Written into a temporary directory swapped in when complete (job/atomic.py)."""
     try:
-        with atomic_directory(out, is_ours=lambda p: _read_meta(p) is not None) as tmp:
+        with _named_os_errors(f"check free space and permissions where the store goes ({out})"), \
+                atomic_directory(out, is_ours=lambda p: _read_meta(p) is not None) as tmp:
             for name, data in splits.items():
                 np.save(tmp / f"{name}_labels.npy", np.asarray(data["labels"], dtype=np.int64))
                 if fmt == "raw":
@@ -202,10 +233,22 @@ def _read_meta(path: Path) -> dict | None:
     return meta if isinstance(meta, dict) and (meta.get("writer") == WRITER or legacy) else None
 
 
+def _refuse_unwritable(out: Path) -> None:
+    """``out`` must be creatable: its nearest existing parent a directory we may write to."""
+    parent = next(p for p in out.absolute().parents if p.exists() or p.is_symlink())
+    if not parent.is_dir():
+        raise DataError(f"--out (data.prepared_dir) {out} is inside {parent}, which is not a directory; choose "
+                        "another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"--out (data.prepared_dir) {out}: {parent} is not writable; choose a writable path")
+
+
 def _refuse_foreign(out: Path) -> None:
     """Fail before any expensive work if ``out`` could not be replaced at the end."""
     if out.is_symlink() or out.exists() and not out.is_dir():
         raise DataError(_foreign_message(ForeignDirectoryError(out, "exists and is not a directory")))
+    if out.is_dir() and not os.access(out, os.R_OK | os.W_OK | os.X_OK):
+        raise DataError(f"--out (data.prepared_dir) {out} is not readable and writable; choose another path")
     if out.is_dir() and any(out.iterdir()) and _read_meta(out) is None:
         raise DataError(_foreign_message(ForeignDirectoryError(out, "is a non-empty directory that this job "
                                                                      "did not write")))
@@ -217,7 +260,8 @@ def _foreign_message(e: ForeignDirectoryError) -> str:
 
 
 def _refuse_overlap(root: Path, out: Path) -> None:
-    a, b = root.resolve(), out.resolve()
+    with _named_os_errors():
+        a, b = root.resolve(), out.resolve()
     if a == b or b.is_relative_to(a) or a.is_relative_to(b):
         raise DataError(f"the store {out} and the data root {root} overlap (one is inside the other); writing the "
                         "store there could replace the dataset. Put data.prepared_dir (--out) outside data.root")
