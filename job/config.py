@@ -103,6 +103,12 @@ class TrainConfig:
     # (and the job restarts from its checkpoint) instead of hanging.
     setup_timeout_minutes: float = 60.0
     step_timeout_minutes: float = 5.0
+    # DDP options for multi-node runs: off until measured on a cluster (docs/BENCHMARKS.md).
+    ddp_gradient_as_bucket_view: bool = False  # gradients live in the all-reduce buckets (no copy)
+    # false: no buffer broadcast before each forward (batch-norm statistics drift per rank until
+    # evaluation gives every rank rank 0's)
+    ddp_broadcast_buffers: bool = True
+    ddp_comm_hook: Literal["none", "bf16"] = "none"  # bf16: gradients all-reduced in bfloat16 (half the bytes)
     # A mid-epoch checkpoint (the SIGTERM one, resumable) at least this often, besides those at
     # epoch ends and on SIGTERM: bounds the work lost with a node that vanishes without SIGTERM,
     # or whose grace period is too short for a save (spot on GKE: 15 s). 0 = off.

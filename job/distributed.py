@@ -12,7 +12,7 @@ from typing import Callable, TypeVar
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from job.config import ConfigError, TrainConfig
 
@@ -66,7 +66,14 @@ def resolve_precision(choice: str, device: str) -> str:
     return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "no"
 
 
-def build_accelerator(cfg: TrainConfig, *, find_unused_parameters: bool = False) -> Accelerator:
+def ddp_options(cfg: TrainConfig) -> dict:
+    """DistributedDataParallel's options for this run (train.ddp_*); never the unused-parameter
+    walk: two_stage runs its frozen stage through a head-only wrapper instead (head_only_step)."""
+    return {"gradient_as_bucket_view": cfg.ddp_gradient_as_bucket_view,
+            "broadcast_buffers": cfg.ddp_broadcast_buffers}
+
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
     device = resolve_device(cfg.device)
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
@@ -74,7 +81,8 @@ def build_accelerator(cfg: TrainConfig, *, find_unused_parameters: bool = False)
         cpu=device == "cpu",  # also what makes N CPU processes use gloo instead of each running alone
         mixed_precision=resolve_precision(cfg.mixed_precision, device),
         kwargs_handlers=[
-            DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
+            DistributedDataParallelKwargs(**ddp_options(cfg), comm_hook=DDPCommunicationHookType(
+                "bf16" if cfg.ddp_comm_hook == "bf16" else "no")),
             # Long enough for the other ranks to wait while the main process prepares data,
             # downloads weights or compiles; shortened by training_timeouts() once training runs.
             InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.setup_timeout_minutes)),
@@ -123,6 +131,36 @@ def wrap_for_training(accelerator: Accelerator, module: torch.nn.Module, optimiz
     prepared, optimizer = accelerator.prepare(module, optimizer)
     ddp = prepared if isinstance(prepared, torch.nn.parallel.DistributedDataParallel) else None
     return (torch.compile(prepared) if compile else prepared), ddp, optimizer
+
+
+class FrozenBackboneStep(torch.nn.Module):
+    """``head(backbone.forward_features(x))`` with the backbone run without autograd and only
+    the head in a DDP wrapper: two_stage's first stage synchronises the head's gradients alone,
+    with no unused-parameter walk and no zero-filled backbone gradients on the wire. The full
+    wrapper (built while everything required gradients, so the backbone is registered) takes over
+    at the unfreeze; each wrapper's hooks are idle while the other one runs the forward."""
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = self.backbone.forward_features(x)
+        return self.head(features)
+
+
+def head_only_step(accelerator: Accelerator, bare: torch.nn.Module, cfg: TrainConfig):
+    """``(what to call, the head's DDP module)`` for two_stage's frozen stage (FrozenBackboneStep)."""
+    device = accelerator.device
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        bare.head, device_ids=[device.index or 0] if device.type == "cuda" else None, **ddp_options(cfg))
+    if cfg.ddp_comm_hook == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    step = FrozenBackboneStep(bare.backbone, ddp)
+    return (torch.compile(step) if cfg.compile else step), ddp
 
 
 def all_ranks_or_none(accelerator: Accelerator, work: Callable[[], T]) -> T:

@@ -28,8 +28,7 @@ def store_of_run(run: Path) -> Path:
     try:
         data = config_from_dict(read_yaml_mapping(path, "the run's config")).data
     except ConfigError as e:
-        raise ConfigError(f"{path}: not a config this job wrote ({e}); pass --store PATH of the prepared store") \
-            from None
+        raise ConfigError(f"{e} (in {path}); pass --store PATH of the prepared store") from None
     return Path(data.prepared_dir) / data.source
 
 

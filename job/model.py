@@ -104,7 +104,8 @@ class Strategy:
     @property
     def needs_unused_parameter_check(self) -> bool:
         """two_stage: DDP is built with every parameter (so that the unfrozen backbone is
-        synchronised later) and must tolerate the frozen ones getting no gradient in stage one."""
+        synchronised later), and the frozen stage, whose backbone gets no gradient, runs through a
+        head-only wrapper (job/distributed.py: head_only_step)."""
         return self.name == "two_stage"
 
 

@@ -37,7 +37,8 @@ from job.checkpoint import Checkpointer, check_output_dir, load_best_weights, sa
 from job.config import Config, ConfigError, parse_args, per_process_batch
 from job.data import DataError, prepare_from_config
 from job.distributed import (all_ranks_or_none, build_accelerator, collective_timeout, once_per_node_first,
-                             replicas_identical, setup_timeouts, training_timeouts, wrap_for_training)
+                             head_only_step, replicas_identical, setup_timeouts, training_timeouts,
+                             wrap_for_training)
 from job.early_stopping import EarlyStopping
 from job.features import FeatureLoader, Preempted, cached_features, feature_key
 from job.loop import StepHooks, StepLog, TrainParts, TrainState, evaluate, train_one_epoch
@@ -82,8 +83,7 @@ class Trainer:
         self.strategy = Strategy.from_config(tc)
         self.cached = use_feature_cache(cfg)
         check_writable(cfg, cached=self.cached)  # before anything expensive: exit 2 naming the path
-        acc = self.accelerator = build_accelerator(
-            tc, find_unused_parameters=self.strategy.needs_unused_parameter_check and not self.cached)
+        acc = self.accelerator = build_accelerator(tc)
         self.preemption = PreemptionSignal(acc)
         cfg.data.batch_size = per_process_batch(cfg.data, acc.num_processes, tc.grad_accum_steps)
         set_seed(tc.seed)  # the same initial weights on every rank
@@ -140,6 +140,10 @@ class Trainer:
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.loss.label_smoothing)
         self.parts = TrainParts(model=call, optimizer=optimizer, scheduler=scheduler, accelerator=acc,
                                 loss_fn=loss_fn, ddp=ddp)
+        # two_stage on several processes: the frozen stage synchronises the head alone
+        self.stages = {False: (call, ddp)}
+        if ddp is not None and not self.cached and self.strategy.needs_unused_parameter_check:
+            self.stages[True] = head_only_step(acc, self.bare, tc)
 
         # ---- resume, outputs, tracking
         self.state = TrainState()
@@ -171,6 +175,7 @@ class Trainer:
         acc, tc, state = self.accelerator, self.cfg.train, self.state
         if not self.cached and self.bare.backbone_frozen != self.strategy.frozen_at(epoch):
             self.bare.freeze_backbone(self.strategy.frozen_at(epoch))
+            self.parts.model, self.parts.ddp = self.stages.get(self.bare.backbone_frozen, self.stages[False])
             if tc.compile and self.short_timeouts:  # the next step recompiles: the setup timeout again
                 setup_timeouts(acc, tc)
                 self.short_timeouts = False

@@ -216,6 +216,14 @@ instance_label() {  # $1: extra field specs (kinds kustomize does not know)
   [[ -z "${1:-}" ]] || printf '    fields:\n%s\n' "$1"
 }
 
+metadata_patch() {  # $1 apiVersion, $2 kind: the run's Kueue labels on the workload object itself
+  [[ -n "$queue" ]] || return 0
+  printf 'apiVersion: %s\nkind: %s\nmetadata:\n  name: cifar-transfer\n  labels:\n' "$1" "$2"
+  printf '    kueue.x-k8s.io/queue-name: %s\n' "$queue"
+  # The JobSet's deadline counts each attempt: Kueue's limit on the total time admitted bounds the run.
+  (( ! jobset )) || printf '    kueue.x-k8s.io/max-exec-time-seconds: "%d"\n' "${deadline:-172800}"
+}
+
 if (( prepare )); then
   kind=job resource=cifar-prepare
   limits=""
@@ -226,29 +234,38 @@ if (( prepare )); then
   {
     common ../../data
     echo "images:"
-    echo "  - {name: ghcr.io/example/cifar-transfer, newName: $repo, newTag: \"$tag\"}"
+    echo "  - $image_entry"
     echo "patches:"
     [[ -z "$limits" ]] || printf '  - target: {kind: Job, name: cifar-prepare}\n    path: limits.yaml\n'
-    [[ -z "$storage_class" ]] || printf '  - target: {kind: PersistentVolumeClaim}\n    path: storage.yaml\n'
+    [[ "$storage_class" == default ]] || printf '  - target: {kind: PersistentVolumeClaim}\n    path: storage.yaml\n'
   } >"$work/kustomization.yaml"
 elif (( kubeflow )); then
   kind=trainjob resource="$full"
   {
     common ../../kubeflow
     echo "nameSuffix: -$name"
+    echo "images:"
+    echo "  - $image_entry"
     instance_label "      - {kind: TrainJob, create: true, path: spec/runtimePatches/trainingRuntimeSpec/template/spec/replicatedJobs/template/spec/template/metadata/labels}"
     echo "patches:"
     echo "  - target: {kind: TrainJob, name: cifar-transfer}"
     echo "    path: trainjob.yaml"
+    if [[ -n "$max_restarts$priority_class" ]]; then
+      echo "  - target: {kind: TrainingRuntime, name: cifar-transfer}"
+      echo "    path: runtime.yaml"
+    fi
+    [[ -z "$queue" ]] || printf '  - target: {kind: TrainJob, name: cifar-transfer}\n    path: queue.yaml\n'
   } >"$work/kustomization.yaml"
+  metadata_patch trainer.kubeflow.org/v1alpha1 TrainJob >"$work/queue.yaml"
   pod=/spec/runtimePatches/0/trainingRuntimeSpec/template/spec/replicatedJobs/0/template/spec/template/spec
   {
-    printf -- '- op: replace\n  path: /spec/trainer/image\n  value: %s\n' "$image"
+    printf -- '- op: replace\n  path: /spec/trainer/image\n  value: %s\n' "$image_ref"
+    printf -- '- op: replace\n  path: /spec/runtimeRef/name\n  value: %s\n' "$full"   # nameSuffix renamed it
     printf -- '- op: replace\n  path: /spec/trainer/numNodes\n  value: %d\n' "$nodes"
     printf -- '- op: replace\n  path: /spec/trainer/numProcPerNode\n  value: %d\n' "$gpus"
     printf -- '- op: replace\n  path: /spec/trainer/resourcesPerNode\n  value:\n'
-    printf -- '    requests: {cpu: "%d", memory: %s, nvidia.com/gpu: "%d"}\n' "$cpu" "$mem" "$gpus"
-    printf -- '    limits: {memory: %s, nvidia.com/gpu: "%d"}\n' "$mem" "$gpus"
+    printf -- '    requests: {cpu: "%d", memory: %s, ephemeral-storage: 24Gi, nvidia.com/gpu: "%d"}\n' "$cpu" "$mem" "$gpus"
+    printf -- '    limits: {cpu: "%d", memory: %s, ephemeral-storage: 24Gi, nvidia.com/gpu: "%d"}\n' "$cpu" "$mem" "$gpus"
     # list items by position: each `test` fails the render if k8s/kubeflow/trainjob.yaml moved one
     printf -- '- op: test\n  path: /spec/trainer/env/0/name\n  value: RUN_NAME\n'
     printf -- '- op: replace\n  path: /spec/trainer/env/0/value\n  value: %s\n' "$name"
@@ -263,6 +280,13 @@ elif (( kubeflow )); then
       printf -- '- op: remove\n  path: %s/volumes/4\n' "$pod"
     fi
   } >"$work/trainjob.yaml"
+  {  # our TrainingRuntime (k8s/kubeflow/runtime.yaml) carries what a TrainJob cannot set
+    runtime_pod=/spec/template/spec/replicatedJobs/0/template/spec/template/spec
+    [[ -z "$max_restarts" ]] \
+      || printf -- '- op: replace\n  path: /spec/template/spec/failurePolicy/maxRestarts\n  value: %d\n' "$max_restarts"
+    [[ -z "$priority_class" ]] \
+      || printf -- '- op: add\n  path: %s/priorityClassName\n  value: %s\n' "$runtime_pod" "$priority_class"
+  } >"$work/runtime.yaml"
 else
   kind=job resource="$full" run="$work" k=../..   # k: the way back to k8s/
   if (( jobset )); then  # the Job rendered in run/, turned into a JobSet by k8s/components/jobset
@@ -271,25 +295,34 @@ else
     {
       common run
       echo "components: [../../components/jobset]"
+      if [[ -n "$max_restarts" ]]; then
+        echo "patches:"
+        echo "  - target: {kind: JobSet}"
+        echo "    path: restarts.yaml"
+      fi
     } >"$work/kustomization.yaml"
+    echo "- {op: replace, path: /spec/failurePolicy/maxRestarts, value: ${max_restarts:-10}}" >"$work/restarts.yaml"
   fi
   {
     common "$k/overlays/1gpu"
     echo "nameSuffix: -$name"
     echo "images:"
-    echo "  - {name: ghcr.io/example/cifar-transfer, newName: $repo, newTag: \"$tag\"}"
+    echo "  - $image_entry"
     instance_label
-    if [[ -n "$spot" ]]; then
+    if [[ -n "$spot$interconnect" ]]; then
       echo "components:"
-      echo "  - $k/components/spot"
+      [[ -z "$spot" ]] || echo "  - $k/components/spot"
       [[ -z "$spot_component" ]] || echo "  - $k/components/spot/$spot_component"
+      [[ -z "$interconnect" ]] || echo "  - $k/components/$interconnect"
     fi
     echo "patches:"
     echo "  - path: job.yaml"
     echo "  - path: service.yaml"
     echo "  - target: {kind: Job, name: cifar-transfer}"
     echo "    path: pod.yaml"
+    [[ -z "$queue" ]] || echo "  - path: queue.yaml"
   } >"$run/kustomization.yaml"
+  metadata_patch batch/v1 Job >"$run/queue.yaml"
   # Offline: the image's own HF_HOME with the weights baked in at build time, instead of the
   # hf-cache volume that takes Hub downloads.
   hf_mount="" hf_volume="" hf_env=""
@@ -298,7 +331,7 @@ else
     hf_volume=$'\n        - {name: hf-cache, $patch: delete}'
     hf_env=$'\n            - {name: HF_HUB_OFFLINE, value: "1"}'
   fi
-  cat >"$run/job.yaml" <<EOF
+  cat >"$run/job.yaml" <<JOB
 apiVersion: batch/v1
 kind: Job
 metadata:
@@ -317,13 +350,13 @@ spec:
             - {name: NPROC_PER_NODE, value: "$gpus"}
             - {name: SERVICE_NAME, value: "$full"}$hf_env
           resources:
-            requests: {cpu: "$cpu", memory: $mem, nvidia.com/gpu: $gpus}
-            limits: {memory: $mem, nvidia.com/gpu: $gpus}
+            requests: {cpu: "$cpu", memory: $mem, ephemeral-storage: 24Gi, nvidia.com/gpu: $gpus}
+            limits: {cpu: "$cpu", memory: $mem, ephemeral-storage: 24Gi, nvidia.com/gpu: $gpus}
       volumes:
         - name: dshm
           emptyDir: {medium: Memory, sizeLimit: $shm}$hf_volume
-EOF
-  cat >"$run/service.yaml" <<EOF
+JOB
+  cat >"$run/service.yaml" <<SERVICE
 apiVersion: v1
 kind: Service
 metadata:
@@ -331,7 +364,7 @@ metadata:
 spec:
   selector:
     batch.kubernetes.io/job-name: $full
-EOF
+SERVICE
   {
     args_patch /spec/template/spec/containers/0/args
     [[ -z "$deadline" ]] || printf -- '- op: replace\n  path: /spec/activeDeadlineSeconds\n  value: %d\n' "$deadline"
@@ -343,6 +376,16 @@ EOF
       printf -- '- op: add\n  path: /spec/template/spec/nodeSelector/%s\n  value: "%s"\n' "${key//\//\~1}" "$spot_value"
       printf -- '- op: add\n  path: /spec/template/spec/tolerations/-\n'
       printf -- '  value: {key: "%s", operator: Equal, value: "%s", effect: NoSchedule}\n' "$spot_key" "$spot_value"
+    fi
+    if [[ -n "$gpu_key" ]]; then
+      key="${gpu_key//\~/\~0}"
+      printf -- '- op: add\n  path: /spec/template/spec/nodeSelector/%s\n  value: "%s"\n' "${key//\//\~1}" "$gpu_value"
+    fi
+    if (( nodes > 1 )); then  # every node in one topology domain (the first pod picks it)
+      printf -- '- op: add\n  path: /spec/template/spec/affinity\n  value:\n    podAffinity:\n'
+      printf -- '      requiredDuringSchedulingIgnoredDuringExecution:\n'
+      printf -- '        - topologyKey: %s\n' "${topology:-topology.kubernetes.io/zone}"
+      printf -- '          labelSelector: {matchLabels: {app.kubernetes.io/instance: "%s"}}\n' "$name"
     fi
   } >"$run/pod.yaml"
 fi

@@ -109,10 +109,19 @@ def pod_env(**extra: str) -> dict:
 
 
 def render_job(name: str, nodes: int) -> dict:
+    """The Indexed Job whose pods run here: for several nodes submit.sh renders a JobSet, and this
+    is its child Job as the JobSet controller creates it (<jobset>-node-0, its pods in the
+    JobSet's headless Service, named after the JobSet)."""
     out = subprocess.run([str(REPO / "k8s" / "submit.sh"), "--dry-run", "--image", "registry.example.com/c:1.0",
-                          "--name", name, "--nodes", str(nodes), "--gpus", "1", "--config", SMALL, "--",
+                          "--allow-tag", "--name", name, "--nodes", str(nodes), "--gpus", "1", "--config", SMALL, "--",
                           "data.batch_size=16"], capture_output=True, text=True, check=True).stdout
-    (job,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "Job"]
+    (job,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] in ("Job", "JobSet")]
+    if job["kind"] == "JobSet":
+        (replicated,) = job["spec"]["replicatedJobs"]
+        child = {"apiVersion": "batch/v1", "kind": "Job", "spec": replicated["template"]["spec"],
+                 "metadata": {"name": f"{job['metadata']['name']}-{replicated['name']}-0"}}
+        child["spec"]["template"]["spec"]["subdomain"] = job["metadata"]["name"]
+        return child
     return job
 
 

@@ -80,29 +80,7 @@ def test_replica_check_no_sync_under_compile_and_timeouts(tmp_path):
     assert result["seconds"] < 10, result  # the 3 s step timeout, not the 1 min setup timeout
 
 
-# ---------------------------------------------------------------- torch.compile
-
-@pytest.mark.slow
-def test_compiled_accumulating_two_process_run_stays_in_sync_and_saves_plain_weights(tmp_path):
-    """torch.compile on 2 processes with gradient accumulation (no_sync must still skip the
-    all-reduce of the compiled DDP module), then evaluate.py and predict.py on what it saved.
-    576 training images = 9 full global batches of 64: one static shape, one compilation."""
-    out = tmp_path / "compiled"
-    proc = run(accelerate_launch(2, "job/train.py", *small_run(out, tmp_path / "prep", "train.compile=true",
-                                                              "train.grad_accum_steps=2", "train.epochs=1",
-                                                              "data.synthetic_train=640")), timeout=900)
-    m = _metrics(out)
-    assert m["replicas_identical"] is True, proc.stdout
-    assert m["global_steps"] == 5  # 9 micro-batches per rank, 2 per update (the last one alone)
-    from safetensors.torch import load_file
-
-    keys = load_file(str(out / "best" / "model.safetensors")).keys()
-    assert keys and not any("_orig_mod" in k or k.startswith("module.") for k in keys)
-    result = json.loads(run([PYTHON, "job/evaluate.py", "--run", str(out)]).stdout.splitlines()[-1])
-    assert result["samples"] == 200 and result["accuracy"] == m["test_accuracy"]
-    image = sorted((FOLDER_MINI / "test" / "ship").iterdir())[0]
-    top = json.loads(run([PYTHON, "job/predict.py", "--run", str(out), str(image)]).stdout.splitlines()[-1])
-    assert len(top["top"]) == 5
+# torch.compile on 2 processes with accumulation: tests/test_presets_e2e.py
 
 
 # ---------------------------------------------------------------- no silent CPU fallback

@@ -1,11 +1,13 @@
 """Kubernetes manifests, the container launcher and the Dockerfile, checked offline.
 
 Built-in kinds validate strictly against the Kubernetes 1.32 schemas (kubernetes-validate); the
-TrainJob and the JobSet against the API models of kubeflow-trainer-api 2.3.0, generated from the
-Trainer's OpenAPI spec, which includes the JobSet v1alpha2 API it runs on (the JobSet's child Job
-template is also validated as a batch/v1 Job), with unknown fields rejected. The failure policies
-are evaluated rule by rule, as the Job and JobSet controllers do, against the exit codes the
-launcher really produces (tests/test_cluster_rehearsal.py and the launcher tests below).
+TrainJob, the TrainingRuntime and the JobSet against the API models of kubeflow-trainer-api
+2.3.0, generated from the Trainer's OpenAPI spec, which includes the JobSet v1alpha2 API it runs
+on (a JobSet's child Job template is also validated as a batch/v1 Job), with unknown fields
+rejected. The failure policies are evaluated rule by rule, as the Job and JobSet controllers do,
+against the exit codes the launcher really produces (tests/test_cluster_rehearsal.py and the
+launcher tests below). What a real cluster needs beyond validity (docs/KUBERNETES.md) is
+asserted on the rendered output of every overlay and submit.sh combination it affects.
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ from job.preemption import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED
 
 K8S_VERSION = "1.32.0"
 OVERLAYS = ["overlays/1gpu", "overlays/8gpu", "overlays/multinode", "overlays/spot"]
-IMAGE = "registry.example.com/ml/cifar-transfer:1.4.2"
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+IMAGE = f"registry.example.com/ml/cifar-transfer@{DIGEST}"
+TAGGED = "registry.example.com/ml/cifar-transfer:1.4.2"
 
 
 def kubectl() -> str:
@@ -41,26 +45,48 @@ def render(target: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(out) if d]
 
 
+def no_resolver_path() -> str:
+    """PATH without crane, skopeo or docker (none is installed here; the tests must not depend on it)."""
+    return os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                           if not any(Path(p, tool).exists() for tool in ("crane", "skopeo", "docker")))
+
+
+def submit_proc(*args: str, path: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "k8s" / "submit.sh"), "--dry-run", *args], capture_output=True, text=True,
+                          env={**os.environ, "PATH": path or no_resolver_path()})
+
+
 def submit(*args: str) -> list[dict]:
-    proc = subprocess.run([str(REPO / "k8s" / "submit.sh"), "--dry-run", *args], capture_output=True, text=True)
+    proc = submit_proc(*args)
     assert proc.returncode == 0, proc.stderr
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
+SUBMITTED = {
+    "submit 3x4 spot": ["--name", "exp-7", "--nodes", "3", "--gpus", "4", "--spot", "gke", "--", "train.epochs=5"],
+    "submit options": ["--name", "opts", "--nodes", "2", "--gpus", "2", "--spot", "pool.example.com/lifecycle=spot",
+                       "--namespace", "ml-team", "--priority-class", "batch-high", "--offline", "--deadline", "36h",
+                       "--ttl", "2d"],
+    "submit 1 node": ["--name", "one", "--gpus", "8", "--spot", "eks", "--gpu-type", "eks:p5.48xlarge", "--queue",
+                      "team-a", "--interconnect", "efa", "--priority-class", "batch-high", "--deadline", "12h"],
+    "submit jobset": ["--name", "js", "--jobset", "--nodes", "4", "--gpus", "8", "--spot", "karpenter", "--deadline",
+                      "3d", "--ttl", "1d", "--queue", "team-a", "--max-restarts", "5", "--topology",
+                      "cloud.google.com/gke-nodepool", "--interconnect", "infiniband", "--gpu-type",
+                      "gke:nvidia-h100-80gb"],
+    "submit spot aks": ["--name", "aks", "--nodes", "2", "--gpus", "8", "--spot", "aks", "--gpu-type",
+                        "aks:Standard_ND96isr_H100_v5"],
+    "submit kubeflow": ["--name", "kf", "--kubeflow", "--nodes", "2", "--gpus", "8", "--queue", "team-a"],
+    "submit kubeflow offline": ["--name", "kfo", "--kubeflow", "--offline", "--deadline", "12h", "--namespace",
+                                "ml-team", "--priority-class", "batch-high", "--max-restarts", "4"],
+}
+
+
 def all_rendered() -> dict[str, list[dict]]:
     rendered = {t: render(t) for t in [*OVERLAYS, "jobset", "data", "kubeflow"]}
-    rendered["submit 3x4 spot"] = submit("--image", IMAGE, "--name", "exp-7", "--nodes", "3", "--gpus", "4",
-                                         "--spot", "gke", "--", "train.epochs=5")
-    rendered["submit options"] = submit("--image", IMAGE, "--name", "opts", "--nodes", "2", "--gpus", "2",
-                                        "--spot", "pool.example.com/lifecycle=spot", "--namespace", "ml-team",
-                                        "--priority-class", "batch-high", "--offline", "--deadline", "36h",
-                                        "--ttl", "2d")
-    rendered["submit jobset"] = submit("--image", IMAGE, "--name", "js", "--jobset", "--nodes", "4", "--gpus", "8",
-                                       "--spot", "karpenter", "--deadline", "3d", "--ttl", "1d")
-    rendered["submit kubeflow"] = submit("--image", IMAGE, "--name", "kf", "--kubeflow", "--nodes", "2", "--gpus", "8")
-    rendered["submit kubeflow offline"] = submit("--image", IMAGE, "--name", "kfo", "--kubeflow", "--offline",
-                                                 "--deadline", "12h", "--namespace", "ml-team")
-    rendered["submit data"] = submit("--image", IMAGE, "--prepare-data")
+    for target, args in SUBMITTED.items():
+        rendered[target] = submit("--image", IMAGE, *args)
+    rendered["submit tag allowed"] = submit("--image", TAGGED, "--allow-tag", "--name", "tag")
+    rendered["submit data"] = submit("--image", IMAGE, "--prepare-data", "--storage-class", "default")
     rendered["submit data options"] = submit("--image", IMAGE, "--prepare-data", "--storage-class", "nfs-rwx",
                                              "--deadline", "1h", "--ttl", "0", "--namespace", "ml-team")
     rendered["secret example"] = [yaml.safe_load((REPO / "k8s" / "secret-example.yaml").read_text())]
@@ -76,7 +102,20 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
 
 
+def jobset_of(docs: list[dict]) -> dict | None:
+    """The JobSet of a run: the JobSet itself, or the template of a TrainingRuntime."""
+    for doc in docs:
+        if doc["kind"] == "JobSet":
+            return doc
+        if doc["kind"] == "TrainingRuntime":
+            return {"kind": "JobSet", "metadata": doc["metadata"], "spec": doc["spec"]["template"]["spec"]}
+    return None
+
+
 # ---------------------------------------------------------------- schemas
+
+TRAINING_KINDS = {"Job": ["Job", "Service"], "JobSet": ["JobSet"], "TrainJob": ["TrainJob", "TrainingRuntime"]}
+
 
 def test_builtin_kinds_validate_strictly(manifests):
     import kubernetes_validate
@@ -85,17 +124,22 @@ def test_builtin_kinds_validate_strictly(manifests):
     for target, docs in manifests.items():
         kinds[target] = sorted(doc["kind"] for doc in docs)
         for doc in docs:
-            if doc["kind"] == "JobSet":  # its child Job, as the JobSet controller will create it
-                child = doc["spec"]["replicatedJobs"][0]["template"]
+            if doc["kind"] in ("JobSet", "TrainingRuntime"):  # its child Job, as the JobSet controller creates it
+                child = jobset_of([doc])["spec"]["replicatedJobs"][0]["template"]
                 doc = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "child"}, **child}
+                doc["spec"]["template"]["spec"].setdefault("containers", [{"name": "node", "image": "x"}])
             elif not doc["apiVersion"].startswith(("v1", "batch/")):
                 continue
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-    training, data = ["Job", "Service"], ["Job", "PersistentVolumeClaim", "PersistentVolumeClaim"]
-    assert kinds == {**{t: training for t in OVERLAYS}, "jobset": ["JobSet"], "data": data, "kubeflow": ["TrainJob"],
-                     "submit 3x4 spot": training, "submit options": training, "submit jobset": ["JobSet"],
-                     "submit kubeflow": ["TrainJob"], "submit kubeflow offline": ["TrainJob"], "submit data": data,
-                     "submit data options": data, "secret example": ["Secret"]}
+    job, jobset, trainjob = (sorted(TRAINING_KINDS[k]) for k in ("Job", "JobSet", "TrainJob"))
+    data = ["Job", "PersistentVolumeClaim", "PersistentVolumeClaim"]
+    # Several nodes are a JobSet (restarted together); one node stays an Indexed Job.
+    assert kinds == {"overlays/1gpu": job, "overlays/8gpu": job, "overlays/multinode": job, "overlays/spot": jobset,
+                     "jobset": jobset, "data": data, "kubeflow": trainjob, "submit 3x4 spot": jobset,
+                     "submit options": jobset, "submit 1 node": job, "submit jobset": jobset,
+                     "submit spot aks": jobset, "submit kubeflow": trainjob, "submit kubeflow offline": trainjob,
+                     "submit tag allowed": job, "submit data": data, "submit data options": data,
+                     "secret example": ["Secret"]}
 
 
 QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
@@ -106,8 +150,6 @@ def _strict(model, data, where: str = ""):
     errors (the generated models would drop them), and resource quantities must match the
     Kubernetes quantity syntax (the generator models them as empty objects). Returns the data
     with quantities replaced by ``{}`` so that ``model.model_validate`` can check types."""
-    import re
-
     fields = {(f.alias or name): f for name, f in model.model_fields.items()}
     unknown = set(data) - set(fields)
     assert not unknown, f"unknown field(s) {sorted(unknown)} at {where or '/'}"
@@ -143,18 +185,27 @@ def _is_map(annotation) -> bool:
     return any(_is_map(a) for a in typing.get_args(annotation))
 
 
-def test_trainjob_validates_against_the_trainer_api(manifests):
-    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+@pytest.mark.parametrize("target", ["kubeflow", "submit kubeflow", "submit kubeflow offline"])
+def test_trainjob_and_its_runtime_validate_against_the_trainer_api(manifests, target):
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainingRuntime, TrainerV1alpha1TrainJob
 
-    for target in ("kubeflow", "submit kubeflow"):
-        (job,) = manifests[target]
-        assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
-        TrainerV1alpha1TrainJob.model_validate(_strict(TrainerV1alpha1TrainJob, job))  # fields, then types
-        assert job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    (job,) = by_kind(manifests[target], "TrainJob")
+    (runtime,) = by_kind(manifests[target], "TrainingRuntime")
+    assert job["apiVersion"] == runtime["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
+    TrainerV1alpha1TrainJob.model_validate(_strict(TrainerV1alpha1TrainJob, job))  # fields, then types
+    TrainerV1alpha1TrainingRuntime.model_validate(_strict(TrainerV1alpha1TrainingRuntime, runtime))
+    # The TrainJob runs on our namespaced runtime, not the stock torch-distributed one
+    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+                                         "name": runtime["metadata"]["name"]}
+    assert job["metadata"].get("namespace") == runtime["metadata"].get("namespace")
+
+
+def test_the_trainer_api_check_catches_mistakes(manifests):
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
     from pydantic import ValidationError
 
     def mutated(path: list, value):
-        doc = yaml.safe_load(yaml.safe_dump(manifests["kubeflow"][0]))
+        doc = yaml.safe_load(yaml.safe_dump(by_kind(manifests["kubeflow"], "TrainJob")[0]))
         node = doc
         for key in path[:-1]:
             node = node[key]
@@ -173,15 +224,18 @@ def test_trainjob_validates_against_the_trainer_api(manifests):
 JOBSET_ACTIONS = {"FailJobSet", "RestartJobSet", "RestartJobSetAndIgnoreMaxRestarts"}  # the CRD's enum
 JOB_FAILURE_REASONS = {"BackoffLimitExceeded", "DeadlineExceeded", "FailedIndexes", "MaxFailedIndexesExceeded",
                        "PodFailurePolicy"}
+JOBSETS = ["overlays/spot", "jobset", "submit 3x4 spot", "submit options", "submit jobset", "submit spot aks"]
+GANGS = [*JOBSETS, "kubeflow", "submit kubeflow", "submit kubeflow offline"]  # restarted together
 
 
-@pytest.mark.parametrize("target", ["jobset", "submit jobset"])
+@pytest.mark.parametrize("target", GANGS)
 def test_jobset_validates_against_the_jobset_api(manifests, target):
     from kubeflow_trainer_api.models import JobsetV1alpha2JobSet
 
-    (jobset,) = manifests[target]
-    assert jobset["apiVersion"] == "jobset.x-k8s.io/v1alpha2"
-    JobsetV1alpha2JobSet.model_validate(_strict(JobsetV1alpha2JobSet, jobset))
+    jobset = jobset_of(manifests[target])
+    if "apiVersion" in jobset:
+        assert jobset["apiVersion"] == "jobset.x-k8s.io/v1alpha2"
+        JobsetV1alpha2JobSet.model_validate(_strict(JobsetV1alpha2JobSet, jobset))
     # What the generated models type as plain strings, the CRD constrains further:
     for rule in jobset["spec"]["failurePolicy"]["rules"]:
         assert rule["action"] in JOBSET_ACTIONS, rule
@@ -190,15 +244,18 @@ def test_jobset_validates_against_the_jobset_api(manifests, target):
         for pattern in rule.get("onJobFailureMessagePatterns", []):
             re.compile(pattern)  # RE2 is a subset of this syntax for the patterns used here
     (replicated,) = jobset["spec"]["replicatedJobs"]
-    assert replicated["replicas"] == 1 and replicated["template"]["spec"]["completionMode"] == "Indexed"
-    with pytest.raises(AssertionError, match="unknown field"):
-        _strict(JobsetV1alpha2JobSet, {**jobset, "spec": {**jobset["spec"], "maxRestarts": 3}})
+    assert replicated.get("replicas", 1) == 1
+    if "apiVersion" in jobset:
+        assert replicated["template"]["spec"]["completionMode"] == "Indexed"
+        with pytest.raises(AssertionError, match="unknown field"):
+            _strict(JobsetV1alpha2JobSet, {**jobset, "spec": {**jobset["spec"], "maxRestarts": 3}})
 
 
 # ---------------------------------------------------------------- policy
 
 def pod_specs(docs: list[dict]) -> list[tuple[dict, dict, dict]]:
-    """(pod template metadata, pod spec, trainer container) of every training workload."""
+    """(pod template metadata, pod spec, trainer container) of every training workload. A
+    TrainJob's pod is its runtime's pod template with the TrainJob's patches and trainer on top."""
     found = []
     for doc in docs:
         if doc["kind"] in ("Job", "JobSet"):
@@ -208,11 +265,13 @@ def pod_specs(docs: list[dict]) -> list[tuple[dict, dict, dict]]:
                 found.append((template["metadata"], template["spec"], template["spec"]["containers"][0]))
         elif doc["kind"] == "TrainJob":
             trainer = doc["spec"]["trainer"]
+            (runtime,) = [d for d in docs if d["kind"] == "TrainingRuntime"]
+            base = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
             patch = doc["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
             template = patch["template"]["spec"]["template"]
-            spec = template["spec"]
-            container = {**spec["containers"][0], "image": trainer["image"], "env": trainer["env"],
-                         "resources": trainer["resourcesPerNode"], "args": trainer["args"]}
+            spec = {**base, **template["spec"]}
+            container = {**base["containers"][0], **template["spec"]["containers"][0], "image": trainer["image"],
+                         "env": trainer["env"], "resources": trainer["resourcesPerNode"], "args": trainer["args"]}
             found.append((template["metadata"], spec, container))
     return found
 
@@ -221,10 +280,15 @@ def env(container: dict) -> dict:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
 
 
-TRAINING = [*OVERLAYS, "jobset", "kubeflow", "submit 3x4 spot", "submit options", "submit jobset", "submit kubeflow",
-            "submit kubeflow offline"]
-INDEXED_JOBS = [*OVERLAYS, "submit 3x4 spot", "submit options"]
+def workload_of(docs: list[dict]) -> dict:
+    return next(d for d in docs if d["kind"] in ("Job", "JobSet", "TrainJob") and
+                not d["metadata"]["name"].startswith("cifar-prepare"))
+
+
+TRAINING = [*OVERLAYS, "jobset", "kubeflow", *SUBMITTED, "submit tag allowed"]
+INDEXED_JOBS = ["overlays/1gpu", "overlays/8gpu", "overlays/multinode", "submit 1 node", "submit tag allowed"]
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+AKS_GPU_TOLERATION = {"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}
 
 
 @pytest.mark.parametrize("target", TRAINING)
@@ -235,11 +299,10 @@ def test_training_manifests_follow_policy(manifests, target):
     metadata, spec, container = workloads[0]
     # GPUs: limit == processes per node
     gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
-    workload = next(d for d in docs if d["kind"] in ("Job", "JobSet", "TrainJob"))
+    workload = workload_of(docs)
     per_node = (workload["spec"]["trainer"]["numProcPerNode"] if workload["kind"] == "TrainJob"
                 else int(env(container)["NPROC_PER_NODE"]))
     assert gpus == per_node >= 1
-    assert {"cpu", "memory"} <= set(container["resources"]["requests"]) and "memory" in container["resources"]["limits"]
     # shared memory, data read-only, outputs (checkpoints + W&B dirs) on the runs PVC
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
@@ -248,22 +311,29 @@ def test_training_manifests_follow_policy(manifests, target):
     assert "persistentVolumeClaim" in volumes[mounts["/runs"]["name"]]
     assert any(a.startswith("train.output_dir=/runs/") for a in container["args"])  # W&B dir = output_dir
     assert "train.resume=auto" in container["args"]
+    # the feature cache on the writable runs volume, never beside the read-only prepared store
+    assert "train.feature_cache_dir=/runs/feature-cache" in container["args"]
+    assert "data.prepared_dir=/data/prepared" in container["args"]
     # secrets by reference only
     variables = env(container)
     assert variables["WANDB_API_KEY"] == {"secretKeyRef": {"name": "wandb", "key": "api-key", "optional": True}}
-    # non-root, locked down, no API credentials, no recursive chown of the volumes at each start
+    # non-root, locked down, no API credentials (a TrainJob's from our runtime), no recursive chown
     assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["runAsUser"] != 0
     assert spec["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
-    if workload["kind"] != "TrainJob":  # not patchable in a TrainJob: the runtime's (README)
-        assert spec["automountServiceAccountToken"] is False
-    assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
-    # scheduling on GPU nodes, whatever else was added to the tolerations
-    assert GPU_TOLERATION in spec["tolerations"]
-    # pinned image, time to checkpoint on SIGTERM, and torchrun told about it (docker/launch.sh)
+    assert spec["automountServiceAccountToken"] is False
+    for c in [container, *spec["initContainers"]]:
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False and c["securityContext"]["readOnlyRootFilesystem"]
+        assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert set(c["securityContext"]["capabilities"].get("add", [])) <= {"IPC_LOCK"}
+    # scheduling on GPU nodes, whatever else was added to the tolerations (AKS's sku=gpu too)
+    assert GPU_TOLERATION in spec["tolerations"] and AKS_GPU_TOLERATION in spec["tolerations"]
+    # one build everywhere: a digest from submit.sh (a tag only with --allow-tag), never latest
     image = container["image"]
     assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest")
-    assert spec["terminationGracePeriodSeconds"] >= 120
+    if target.startswith("submit") and target != "submit tag allowed":
+        assert image == IMAGE and all(c["image"] == IMAGE for c in spec["initContainers"])
+    # time to checkpoint on SIGTERM, and torchrun told about it (docker/launch.sh)
+    assert spec["terminationGracePeriodSeconds"] >= 15
     assert variables["TERMINATION_GRACE_PERIOD_SECONDS"] == str(spec["terminationGracePeriodSeconds"])
     # weights: the image's HF_HOME, never redirected; Hub downloads go to an emptyDir mounted there,
     # except offline, where the baked-in weights must stay visible
@@ -274,14 +344,32 @@ def test_training_manifests_follow_policy(manifests, target):
         assert "emptyDir" in volumes[mounts["/opt/hf-cache"]["name"]]
     # one run's pods, addressable by label
     assert metadata["labels"]["app.kubernetes.io/instance"] == workload["metadata"]["labels"]["app.kubernetes.io/instance"]
-    # bounded in time, cleaned up after
+    # bounded in time; Jobs and JobSets cleaned up after (a TrainJob's JobSet must not be: below)
     job_spec = workload["spec"]["replicatedJobs"][0]["template"]["spec"] if workload["kind"] == "JobSet" \
         else workload["spec"]
     assert job_spec["activeDeadlineSeconds"] > 0
-    if workload["kind"] != "TrainJob":  # not in the TrainJob API: the runtime's (README)
+    if workload["kind"] != "TrainJob":
         assert workload["spec"]["ttlSecondsAfterFinished"] >= 0
-    if "NCCL_DEBUG" not in variables:
-        pytest.fail("NCCL settings missing")
+    # NCCL: fail fast on a dead peer, bootstrap over the pod network, nodes wait for each other long enough
+    assert variables["NCCL_DEBUG"] == "WARN" and variables["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert variables["NCCL_SOCKET_IFNAME"] == "eth0" and int(variables["RENDEZVOUS_TIMEOUT_SECONDS"]) >= 1800
+
+
+@pytest.mark.parametrize("target", TRAINING)
+def test_guaranteed_qos_and_ephemeral_storage(manifests, target):
+    """Guaranteed QoS (every container: CPU and memory limits = requests, whole CPUs for the main
+    one, so the static CPU manager can pin them), and ephemeral-storage requests that cover the
+    disk-backed emptyDirs (the scheduler then places the pod where they fit)."""
+    ((_, spec, container),) = pod_specs(manifests[target])
+    for c in [container, *spec["initContainers"]]:
+        requests, limits = c["resources"]["requests"], c["resources"]["limits"]
+        assert str(requests["cpu"]) == str(limits["cpu"]) and re.fullmatch(r"[1-9][0-9]*", str(limits["cpu"])), c["name"]
+        assert requests["memory"] == limits["memory"], c["name"]
+        assert "ephemeral-storage" in requests, c["name"]
+    gib = lambda q: int(q.removesuffix("Gi"))  # noqa: E731
+    disk = sum(gib(v["emptyDir"]["sizeLimit"]) for v in spec["volumes"]
+               if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory")
+    assert gib(container["resources"]["requests"]["ephemeral-storage"]) > disk
 
 
 @pytest.mark.parametrize("target", INDEXED_JOBS)
@@ -300,7 +388,7 @@ def test_indexed_job_rendezvous(manifests, target):
     assert spec["template"]["spec"]["restartPolicy"] == "Never"  # required by podFailurePolicy
 
 
-@pytest.mark.parametrize("target", ["jobset", "submit jobset"])
+@pytest.mark.parametrize("target", JOBSETS)
 def test_jobset_rendezvous(manifests, target):
     """The JobSet's pod 0 is <jobset>-node-0-0 behind a Service named after the JobSet: MASTER_ADDR,
     built from the child Job's name (<jobset>-node-0), must resolve to it."""
@@ -317,11 +405,22 @@ def test_jobset_rendezvous(manifests, target):
     assert job["template"]["spec"]["completions"] == job["template"]["spec"]["parallelism"] == nodes
 
 
+def test_several_nodes_are_a_jobset_one_node_an_indexed_job():
+    """submit.sh --nodes N > 1 renders the JobSet (an Indexed Job would recreate a failed pod
+    alone, into a rendezvous whose peers hang); the spot overlay is one too."""
+    (jobset,) = submit("--image", IMAGE, "--name", "two", "--nodes", "2")
+    assert jobset["kind"] == "JobSet" and jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["completions"] == 2
+    assert [d["kind"] for d in submit("--image", IMAGE, "--name", "one")] == ["Service", "Job"]
+    base = (REPO / "k8s" / "base" / "train-job.yaml").read_text()
+    assert "retried up to backoffLimit times" not in base and "backoffLimit" not in yaml.safe_load(base)["spec"]
+
+
 # ---------------------------------------------------------------- failure policies, evaluated
 
-def pod_failure_rule(policy: dict, exit_code: int, disrupted: bool) -> tuple[str, str | None]:
-    """(action, Job failure message) of the first podFailurePolicy rule that matches a failed
-    trainer pod, as the Job controller decides it; ("Count", None) when none matches."""
+def pod_failure_rule(policy: dict, exit_code: int, disrupted: bool, container: str = "trainer") -> tuple[str, str | None]:
+    """(action, Job failure message) of the first podFailurePolicy rule that matches a failed pod
+    whose ``container`` (the trainer, or the wait-for-data init container) exited with
+    ``exit_code``, as the Job controller decides it; ("Count", None) when none matches."""
     for index, rule in enumerate(policy["rules"]):
         if "onPodConditions" in rule:
             if disrupted and any(p["type"] == "DisruptionTarget" and p.get("status", "True") == "True"
@@ -330,26 +429,31 @@ def pod_failure_rule(policy: dict, exit_code: int, disrupted: bool) -> tuple[str
                                        f"rule at index {index}"
             continue
         requirement = rule["onExitCodes"]
-        assert requirement.get("containerName", "trainer") == "trainer"
+        named = requirement["containerName"]
+        assert named in ("trainer", "node", "wait-for-data"), named
+        if (named == "wait-for-data") != (container == "wait-for-data"):
+            continue
         inside = exit_code in requirement["values"]
         if exit_code != 0 and inside == (requirement["operator"] == "In"):
-            return rule["action"], f"Container trainer for pod ns/p failed with exit code {exit_code} matching " \
+            return rule["action"], f"Container {named} for pod ns/p failed with exit code {exit_code} matching " \
                                    f"{rule['action']} rule at index {index}"
     return "Count", None
 
 
-def indexed_job_outcome(job: dict, exit_code: int, disrupted: bool) -> str:
-    action, _ = pod_failure_rule(job["spec"]["podFailurePolicy"], exit_code, disrupted)
+def indexed_job_outcome(job: dict, exit_code: int, disrupted: bool, container: str = "trainer") -> str:
+    action, _ = pod_failure_rule(job["spec"]["podFailurePolicy"], exit_code, disrupted, container)
     return {"Ignore": "retry free", "FailJob": "fail", "Count": "retry counted"}[action]
 
 
-def jobset_outcome(jobset: dict, exit_code: int, disrupted: bool, reason: str | None = None) -> str:
+def jobset_outcome(jobset: dict, exit_code: int, disrupted: bool, reason: str | None = None,
+                   container: str = "trainer") -> str:
     """The JobSet controller's decision when its child Job fails because of this pod."""
     job = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
-    action, message = pod_failure_rule(job["podFailurePolicy"], exit_code, disrupted)
+    action, message = pod_failure_rule(job["podFailurePolicy"], exit_code, disrupted, container)
     assert action != "Ignore", "a JobSet's child Job must not recreate one pod while the others wait"
     if reason is None:
         assert action == "FailJob" or job["backoffLimit"] == 0, "every pod failure must fail the child Job"
+        assert "backoffLimitPerIndex" not in job and "maxFailedIndexes" not in job
         reason = "PodFailurePolicy" if action == "FailJob" else "BackoffLimitExceeded"
         message = message or "Job has reached the specified backoff limit"
     for rule in jobset["spec"]["failurePolicy"]["rules"]:
@@ -363,36 +467,65 @@ def jobset_outcome(jobset: dict, exit_code: int, disrupted: bool, reason: str | 
     return "retry counted"  # the default action: RestartJobSet
 
 
-# (exit code of the container, DisruptionTarget condition) -> what must happen. The exit codes are
-# the launcher's (docker/launch.sh), checked by the launcher tests below and the PID-1 tests.
+# (exit code of the container, DisruptionTarget condition) -> what the Indexed Job does, what the
+# JobSet does. The exit codes are the launcher's (docker/launch.sh), checked by the launcher tests
+# below and the PID-1 tests. A JobSet counts preemptions too: its budget (maxRestarts) is finite.
 FAILURES = [
-    (EXIT_PREEMPTED, False, "retry free"),   # SIGTERM (drain, `kubectl delete pod`): checkpoint saved
-    (EXIT_PREEMPTED, True, "retry free"),    # spot reclaim / eviction, checkpoint saved
-    (137, True, "retry free"),               # preempted, SIGKILLed before it could save: still preemption
-    (1, True, "retry free"),
-    (EXIT_BAD_INPUT, False, "fail"),         # bad config, data or weights: retrying cannot help
-    (1, False, "retry counted"),             # a crash: Python exception, lost peer after the step timeout
-    (3, False, "retry counted"),             # a crash with its own code
-    (137, False, "retry counted"),           # out of memory
-    (139, False, "retry counted"),           # segfault
+    (EXIT_PREEMPTED, False, "retry free", "retry counted"),   # SIGTERM (drain, `kubectl delete pod`): saved
+    (EXIT_PREEMPTED, True, "retry free", "retry counted"),    # spot reclaim / eviction, checkpoint saved
+    (137, True, "retry free", "retry counted"),               # preempted, SIGKILLed before it could save
+    (1, True, "retry free", "retry counted"),
+    (EXIT_BAD_INPUT, False, "fail", "fail"),                  # bad config, data or weights: retrying cannot help
+    (1, False, "retry counted", "retry counted"),             # a crash: Python exception, lost peer
+    (3, False, "retry counted", "retry counted"),             # a crash with its own code
+    (137, False, "retry counted", "retry counted"),           # out of memory
+    (139, False, "retry counted", "retry counted"),           # segfault
 ]
 
 
-@pytest.mark.parametrize("exit_code,disrupted,expected", FAILURES)
-def test_failure_policies_decide_by_the_containers_exit_code(manifests, exit_code, disrupted, expected):
+@pytest.mark.parametrize("exit_code,disrupted,indexed,gang", FAILURES)
+def test_failure_policies_decide_by_the_containers_exit_code(manifests, exit_code, disrupted, indexed, gang):
     for target in INDEXED_JOBS:
         (job,) = by_kind(manifests[target], "Job")
-        assert indexed_job_outcome(job, exit_code, disrupted) == expected, target
-        assert job["spec"]["backoffLimit"] >= 2  # a transient crash gets a second chance
-    for target in ("jobset", "submit jobset"):
-        (jobset,) = manifests[target]
-        assert jobset_outcome(jobset, exit_code, disrupted) == expected, target
-        assert jobset["spec"]["failurePolicy"]["maxRestarts"] >= 2
+        assert indexed_job_outcome(job, exit_code, disrupted) == indexed, target
+        # retries per node (index); not backoffLimit, which one crash of N peers would exhaust
+        assert job["spec"]["backoffLimitPerIndex"] >= 2 and job["spec"]["maxFailedIndexes"] == 0, target
+        assert "backoffLimit" not in job["spec"], target
+    for target in GANGS:
+        assert jobset_outcome(jobset_of(manifests[target]), exit_code, disrupted) == gang, target
 
 
-def test_jobset_fails_when_its_deadline_passes(manifests):
-    (jobset,) = manifests["jobset"]
+@pytest.mark.parametrize("target", [*INDEXED_JOBS, *GANGS])
+def test_no_prepared_data_after_the_wait_fails_the_run(manifests, target):
+    docs = manifests[target]
+    jobset = jobset_of(docs)
+    if jobset is None:
+        (job,) = by_kind(docs, "Job")
+        assert indexed_job_outcome(job, EXIT_BAD_INPUT, False, container="wait-for-data") == "fail"
+    else:
+        assert jobset_outcome(jobset, EXIT_BAD_INPUT, False, container="wait-for-data") == "fail"
+
+
+@pytest.mark.parametrize("target", GANGS)
+def test_gang_restarts_are_bounded(manifests, target):
+    """No restart that ignores maxRestarts: with a deadline that restarts with every attempt, a run
+    that keeps being preempted would restart for ever. maxRestarts is the budget."""
+    jobset = jobset_of(manifests[target])
+    policy = jobset["spec"]["failurePolicy"]
+    assert all(rule["action"] != "RestartJobSetAndIgnoreMaxRestarts" for rule in policy["rules"])
+    assert 2 <= policy["maxRestarts"] <= 20
+    expected = {"submit jobset": 5, "submit kubeflow offline": 4}.get(target, 10)
+    assert policy["maxRestarts"] == expected
     assert jobset_outcome(jobset, 0, False, reason="DeadlineExceeded") == "fail"
+
+
+def test_with_kueue_the_jobsets_total_time_is_bounded(manifests):
+    (jobset,) = manifests["submit jobset"]
+    labels = jobset["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert labels["kueue.x-k8s.io/max-exec-time-seconds"] == str(3 * 86400)  # = --deadline, restarts included
+    (job,) = by_kind(manifests["submit 1 node"], "Job")
+    assert "kueue.x-k8s.io/max-exec-time-seconds" not in job["metadata"]["labels"]  # activeDeadlineSeconds does
 
 
 def test_successful_pods_are_never_failures(manifests):
@@ -400,68 +533,156 @@ def test_successful_pods_are_never_failures(manifests):
     assert pod_failure_rule(job["spec"]["podFailurePolicy"], EXIT_OK, False) == ("Count", None)
 
 
+def test_kubeflow_runtime_carries_the_policies_and_no_ttl(manifests):
+    """The stock torch-distributed runtime has none of these: exit 2 retried 6 times, preemptions
+    counted, a service-account token. And no TTL: Trainer recreates a JobSet its TTL deleted."""
+    for target in ("kubeflow", "submit kubeflow", "submit kubeflow offline"):
+        (runtime,) = by_kind(manifests[target], "TrainingRuntime")
+        template = runtime["spec"]["template"]["spec"]
+        assert "ttlSecondsAfterFinished" not in template
+        child = template["replicatedJobs"][0]["template"]
+        assert child["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+        pod = child["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False and pod["restartPolicy"] == "Never"
+        assert pod["containers"][0]["name"] == "node"  # the container Trainer fills in from the TrainJob
+    text = (REPO / "docs" / "KUBERNETES.md").read_text()
+    assert "kubeflow/trainer#2981" in text and "ttlSecondsAfterFinished" in text
+
+
 # ---------------------------------------------------------------- sizes, scheduling, options
 
 def test_overlay_sizes(manifests):
     sizes = {}
-    for target in INDEXED_JOBS:
-        (job,) = by_kind(manifests[target], "Job")
-        container = job["spec"]["template"]["spec"]["containers"][0]
+    for target in [*INDEXED_JOBS, *JOBSETS]:
+        ((_, spec, container),) = pod_specs(manifests[target])
+        workload = workload_of(manifests[target])
+        job = workload["spec"]["replicatedJobs"][0]["template"] if workload["kind"] == "JobSet" else workload
         sizes[target] = (job["spec"]["completions"], container["resources"]["limits"]["nvidia.com/gpu"])
     assert sizes == {"overlays/1gpu": (1, 1), "overlays/8gpu": (1, 8), "overlays/multinode": (2, 8),
-                     "overlays/spot": (2, 8), "submit 3x4 spot": (3, 4), "submit options": (2, 2)}
-    (submitted,) = by_kind(manifests["submit 3x4 spot"], "Job")
+                     "overlays/spot": (2, 8), "jobset": (2, 8), "submit 3x4 spot": (3, 4), "submit options": (2, 2),
+                     "submit 1 node": (1, 8), "submit jobset": (4, 8), "submit spot aks": (2, 8),
+                     "submit tag allowed": (1, 1)}
+    (submitted,) = manifests["submit 3x4 spot"]
     assert submitted["metadata"]["name"] == "cifar-transfer-exp-7"
-    assert submitted["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE
-    assert submitted["spec"]["template"]["spec"]["containers"][0]["args"][-1] == "train.epochs=5"
+    ((_, _, container),) = pod_specs(manifests["submit 3x4 spot"])
+    assert container["image"] == IMAGE and container["args"][-1] == "train.epochs=5"
     (jobset,) = manifests["submit jobset"]
     child = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
-    assert child["completions"] == 4 and child["template"]["spec"]["containers"][0]["resources"]["limits"] == \
-        {"memory": "480Gi", "nvidia.com/gpu": 8}
+    assert child["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
 
 
-@pytest.mark.parametrize("target,selector", [
-    ("overlays/spot", {"cloud.google.com/gke-spot": "true"}),
-    ("submit 3x4 spot", {"cloud.google.com/gke-spot": "true"}),
-    ("submit options", {"pool.example.com/lifecycle": "spot"}),
-    ("submit jobset", {"karpenter.sh/capacity-type": "spot"}),
-])
-def test_spot_selects_the_providers_nodes_and_adds_to_the_tolerations(manifests, target, selector):
-    ((_, spec, _),) = pod_specs(manifests[target])
-    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux", **selector}
-    assert spec["tolerations"][0] == GPU_TOLERATION and len(spec["tolerations"]) >= 4  # merged, not replaced
-    if target == "submit options":  # a label the user named: its taint is tolerated too
+SPOT = {"gke": ("cloud.google.com/gke-spot", "true", 15), "aks": ("kubernetes.azure.com/scalesetpriority", "spot", 30),
+        "eks": ("eks.amazonaws.com/capacityType", "SPOT", 110), "karpenter": ("karpenter.sh/capacity-type", "spot", 110)}
+
+
+@pytest.mark.parametrize("target,provider", [("overlays/spot", "gke"), ("submit 3x4 spot", "gke"),
+                                             ("submit options", None), ("submit jobset", "karpenter"),
+                                             ("submit spot aks", "aks"), ("submit 1 node", "eks")])
+def test_spot_selects_the_providers_nodes_and_grace(manifests, target, provider):
+    ((_, spec, container), ) = pod_specs(manifests[target])
+    if provider:
+        key, value, grace = SPOT[provider]
+        assert spec["nodeSelector"][key] == value
+        # the provider's real notice, so that launch.sh gives torchrun the time there is
+        assert spec["terminationGracePeriodSeconds"] == grace
+    else:  # a label the user named: its taint is tolerated too; the grace period stays the default
+        assert spec["nodeSelector"]["pool.example.com/lifecycle"] == "spot"
         assert {"key": "pool.example.com/lifecycle", "operator": "Equal", "value": "spot",
                 "effect": "NoSchedule"} in spec["tolerations"]
-    (_, spec_without, _), = pod_specs(manifests["overlays/multinode"])
-    assert spec_without["nodeSelector"] == {"kubernetes.io/os": "linux"} and spec_without["tolerations"] == [GPU_TOLERATION]
+        assert spec["terminationGracePeriodSeconds"] == 300
+    assert env(container)["TERMINATION_GRACE_PERIOD_SECONDS"] == str(spec["terminationGracePeriodSeconds"])
+    assert spec["tolerations"][0] == GPU_TOLERATION and len(spec["tolerations"]) >= 5  # merged, not replaced
+    assert "train.checkpoint_every_minutes=10" in container["args"]  # a full save may not fit the grace
+    ((_, spec_without, container_without),) = pod_specs(manifests["overlays/multinode"])
+    assert spec_without["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert spec_without["tolerations"] == [GPU_TOLERATION, AKS_GPU_TOLERATION]
+    assert spec_without["terminationGracePeriodSeconds"] == 300
+    assert not any("checkpoint_every_minutes" in a for a in container_without["args"])
 
 
-@pytest.mark.parametrize("provider,label", [("gke", "cloud.google.com/gke-spot"), ("eks", "eks.amazonaws.com/capacityType"),
-                                            ("aks", "kubernetes.azure.com/scalesetpriority"),
-                                            ("karpenter", "karpenter.sh/capacity-type")])
-def test_spot_providers(provider, label):
-    ((_, spec, _),) = pod_specs(submit("--image", IMAGE, "--name", "s", "--spot", provider))
-    assert label in spec["nodeSelector"]
+@pytest.mark.parametrize("provider", sorted(SPOT))
+def test_spot_providers(provider):
+    ((_, spec, container),) = pod_specs(submit("--image", IMAGE, "--name", "s", "--spot", provider))
+    key, value, grace = SPOT[provider]
+    assert spec["nodeSelector"][key] == value and spec["terminationGracePeriodSeconds"] == grace
+    assert env(container)["TERMINATION_GRACE_PERIOD_SECONDS"] == str(grace)
+
+
+@pytest.mark.parametrize("gpu_type,label", [
+    ("gke:nvidia-h100-80gb", {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}),
+    ("eks:p5.48xlarge", {"node.kubernetes.io/instance-type": "p5.48xlarge"}),
+    ("karpenter:h100", {"karpenter.k8s.aws/instance-gpu-name": "h100"}),
+    ("aks:Standard_ND96isr_H100_v5", {"node.kubernetes.io/instance-type": "Standard_ND96isr_H100_v5"}),
+    ("example.com/gpu=a100", {"example.com/gpu": "a100"}),
+])
+def test_gpu_type_selects_the_providers_gpu_nodes(gpu_type, label):
+    for nodes in ("1", "2"):
+        ((_, spec, _),) = pod_specs(submit("--image", IMAGE, "--name", "g", "--nodes", nodes, "--gpu-type", gpu_type))
+        assert spec["nodeSelector"] == {"kubernetes.io/os": "linux", **label}
+        assert AKS_GPU_TOLERATION in spec["tolerations"]  # AKS GPU pools' recommended sku=gpu taint
+
+
+@pytest.mark.parametrize("target,key", [("overlays/multinode", "topology.kubernetes.io/zone"),
+                                        ("overlays/spot", "topology.kubernetes.io/zone"),
+                                        ("submit 3x4 spot", "topology.kubernetes.io/zone"),
+                                        ("submit jobset", "cloud.google.com/gke-nodepool")])
+def test_several_nodes_are_placed_together(manifests, target, key):
+    ((metadata, spec, _),) = pod_specs(manifests[target])
+    (term,) = spec["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == key
+    assert term["labelSelector"]["matchLabels"] == {
+        "app.kubernetes.io/instance": metadata["labels"]["app.kubernetes.io/instance"]}  # this run's pods only
+    ((_, single, _),) = pod_specs(manifests["submit 1 node"])
+    assert "affinity" not in single
+
+
+@pytest.mark.parametrize("target,resource,variables", [
+    ("submit 1 node", "vpc.amazonaws.com/efa", {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1",
+                                                "NCCL_NET_PLUGIN": "ofi"}),
+    ("submit jobset", "rdma/rdma_shared_device_a", {"NCCL_IB_HCA": "mlx5"}),
+])
+def test_interconnect_components(manifests, target, resource, variables):
+    ((_, _, container),) = pod_specs(manifests[target])
+    assert container["resources"]["limits"][resource] == container["resources"]["requests"][resource] >= 1
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    assert variables.items() <= env(container).items() and env(container)["NCCL_SOCKET_IFNAME"] == "eth0"
+    if resource.startswith("vpc"):  # the image's GKE driver paths survive the EFA library path
+        assert env(container)["LD_LIBRARY_PATH"].endswith("/usr/local/nvidia/lib64:/usr/local/nvidia/lib")
+    ((_, _, plain),) = pod_specs(manifests["submit 3x4 spot"])
+    assert resource not in plain["resources"]["limits"] and "add" not in plain["securityContext"]["capabilities"]
+
+
+def test_queue_label_on_every_kind_of_workload(manifests):
+    """Kueue admits a run as one gang (the workload object carries the label, not the pods)."""
+    for target, kind in [("submit 1 node", "Job"), ("submit jobset", "JobSet"), ("submit kubeflow", "TrainJob")]:
+        (workload,) = by_kind(manifests[target], kind)
+        assert workload["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a", target
+        ((metadata, _, _),) = pod_specs(manifests[target])
+        assert "kueue.x-k8s.io/queue-name" not in metadata["labels"]
+    for target in ("submit 3x4 spot", "submit kubeflow offline"):
+        assert "kueue.x-k8s.io/queue-name" not in workload_of(manifests[target])["metadata"]["labels"]
 
 
 def test_submit_options_reach_every_resource(manifests):
     docs = manifests["submit options"]
     assert {d["metadata"]["namespace"] for d in docs} == {"ml-team"}
-    (job,) = by_kind(docs, "Job")
+    (jobset,) = by_kind(docs, "JobSet")
     ((metadata, spec, container),) = pod_specs(docs)
     assert spec["priorityClassName"] == "batch-high"
     assert env(container)["HF_HUB_OFFLINE"] == "1"
-    assert job["spec"]["activeDeadlineSeconds"] == 36 * 3600 and job["spec"]["ttlSecondsAfterFinished"] == 2 * 86400
+    child = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
+    assert child["activeDeadlineSeconds"] == 36 * 3600 and jobset["spec"]["ttlSecondsAfterFinished"] == 2 * 86400
     assert metadata["labels"]["app.kubernetes.io/instance"] == "opts"
     assert all(d["metadata"]["labels"]["app.kubernetes.io/instance"] == "opts" for d in docs)
-    (jobset,) = manifests["submit jobset"]
-    assert jobset["spec"]["ttlSecondsAfterFinished"] == 86400
-    assert jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["activeDeadlineSeconds"] == 3 * 86400
-    (trainjob,) = manifests["submit kubeflow offline"]
-    assert trainjob["metadata"]["namespace"] == "ml-team" and trainjob["spec"]["activeDeadlineSeconds"] == 12 * 3600
-    ((metadata, _, _),) = pod_specs([trainjob])
-    assert metadata["labels"]["app.kubernetes.io/instance"] == "kfo"
+    (job,) = by_kind(manifests["submit 1 node"], "Job")
+    assert job["spec"]["activeDeadlineSeconds"] == 12 * 3600
+    assert pod_specs(manifests["submit 1 node"])[0][1]["priorityClassName"] == "batch-high"
+    (trainjob,) = by_kind(manifests["submit kubeflow offline"], "TrainJob")
+    (runtime,) = by_kind(manifests["submit kubeflow offline"], "TrainingRuntime")
+    assert trainjob["metadata"]["namespace"] == runtime["metadata"]["namespace"] == "ml-team"
+    assert trainjob["spec"]["activeDeadlineSeconds"] == 12 * 3600
+    ((metadata, spec, _),) = pod_specs(manifests["submit kubeflow offline"])
+    assert metadata["labels"]["app.kubernetes.io/instance"] == "kfo" and spec["priorityClassName"] == "batch-high"
     data = manifests["submit data options"]
     assert {d["metadata"]["namespace"] for d in data} == {"ml-team"}
     assert {c["spec"]["storageClassName"] for c in by_kind(data, "PersistentVolumeClaim")} == {"nfs-rwx"}
@@ -475,20 +696,69 @@ def test_data_preparation_job(manifests):
     assert set(claims) == {"cifar-data", "cifar-runs"}
     assert all(c["spec"]["accessModes"] == ["ReadWriteMany"] for c in claims.values())
     (job,) = by_kind(docs, "Job")
-    container = job["spec"]["template"]["spec"]["containers"][0]
+    spec = job["spec"]["template"]["spec"]
+    container = spec["containers"][0]
     assert container["command"] == ["python", "-m", "job.data", "prepare"]
     assert "--download" in container["args"] and container["args"][container["args"].index("--out") + 1] == \
         "/data/prepared/cifar10"
-    spec = job["spec"]["template"]["spec"]
     assert spec["securityContext"]["runAsNonRoot"] and spec["automountServiceAccountToken"] is False
     assert job["spec"]["activeDeadlineSeconds"] > 0 and job["spec"]["ttlSecondsAfterFinished"] > 0
+    for c in [container, *spec["initContainers"]]:  # Guaranteed QoS here too
+        assert c["resources"]["requests"] == c["resources"]["limits"] and "ephemeral-storage" in c["resources"]["limits"]
+    # The wait of the training pods is for what this Job writes
+    ((_, train_spec, _),) = pod_specs(manifests["overlays/1gpu"])
+    (wait,) = train_spec["initContainers"]
+    assert env(wait)["DATA_STORE"] == container["args"][container["args"].index("--out") + 1]
 
 
-def test_submit_prepare_data_uses_the_given_image(manifests):
+def test_submit_prepare_data_uses_the_given_image_and_a_storage_class(manifests):
     (job,) = by_kind(manifests["submit data"], "Job")
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE
     assert len(by_kind(manifests["submit data"], "PersistentVolumeClaim")) == 2
     assert "storageClassName" not in by_kind(manifests["submit data"], "PersistentVolumeClaim")[0]["spec"]
+    proc = submit_proc("--image", IMAGE, "--prepare-data")  # no class: on most clusters, Pending for ever
+    assert proc.returncode == 2 and "--storage-class" in proc.stderr and "ReadWriteMany" in proc.stderr
+
+
+def _run_script(container: dict, substitute: dict, env_vars: dict, prefix: list[str] = ()) -> subprocess.CompletedProcess:
+    script = container["command"][-1]
+    for old, new in substitute.items():
+        script = script.replace(old, new)
+    return subprocess.run([*prefix, "bash", "-c", script], capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"], **env_vars})
+
+
+def test_training_waits_for_the_prepared_store_then_gives_up_with_2(manifests, tmp_path):
+    ((_, spec, _),) = pod_specs(manifests["overlays/multinode"])
+    (wait,) = spec["initContainers"]
+    assert wait["volumeMounts"] == [{"name": "data", "mountPath": "/data", "readOnly": True}]
+    store = tmp_path / "prepared" / "cifar10"
+    missing = _run_script(wait, {}, {"DATA_STORE": str(store), "DATA_WAIT_SECONDS": "1"})
+    assert missing.returncode == EXIT_BAD_INPUT
+    assert f"waiting for the prepared store {store}/meta.json" in missing.stdout
+    assert f"no prepared store at {store} after 1s" in missing.stderr and "--prepare-data" in missing.stderr
+    store.mkdir(parents=True)
+    (store / "meta.json").write_text("{}")
+    ready = _run_script(wait, {}, {"DATA_STORE": str(store), "DATA_WAIT_SECONDS": "1"})
+    assert ready.returncode == 0 and "is prepared" in ready.stdout
+
+
+def test_data_job_names_the_ownership_fix_for_a_volume_it_cannot_write(manifests, tmp_path):
+    probe = subprocess.run(["unshare", "--mount", "bash", "-c", "mount --bind -o ro /tmp /tmp"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("read-only bind mounts are not permitted here")
+    (job,) = by_kind(manifests["data"], "Job")
+    (check,) = job["spec"]["template"]["spec"]["initContainers"]
+    data = tmp_path / "data"
+    data.mkdir()
+    ok = _run_script(check, {"/data": str(data)}, {})
+    assert ok.returncode == 0 and list(data.iterdir()) == []  # the probe leaves nothing
+    refused = _run_script(check, {"/data": str(data)}, {},
+                          prefix=["unshare", "--mount", "bash", "-c", f'mount --bind -o ro {data} {data} && exec "$@"',
+                                  "ro"])
+    assert refused.returncode == EXIT_BAD_INPUT, refused.stderr
+    for needle in ("not writable by uid", "fsGroup is not applied", "EFS access point", "mountPermissions"):
+        assert needle in refused.stderr, refused.stderr
 
 
 def test_secret_example_holds_no_real_key(manifests):
@@ -500,25 +770,56 @@ def test_secret_example_holds_no_real_key(manifests):
     (["--name", "x"], "--image"),
     (["--image", "reg/cifar:latest", "--name", "x"], "explicit tag"),
     (["--image", "reg/cifar", "--name", "x"], "explicit tag"),
+    (["--image", "reg/cifar@sha256:abc", "--name", "x"], "not a sha256 digest"),
+    (["--image", TAGGED, "--name", "x"], "--allow-tag"),   # a tag nothing here can resolve
     (["--image", IMAGE, "--name", "Bad_Name"], "DNS label"),
     (["--image", IMAGE, "--name", "x", "--nodes", "0"], "--nodes"),
     (["--image", IMAGE, "--name", "x", "--spot"], "--spot needs a value"),
     (["--image", IMAGE, "--name", "x", "--spot", "gcp"], "gke, eks, aks, karpenter or KEY=VALUE"),
     (["--image", IMAGE, "--name", "x", "--spot", "bad key=spot"], "valid node label"),
+    (["--image", IMAGE, "--name", "x", "--gpu-type", "h100"], "gke:TYPE"),
+    (["--image", IMAGE, "--name", "x", "--gpu-type", "gke:bad value"], "not a valid node label"),
+    (["--image", IMAGE, "--name", "x", "--interconnect", "roce"], "efa or infiniband"),
+    (["--image", IMAGE, "--name", "x", "--topology", "zone"], "one"),
+    (["--image", IMAGE, "--name", "x", "--max-restarts", "5"], "backoffLimitPerIndex"),
+    (["--image", IMAGE, "--name", "x", "--max-restarts", "many", "--jobset"], "--max-restarts"),
+    (["--image", IMAGE, "--name", "x", "--queue", "Team_A"], "LocalQueue"),
     (["--image", IMAGE, "--name", "x", "--deadline", "0"], "longer than 0"),
     (["--image", IMAGE, "--name", "x", "--ttl", "a week"], "90m, 36h, 3d"),
     (["--image", IMAGE, "--name", "x", "--namespace", "ML"], "--namespace"),
     (["--image", IMAGE, "--name", "x", "--priority-class", "High_Prio"], "PriorityClass"),
     (["--image", IMAGE, "--name", "x", "--storage-class", "nfs"], "--prepare-data"),
     (["--image", IMAGE, "--name", "x", "--jobset", "--kubeflow"], "pick one"),
-    (["--image", IMAGE, "--name", "x", "--kubeflow", "--ttl", "1d"], "ClusterTrainingRuntime"),
-    (["--image", IMAGE, "--name", "x", "--kubeflow", "--priority-class", "high"], "ClusterTrainingRuntime"),
-    (["--image", IMAGE, "--name", "x", "--kubeflow", "--spot", "gke"], "configure the runtime"),
+    (["--image", IMAGE, "--name", "x", "--kubeflow", "--ttl", "1d"], "kubeflow/trainer #2981"),
+    (["--image", IMAGE, "--name", "x", "--kubeflow", "--spot", "gke"], "runtime.yaml"),
     (["--image", IMAGE, "--prepare-data", "--spot", "gke"], "--prepare-data takes"),
+    (["--image", IMAGE, "--prepare-data", "--queue", "q", "--storage-class", "nfs"], "--prepare-data takes"),
 ])
 def test_submit_rejects_bad_input(args, message):
-    proc = subprocess.run([str(REPO / "k8s" / "submit.sh"), "--dry-run", *args], capture_output=True, text=True)
+    proc = submit_proc(*args)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_submit_resolves_a_tag_to_its_digest(tmp_path):
+    """Every node, and every restart, pulls the same build: the tag is resolved once (crane here;
+    skopeo or docker buildx work too) and the manifest names the digest."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "crane").write_text(f'#!/bin/sh\n[ "$1 $2" = "digest {TAGGED}" ] && echo {DIGEST} && exit 0\n'
+                                'echo "UNAUTHORIZED" >&2; exit 1\n')
+    (fake / "crane").chmod(0o755)
+    path = f"{fake}{os.pathsep}{no_resolver_path()}"
+    proc = submit_proc("--image", TAGGED, "--name", "r", "--nodes", "2", path=path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{TAGGED} is {IMAGE}" in proc.stderr
+    ((_, spec, container),) = pod_specs([d for d in yaml.safe_load_all(proc.stdout) if d])
+    assert container["image"] == IMAGE and spec["initContainers"][0]["image"] == IMAGE
+    kubeflow = submit_proc("--image", TAGGED, "--name", "r", "--kubeflow", path=path)
+    assert kubeflow.returncode == 0 and f"image: {IMAGE}" in kubeflow.stdout and ":1.4.2" not in kubeflow.stdout
+    failing = submit_proc("--image", "registry.example.com/other:2", "--name", "r", path=path)
+    assert failing.returncode == 2 and "crane digest registry.example.com/other:2 failed: UNAUTHORIZED" in failing.stderr
+    ((_, _, tagged),) = pod_specs(submit("--image", TAGGED, "--allow-tag", "--name", "r"))
+    assert tagged["image"] == TAGGED
 
 
 @pytest.fixture()
@@ -547,7 +848,7 @@ exit 0
             if exists:
                 (tmp_path / "exists").touch()
             return subprocess.run([str(REPO / "k8s" / "submit.sh"), "--image", IMAGE, *args], capture_output=True,
-                                  text=True, env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+                                  text=True, env={**os.environ, "PATH": f"{fake}:{no_resolver_path()}"})
 
         def calls(self) -> list[str]:
             return calls.read_text().splitlines() if calls.exists() else []
@@ -563,7 +864,7 @@ def test_submit_refuses_to_silently_resubmit_an_existing_run(cluster):
 
 
 def test_submit_replace_deletes_and_waits_then_applies(cluster):
-    proc = cluster.submit("--name", "exp", "--jobset", "--nodes", "2", "--replace", exists=True)
+    proc = cluster.submit("--name", "exp", "--nodes", "2", "--replace", exists=True)
     assert proc.returncode == 0, proc.stderr
     assert cluster.calls() == ["get jobset cifar-transfer-exp --ignore-not-found -o name",
                                "delete jobset cifar-transfer-exp --cascade=foreground --wait=true",
@@ -572,7 +873,6 @@ def test_submit_replace_deletes_and_waits_then_applies(cluster):
     assert fresh.returncode == 0, fresh.stderr
     assert cluster.calls() == ["get trainjob cifar-transfer-new --ignore-not-found -o name", "apply -f -"]
     assert "app.kubernetes.io/instance=new" in fresh.stdout
-
 
 # ---------------------------------------------------------------- launcher
 
@@ -593,6 +893,7 @@ def launch(env_vars: dict, *args: str, gpus: int | None = None, tmp_path: Path |
 
 SCRIPT = str(REPO / "job" / "train.py")
 TAIL = ["--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, "--config", "c.yaml", "train.epochs=2"]
+RDZV = ["--rdzv_conf", "timeout=3600"]  # torchrun (several processes): nodes wait an hour for each other
 
 
 def test_launcher_single_node_without_orchestrator(tmp_path):
@@ -600,14 +901,15 @@ def test_launcher_single_node_without_orchestrator(tmp_path):
         ["accelerate", "launch", "--num_machines", "1", "--num_processes", "1", "--machine_rank", "0", *TAIL]
     assert launch({}, "--config", "c.yaml", "train.epochs=2", gpus=8, tmp_path=tmp_path) == \
         ["accelerate", "launch", "--num_machines", "1", "--num_processes", "8", "--machine_rank", "0",
-         "--multi_gpu", *TAIL]
+         "--multi_gpu", *RDZV, *TAIL]
 
 
 def test_launcher_kubeflow_trainer(tmp_path):
     cmd = launch({"PET_NNODES": "4", "PET_NODE_RANK": "3", "PET_MASTER_ADDR": "job-node-0-0.job",
                   "PET_MASTER_PORT": "23456", "PET_NPROC_PER_NODE": "8"}, "--config", "c.yaml", "train.epochs=2")
     assert cmd == ["accelerate", "launch", "--num_machines", "4", "--num_processes", "32", "--machine_rank", "3",
-                   "--multi_gpu", "--main_process_ip", "job-node-0-0.job", "--main_process_port", "23456", *TAIL]
+                   "--multi_gpu", "--main_process_ip", "job-node-0-0.job", "--main_process_port", "23456", *RDZV,
+                   *TAIL]
     auto = launch({"PET_NNODES": "2", "PET_NODE_RANK": "0", "PET_MASTER_ADDR": "m", "PET_NPROC_PER_NODE": "auto"},
                   "--config", "c.yaml", "train.epochs=2", gpus=4, tmp_path=tmp_path)
     assert auto[:9] == ["accelerate", "launch", "--num_machines", "2", "--num_processes", "8", "--machine_rank", "0",
@@ -620,7 +922,7 @@ def test_launcher_indexed_job(tmp_path):
                  "--config", "c.yaml", "train.epochs=2")
     assert cmd == ["accelerate", "launch", "--num_machines", "2", "--num_processes", "16", "--machine_rank", "1",
                    "--multi_gpu", "--main_process_ip", "cifar-transfer-0.cifar-transfer", "--main_process_port",
-                   "29500", *TAIL]
+                   "29500", *RDZV, *TAIL]
     one_gpu_each = launch({"JOB_COMPLETION_INDEX": "0", "NNODES": "2", "MASTER_ADDR": "h"}, "--config", "c.yaml",
                           "train.epochs=2", gpus=1, tmp_path=tmp_path)
     assert one_gpu_each[3:10] == ["2", "--num_processes", "2", "--machine_rank", "0", "--multi_gpu",
@@ -631,13 +933,14 @@ def test_launcher_plain_master_addr(tmp_path):
     cmd = launch({"MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "1234", "NNODES": "3", "NODE_RANK": "2",
                   "NPROC_PER_NODE": "2"}, "--config", "c.yaml", "train.epochs=2")
     assert cmd == ["accelerate", "launch", "--num_machines", "3", "--num_processes", "6", "--machine_rank", "2",
-                   "--multi_gpu", "--main_process_ip", "10.0.0.5", "--main_process_port", "1234", *TAIL]
+                   "--multi_gpu", "--main_process_ip", "10.0.0.5", "--main_process_port", "1234", *RDZV, *TAIL]
 
 
 @pytest.mark.parametrize("env_vars,message", [
     ({"NNODES": "2"}, "no master address"),
     ({"JOB_COMPLETION_INDEX": "2", "NNODES": "2", "MASTER_ADDR": "h"}, "not below the node count"),
     ({"NPROC_PER_NODE": "8", "NNODES": "x"}, "expected a number"),
+    ({"NPROC_PER_NODE": "2", "RENDEZVOUS_TIMEOUT_SECONDS": "1h"}, "expected a number"),
 ])
 def test_launcher_rejects_inconsistent_environments(env_vars, message):
     proc = subprocess.run(["bash", str(REPO / "docker" / "launch.sh")], env={"PATH": os.environ["PATH"],
@@ -646,7 +949,15 @@ def test_launcher_rejects_inconsistent_environments(env_vars, message):
     assert proc.returncode == 2 and message in proc.stderr
 
 
-@pytest.mark.parametrize("grace,expected", [("300", "290"), ("30", "20"), ("8", "5"), (None, "")])
+def test_launcher_rendezvous_timeout_is_configurable(tmp_path):
+    cmd = launch({"NNODES": "4", "NODE_RANK": "1", "MASTER_ADDR": "h", "NPROC_PER_NODE": "8",
+                  "RENDEZVOUS_TIMEOUT_SECONDS": "7200"}, "--config", "c.yaml", "train.epochs=2")
+    assert cmd[cmd.index("--rdzv_conf") + 1] == "timeout=7200"
+    assert "--rdzv_conf" not in launch({}, "--config", "c.yaml", gpus=1, tmp_path=tmp_path)  # no torchrun
+
+
+@pytest.mark.parametrize("grace,expected", [("300", "290"), ("110", "100"), ("30", "20"), ("15", "8"), ("8", "5"),
+                                            (None, "")])
 def test_launcher_derives_torchruns_shutdown_timeout_from_the_grace_period(grace, expected):
     environment = {"PATH": os.environ["PATH"], "LAUNCH_DRY_RUN": "1", "NPROC_PER_NODE": "2"}
     if grace:
@@ -684,6 +995,32 @@ def test_torchrun_under_accelerate_reads_the_shutdown_timeout(monkeypatch):
     assert shutdown_timeout() == 290
 
 
+def test_torchrun_under_accelerate_gets_the_rendezvous_timeout():
+    """launch.sh's --rdzv_conf timeout=N reaches torchrun's static rendezvous (accelerate's default
+    backend), whose join timeout it is (torch/distributed/elastic/rendezvous/static_tcp_rendezvous.py:
+    600 s without it)."""
+    import torch.distributed.run as distrib_run
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser, prepare_multi_gpu_env
+    from accelerate.utils.launch import _filter_args
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import _default_timeout_seconds
+
+    args = launch_command_parser().parse_args(["--multi_gpu", "--num_processes", "4", "--num_machines", "2",
+                                               "--machine_rank", "1", "--main_process_ip", "h",
+                                               "--main_process_port", "29500", "--rdzv_conf", "timeout=3600",
+                                               "--mixed_precision", "no", "--dynamo_backend", "no", "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    prepare_multi_gpu_env(args)
+    args = _filter_args(args, distrib_run.get_args_parser(),
+                        ["--training_script", args.training_script, "--training_script_args",
+                         args.training_script_args])
+    config, _, _ = distrib_run.config_from_args(args)
+    assert config.rdzv_backend == "static" and _default_timeout_seconds == 600
+    params = RendezvousParameters(backend=config.rdzv_backend, endpoint=config.rdzv_endpoint, run_id=config.run_id,
+                                  min_nodes=config.min_nodes, max_nodes=config.max_nodes, **config.rdzv_configs)
+    assert int(params.config["timeout"]) == 3600
+
+
 # ---------------------------------------------------------------- image
 
 def test_dockerfile_passes_hadolint():
@@ -698,6 +1035,12 @@ def test_dockerfile_passes_hadolint():
     assert re.search(r"apt-get install .*\bgcc\b.*\blibc6-dev\b", text)  # Triton compiles C at run time
     assert "pip install --no-cache-dir --no-deps --no-build-isolation ." in text  # the project, from the lock only
     assert "ENV PYTHONUNBUFFERED" in text and "HF_HOME=/opt/hf-cache" in text
+    # GKE mounts the driver at /usr/local/nvidia without the container toolkit: as NVIDIA's CUDA
+    # images do, put it on the paths (and never NVIDIA_VISIBLE_DEVICES=all: every GPU to any pod)
+    assert "PATH=/usr/local/nvidia/bin:${PATH}" in text
+    assert "LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/nvidia/lib" in text
+    assert "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in text
+    assert not re.search(r"^\s*NVIDIA_VISIBLE_DEVICES=", text, re.M)
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {"data", "runs", "wandb", ".venv"} <= set(ignored) and "docker" not in ignored
 

@@ -142,8 +142,9 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, prepared):
 def test_bad_config_and_data_exit_2_with_a_message(tmp_path):
     proc = run([PYTHON, "job/train.py", "--config", "job/configs/demo.yaml", "train.strategy=bogus"], check=False)
     assert proc.returncode == 2 and "choose one of feature_extraction, finetune, two_stage" in proc.stderr
+    (tmp_path / "data").mkdir()
     proc = run([PYTHON, "job/train.py", "--config", "job/configs/demo.yaml", "data.source=folder",
-                f"data.root={tmp_path}", f"train.output_dir={tmp_path / 'o'}"], check=False)
+                f"data.root={tmp_path / 'data'}", f"train.output_dir={tmp_path / 'o'}"], check=False)
     assert proc.returncode == 2 and "missing train/ folder" in proc.stderr
     assert not (tmp_path / "o").exists()
 

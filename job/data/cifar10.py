@@ -9,6 +9,7 @@ into memory. Tar members are matched by name and read in memory, never extracted
 from __future__ import annotations
 
 import _compat_pickle
+import collections
 import gzip
 import hashlib
 import io
@@ -176,7 +177,7 @@ def read_cifar_python(root: Path) -> tuple[list[str], dict]:
         if not isinstance(names, list) or not names or not all(isinstance(n, (bytes, str)) for n in names):
             raise DataError(f"{where('batches.meta')}: no b'label_names' list of names")
         classes = [n.decode(errors="replace") if isinstance(n, bytes) else n for n in names]
-        repeated = sorted({c for c in classes if classes.count(c) > 1})
+        repeated = sorted(c for c, n in collections.Counter(classes).items() if n > 1)
         if repeated:
             raise DataError(f"{where('batches.meta')}: class name(s) {shown(repeated)} appear more than once in "
                             "b'label_names'; every class needs its own name")

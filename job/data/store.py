@@ -102,46 +102,50 @@ def prepare(source: str, root: str | Path | None, out: str | Path, *,
     if seed < 0:
         raise DataError(f"seed must be >= 0, got {seed}")
     out = Path(out)
-    # Where the store goes is checked first: a path that cannot be written fails in a second,
-    # not after every image was decoded.
     if source == "synthetic":
         root = root or out.parent / f"{out.name}-synthetic-source"
     elif root is None:
         raise DataError(f"--root (data.root) is required for source {source!r}")
     root = Path(root)
+    # Where the store goes is checked first: a path that cannot be written fails in a second,
+    # not after every image was decoded.
     _refuse_overlap(root, out)
-    _refuse_unwritable(out)
-    _refuse_foreign(out)
+    with _named_os_errors("choose another --out (data.prepared_dir)"):
+        _refuse_unwritable(out)
+        _refuse_foreign(out)
+    with _named_os_errors():
+        return _build_or_reuse(source, root, out, val_fraction=val_fraction, seed=seed, download=download,
+                               num_train=num_train, num_test=num_test, follow_symlinks=follow_symlinks, url=url)
+
+
+def _build_or_reuse(source: str, root: Path, out: Path, *, val_fraction: float, seed: int, download: bool,
+                    num_train: int, num_test: int, follow_symlinks: bool, url: str | None) -> tuple[Store, bool]:
     if source == "synthetic":
-        with _named_os_errors():
-            write_synthetic_cifar(root, num_train=num_train, num_test=num_test, seed=seed)
+        write_synthetic_cifar(root, num_train=num_train, num_test=num_test, seed=seed)
     if source == "cifar10" and download:
         if root.is_file():
             raise DataError(f"--root {root} is a file, and --download (data.download) needs the directory the "
                             "tarball goes to: drop --download to read this tarball, or give its directory")
         # The tarball lands in root; root stays the directory, so a later run without
         # --download on the same root sees the same inputs and reuses the store.
-        with _named_os_errors():
-            download_cifar10(root, url=url or os.environ.get("CIFAR10_URL", CIFAR10_URL))
+        download_cifar10(root, url=url or os.environ.get("CIFAR10_URL", CIFAR10_URL))
     if not root.exists():
         hint = " (or add --download to fetch it)" if source == "cifar10" else ""
         raise DataError(f"data root {root} does not exist{hint}")
 
-    with _named_os_errors():
-        listing = list_image_folder(root, follow_symlinks) if source == "folder" else None
-        inputs = listing.stats() if listing else [(str(p.resolve()), *_size_mtime(p)) for p in cifar_inputs(root)]
+    listing = list_image_folder(root, follow_symlinks) if source == "folder" else None
+    inputs = listing.stats() if listing else [(str(p.resolve()), *_size_mtime(p)) for p in cifar_inputs(root)]
     fingerprint = _fingerprint(source, root, inputs, val_fraction=val_fraction, seed=seed)
     meta = _read_meta(out)
     if meta is not None and meta.get("fingerprint") == fingerprint and meta.get("version") == STORE_VERSION:
         remove_abandoned(out)
         return load_store(out), True
 
-    with _named_os_errors():
-        if listing is not None:
-            fmt, classes, splits = "encoded", listing.classes, listing.splits
-            check_images([f for s in splits.values() for f in s["files"]])
-        else:
-            fmt, (classes, splits) = "raw", read_cifar_python(root)
+    if listing is not None:
+        fmt, classes, splits = "encoded", listing.classes, listing.splits
+        check_images([f for s in splits.values() for f in s["files"]])
+    else:
+        fmt, (classes, splits) = "raw", read_cifar_python(root)
     if len(classes) < 2:
         raise DataError(f"{root}: found a single class ({classes[0]!r}); classification needs at least 2")
     if "val" not in splits:
@@ -152,7 +156,7 @@ def prepare(source: str, root: str | Path | None, out: str | Path, *,
 
 
 @contextlib.contextmanager
-def _named_os_errors(fix: str = "fix its permissions or the link, or move it out of the dataset") -> Iterator[None]:
+def _named_os_errors(fix: str = "check its permissions and links, or move it out of the dataset") -> Iterator[None]:
     """An OS error on an input (no permission, a dangling link, a symlink loop) or on the store
     being written becomes a DataError that names the file and ``fix``, instead of a traceback."""
     try:

@@ -20,6 +20,7 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from job.config import load_config
+from batch_list import BatchList  # beside this script
 from job.distributed import (build_accelerator, collective_timeout, replicas_identical, training_timeouts,
                              wrap_for_training)
 from job.loop import TrainParts, TrainState, train_one_epoch
@@ -58,7 +59,8 @@ def all_reduces(accum: int, compile: bool, use_no_sync: bool = True) -> int:
         return allreduce_hook(None, bucket)
 
     ddp.register_comm_hook(None, counting)
-    batches = [(torch.randn(6, 8), torch.randint(0, 3, (6,))) for _ in range(4)]
+    batches = BatchList([(torch.randn(6, 8), torch.randint(0, 3, (6,))) for _ in range(4)],
+                        rank=accelerator.process_index, world_size=accelerator.num_processes)
     parts = TrainParts(model=call, optimizer=optimizer, scheduler=NoSchedule(), accelerator=accelerator,
                        loss_fn=torch.nn.CrossEntropyLoss(), ddp=ddp if use_no_sync else None)
     state = TrainState()

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from dali_pipelines.sampling import EpochPlan
+from batch_list import BatchList  # beside this script
 from job.config import load_config
 from job.loop import StepHooks, TrainParts, TrainState, train_one_epoch
 from job.model import build_head, TransferModel
@@ -49,17 +49,12 @@ def curve(schedule: str, epochs: int, batches: int, accum: int) -> dict:
                                    "train.signal_check_every=1000"]).train
     hooks = StepHooks(on_log=lambda log: lrs.append([log.step, log.lr, optimizer.param_groups[-1]["lr"]]))
     for epoch in range(epochs):
-        loader = ListLoader((torch.randn(2, 3, 8, 8), torch.tensor([0, 1])) for _ in range(batches))
-        loader.plan = EpochPlan(2 * batches * accelerator.num_processes, train=True, batch_size=2,
-                                rank=accelerator.process_index, world_size=accelerator.num_processes)
+        loader = BatchList([(torch.randn(2, 3, 8, 8), torch.tensor([0, 1])) for _ in range(batches)],
+                           rank=accelerator.process_index, world_size=accelerator.num_processes)
         train_one_epoch(train_cfg, parts, loader, state, hooks)
         state.samples_in_epoch = 0
         scheduler.step(epoch + 1, 0.5)  # constant metric: plateau decays after its patience
     return {"lrs": lrs, "steps": state.global_step}
-
-
-class ListLoader(list):
-    """Batches in a list, with the plan train_one_epoch reads its position from."""
 
 
 results = {}
