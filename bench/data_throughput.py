@@ -1,4 +1,5 @@
-"""Images/s of the DALI training pipeline vs a torchvision DataLoader doing the same work.
+"""Images/s of the DALI training pipeline vs two baselines doing the same work: a torchvision
+DataLoader, and this job's own PyTorch loader (data.loader=torch, dali_pipelines/torch_loader.py).
 
 Both produce the same thing from the same uint8 32x32 CIFAR arrays: random crop with 4-pixel
 zero padding, horizontal flip, bilinear resize to --size, normalization, NCHW float32 batches,
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from dali_pipelines.loader import DaliLoader, LoaderSpec, Preprocessing
+from dali_pipelines.torch_loader import TorchLoader
 from job.data import prepare
 
 MEAN = STD = (0.5, 0.5, 0.5)  # Inception-ResNet-V2
@@ -84,6 +86,9 @@ def main() -> None:
         dali = DaliLoader(labels=train.labels, images=train.images, train=True, batch_size=args.batch_size,
                           spec=LoaderSpec(Preprocessing(args.size, MEAN, STD), num_threads=args.workers,
                                           device_id=0 if args.device == "gpu" else None))
+        ours_torch = TorchLoader(labels=train.labels, images=train.images, train=True, batch_size=args.batch_size,
+                                 spec=LoaderSpec(Preprocessing(args.size, MEAN, STD), num_threads=args.workers,
+                                                 device_id=0 if args.device == "gpu" else None, backend="torch"))
         torch_loader = DataLoader(CifarArrays(train.images, train.labels, args.size), batch_size=args.batch_size,
                                   shuffle=True, num_workers=args.workers, drop_last=True, persistent_workers=True,
                                   prefetch_factor=2)
@@ -91,18 +96,23 @@ def main() -> None:
         y, _ = next(iter(torch_loader))
         assert x.shape == y.shape and x.dtype == y.dtype, (x.shape, y.shape)
         if args.device == "gpu":  # count only batches that are ready on the GPU
-            dali = _synchronized(dali)
-        results = {"dali": [], "torchvision": []}
+            dali, ours_torch = _synchronized(dali), _synchronized(ours_torch)
+        results = {"dali": [], "torch loader": [], "torchvision": []}
         for repeat in range(args.repeats):
             dali.set_epoch(repeat)
             results["dali"].append(images_per_second(dali, args.batches))
+            ours_torch.set_epoch(repeat)
+            torch.set_num_threads(args.workers)  # its work runs in this process: the same threads as DALI's
+            results["torch loader"].append(images_per_second(ours_torch, args.batches))
+            torch.set_num_threads(1)
             results["torchvision"].append(images_per_second(torch_loader, args.batches))
     print(f"{'pipeline':<14}{'images/s (median)':>20}   runs")
     for name, values in results.items():
         print(f"{name:<14}{statistics.median(values):>20.1f}   {'  '.join(f'{v:.1f}' for v in values)}")
     print(f"output: {args.batch_size}x3x{args.size}x{args.size} float32, {args.workers} threads/workers")
-    ratio = statistics.median(results["dali"]) / statistics.median(results["torchvision"])
-    print(f"ratio dali/torchvision = {ratio:.2f}")
+    for baseline in ("torchvision", "torch loader"):
+        ratio = statistics.median(results["dali"]) / statistics.median(results[baseline])
+        print(f"ratio dali/{baseline} = {ratio:.2f}")
 
 
 if __name__ == "__main__":

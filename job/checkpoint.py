@@ -88,7 +88,7 @@ class Checkpointer:
         """Restore model, optimizer, scaler and RNG states; return our trainer state."""
         try:
             trainer_state = json.loads((path / CHECKPOINT_MARKER).read_text())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
             raise ConfigError(f"{path}: not a readable checkpoint of this job ({e}); set train.resume=never "
                               "to start over or point it at another checkpoint") from None
         if not isinstance(trainer_state, dict) or not {"state", "early_stopping"} <= trainer_state.keys():

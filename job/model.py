@@ -157,7 +157,7 @@ class ModelCard:
         """A card from a file, checked field by field: a WeightsError names the file otherwise."""
         try:
             card = cls.from_json(path.read_text())
-        except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError) as e:
             raise WeightsError(f"{path} is not a model card of this job ({type(e).__name__}: {str(e)[:200]}); "
                                "copy the run's best/ again") from None
         problem = card._problem()
@@ -202,26 +202,35 @@ def create_model(cfg: ModelConfig, num_classes: int, image_size: int | None = No
 
 
 def load_trained(run_dir: str | Path) -> tuple[TransferModel, ModelCard]:
-    """The best model of a finished run (``run_dir/best``) and its model card."""
+    """The best model of a finished run (``run_dir/best``) and its model card. The card and the
+    weights file are checked against each other (shapes from the file's header, the model built
+    on the meta device) before anything is allocated: an edited card cannot ask for a huge head."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    from safetensors import SafetensorError
-
     best = Path(run_dir) / "best"
-    if not (best / "model.safetensors").is_file() or not (best / "model.json").is_file():
+    weights = best / "model.safetensors"
+    if not weights.is_file() or not (best / "model.json").is_file():
         raise WeightsError(f"{best}/model.safetensors or model.json not found: is {run_dir} the output_dir of a "
                            "run that finished at least one epoch?")
     card = ModelCard.read(best / "model.json")
-    model, _ = create_model(card.model_config(), card.num_classes)
     try:
-        model.load_state_dict(load_file(str(best / "model.safetensors")))
+        with safe_open(str(weights), framework="pt") as f:
+            in_file = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        with torch.device("meta"):
+            skeleton, _ = create_model(card.model_config(), card.num_classes)
+        expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        if in_file != expected:
+            differ = sorted(k for k in expected.keys() | in_file.keys() if expected.get(k) != in_file.get(k))
+            raise WeightsError(f"{weights} does not fit the model {best}/model.json describes ({card.model}, head "
+                               f"{card.head_hidden}, {card.num_classes} classes): {len(differ)} tensor(s) differ "
+                               f"(first: {differ[0]} {in_file.get(differ[0])} vs {expected.get(differ[0])}); "
+                               "was model.json edited?")
+        model, _ = create_model(card.model_config(), card.num_classes)
+        model.load_state_dict(load_file(str(weights)))
     except (SafetensorError, OSError) as e:
-        raise WeightsError(f"{best}/model.safetensors is not a readable safetensors file ({str(e)[:200]}): "
-                           "damaged or truncated; copy the run again or train anew") from None
-    except RuntimeError as e:  # missing keys or shape mismatches: the card and the weights disagree
-        raise WeightsError(f"{best}/model.safetensors does not fit the model {best}/model.json describes "
-                           f"({card.model}, head {card.head_hidden}, {card.num_classes} classes): "
-                           f"{str(e).strip().splitlines()[0][:200]}; was model.json edited?") from None
+        raise WeightsError(f"{weights} is not a readable safetensors file ({str(e)[:200]}): damaged or truncated; "
+                           "copy the run again or train anew") from None
     return model.eval(), card
 
 

@@ -101,7 +101,7 @@ class HistorySink:
                 continue
             try:
                 records.append(EpochRecord.from_json(line))
-            except (ValueError, TypeError) as e:  # not JSON, not a mapping, other keys
+            except (ValueError, TypeError, RecursionError) as e:  # not JSON, not a mapping, other keys
                 raise ConfigError(f"{self.path}: line {number} is not an epoch record of this job ({shown(str(e))}); "
                                   "move the file away or use another train.output_dir") from None
         return records

@@ -38,7 +38,7 @@
 # the same name again after the Job is gone resumes from its checkpoints.
 set -euo pipefail
 
-usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "submit.sh: $*" >&2; exit 2; }
 
 image="" name="" nodes=1 gpus=1 spot="" kubeflow=0 jobset=0 dry_run=0 prepare=0 replace=0 offline=0

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.runs import PYTHON, REPO, accelerate_launch, run, small_run
+from helpers.runs import CIFAR_MINI, PYTHON, REPO, accelerate_launch, run, small_run
 from job.preemption import EXIT_BAD_INPUT, EXIT_PREEMPTED
 
 
@@ -53,10 +53,11 @@ def test_feature_cache_on_a_read_only_data_volume_is_refused_before_extraction(t
     every feature and then fail to write them."""
     if reason := _read_only_mounts():
         pytest.skip(reason)
-    prep = tmp_path / "prep"
-    run([PYTHON, "-m", "job.data", "prepare", "--source", "synthetic", "--root", str(tmp_path / "src"),
-         "--out", str(prep / "synthetic"), "--num-train", "600", "--num-test", "200"])
-    train = [PYTHON, "job/train.py", *small_run(tmp_path / "out", prep, "train.strategy=feature_extraction")]
+    prep = tmp_path / "prep"  # what the data Job leaves on the data volume: the CIFAR-10 store
+    run([PYTHON, "-m", "job.data", "prepare", "--source", "cifar10", "--root", str(CIFAR_MINI),
+         "--out", str(prep / "cifar10")])
+    train = [PYTHON, "job/train.py", *small_run(tmp_path / "out", prep, "train.strategy=feature_extraction",
+                                                data="cifar10")]
     script = f'mount --bind -o ro "$0" "$0" && exec "$@"'
     proc = run(["unshare", "--mount", "bash", "-c", script, str(prep), *train], check=False, timeout=120)
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]

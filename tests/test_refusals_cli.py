@@ -315,6 +315,7 @@ def test_an_architecture_that_cannot_take_the_image_size_is_refused(tmp_path, ca
 @pytest.mark.parametrize("damage, needles", [
     ("model.json not JSON", ("best/model.json is not a model card of this job",)),
     ("classes edited", ("does not fit the model", "was model.json edited")),
+    ("head edited to 10^8 units", ("does not fit the model", "was model.json edited")),  # refused unallocated
     ("truncated weights", ("best/model.safetensors is not a readable safetensors file",)),
     ("empty config.yaml", ("config.yaml", "must be a mapping")),
 ])
@@ -327,6 +328,8 @@ def test_evaluate_refuses_a_damaged_run(finished_run, tmp_path, capsys, damage, 
         card.write_text("{not json")
     elif damage == "classes edited":
         card.write_text(json.dumps({**json.loads(card.read_text()), "classes": ["a", "b", "c"]}))
+    elif damage.startswith("head edited"):
+        card.write_text(json.dumps({**json.loads(card.read_text()), "head_hidden": [10**8]}))
     elif damage == "truncated weights":
         weights = out / "best" / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
@@ -335,6 +338,18 @@ def test_evaluate_refuses_a_damaged_run(finished_run, tmp_path, capsys, damage, 
     before = snapshot(out)
     refused_in_process(main, ["--run", str(out)], capsys, str(out), *needles)
     assert snapshot(out) == before
+
+
+def test_evaluate_and_predict_accept_the_run_they_refuse_once_damaged(finished_run, capsys):
+    """The control: the checks above (card against the weights' header, sizes) pass a good run."""
+    from job.evaluate import main as evaluate_main
+    from job.predict import main as predict_main
+
+    assert evaluate_main(["--run", str(finished_run[0]), "--batch-size", "16"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 50
+    image = sorted((FOLDER_MINI / "test" / "cat").iterdir())[0]
+    assert predict_main(["--run", str(finished_run[0]), "--top", "2", str(image)]) == 0
+    assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top"]) == 2
 
 
 @pytest.mark.parametrize("script, argv, needle", [

@@ -231,7 +231,7 @@ def _read_meta(path: Path) -> dict | None:
     """The store's metadata if ``path`` is a store this job wrote, else None."""
     try:
         meta = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
         return None
     legacy = isinstance(meta, dict) and meta.get("version") == 1 and {"format", "fingerprint"} <= meta.keys()
     return meta if isinstance(meta, dict) and (meta.get("writer") == WRITER or legacy) else None
