@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from dali_pipelines.loader import DaliLoader, LoaderSpec, Preprocessing
+from dali_pipelines.loader import DaliLoader
+from dali_pipelines.spec import LoaderSpec, Preprocessing
 from dali_pipelines.torch_loader import TorchLoader
 from job.data import prepare
 

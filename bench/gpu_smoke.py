@@ -92,7 +92,8 @@ def environment(gpu: bool) -> None:
 def parity(gpu: bool) -> None:
     import torch
 
-    from dali_pipelines.loader import DaliLoader, LoaderSpec, Preprocessing
+    from dali_pipelines.loader import DaliLoader
+    from dali_pipelines.spec import LoaderSpec, Preprocessing
     from job.data import prepare
 
     work = Path(tempfile.mkdtemp())
@@ -133,7 +134,8 @@ def lifetime() -> None:
     loop moved on: a buffer DALI reused too early would show another batch's pixels."""
     import torch
 
-    from dali_pipelines.loader import DaliLoader, LoaderSpec, Preprocessing
+    from dali_pipelines.loader import DaliLoader
+    from dali_pipelines.spec import LoaderSpec, Preprocessing
     from job.data import prepare
 
     store, _ = prepare("cifar10", SAMPLES / "cifar10-mini.tar.gz", Path(tempfile.mkdtemp()) / "raw")

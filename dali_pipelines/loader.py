@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -13,48 +12,7 @@ import numpy as np
 import torch
 
 from dali_pipelines import sampling
-
-# The resize filter of every pipeline (dali_pipelines/pipelines.py); part of the feature-cache key.
-RESIZE_INTERPOLATION = "linear"
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """What a backbone expects of its input, from timm's pretrained config (IRv2: 299 px,
-    mean = std = 0.5); ``mean``/``std`` in [0, 1] units. Saved in every model card. Images are
-    resized with RESIZE_INTERPOLATION."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-@dataclass(frozen=True)
-class LoaderSpec:
-    """How to turn samples into model inputs; the same for the train and eval loaders of a run."""
-
-    prep: Preprocessing
-    num_threads: int  # DALI CPU threads (data.num_threads)
-    dtype: str = "float32"  # float32 | float16 | bfloat16: what the model consumes (mixed precision)
-    channels_last: bool = False
-    device_id: int | None = None  # CUDA device for the GPU pipeline; None = CPU-only pipeline
-    prefetch: int = 2  # batches DALI prepares ahead of the loop
-    augment: bool = True  # random shifts and flips on training loaders (data.augment)
-    backend: str = "dali"  # dali | torch (dali_pipelines/torch_loader.py): data.loader, resolved
-
-
-def resolve_backend(choice: str, say=print) -> str:
-    """``data.loader``: ``dali`` or ``torch`` as asked; ``auto`` is DALI where it imports, else
-    the torch loader, said out loud (it is slower: docs/BENCHMARKS.md)."""
-    if choice != "auto":
-        return choice
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError as e:
-        say(f"data.loader=auto: DALI is not importable here ({e}); using the PyTorch loader "
-            "(same batches, slower: pip install nvidia-dali-cuda130 for the fast path)")
-        return "torch"
-    return "dali"
+from dali_pipelines.spec import LoaderSpec
 
 
 def image_loader(spec: LoaderSpec, **kwargs):
@@ -72,11 +30,6 @@ def make_loader(store, split: str, spec: LoaderSpec, *, train: bool, batch_size:
     data = store.split(split)
     return image_loader(spec, labels=data.labels, images=data.images, files=data.files, train=train,
                         batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
-
-
-def dali_device_id(device: torch.device) -> int | None:
-    """The CUDA device DALI's GPU operators should use for a torch device; None = CPU pipeline."""
-    return (device.index or 0) if device.type == "cuda" else None
 
 
 def _read_file(path: str) -> np.ndarray:
@@ -232,7 +185,7 @@ class DaliLoader:
 
         spec, prep = self.spec, self.spec.prep
         pipe = image_pipeline(
-            self._source, train=self.augment, encoded=self._source.files is not None,
+            self._source, augment=self.augment, encoded=self._source.files is not None,
             image_size=prep.image_size, mean=prep.mean, std=prep.std,
             # bfloat16: DALI emits float16 (half the bytes of float32 through the pipeline's buffers;
             # normalized pixels lie well inside its range) and the loop casts it on the device.

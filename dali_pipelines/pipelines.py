@@ -14,24 +14,24 @@ from __future__ import annotations
 
 from nvidia.dali import fn, pipeline_def, types
 
-from dali_pipelines.loader import RESIZE_INTERPOLATION
+from dali_pipelines.spec import RESIZE_INTERPOLATION
 
 _DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}
 _INTERP = {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC}[RESIZE_INTERPOLATION]
 
 
 @pipeline_def
-def image_pipeline(source, *, train: bool, encoded: bool, image_size: int, mean: tuple[float, ...],
+def image_pipeline(source, *, augment: bool, encoded: bool, image_size: int, mean: tuple[float, ...],
                    std: tuple[float, ...], dtype: str = "float32", layout: str = "CHW",
                    device: str = "cpu"):
     """Batches of (normalized images, labels).
 
     ``source`` returns per batch: images (uint8 HWC arrays, or encoded file bytes), labels and,
-    when ``train``, a (2,) float shift per sample (fraction of the side, zero padded) and an
+    when ``augment``, a (2,) float shift per sample (fraction of the side, zero padded) and an
     int32 flip flag. ``mean``/``std`` are in [0, 1] units (timm's pretrained config).
     """
-    outputs = fn.external_source(source=source, num_outputs=4 if train else 2, batch=True,
-                                 layout=[None if encoded else "HWC", None, None, None][: 4 if train else 2])
+    outputs = fn.external_source(source=source, num_outputs=4 if augment else 2, batch=True,
+                                 layout=[None if encoded else "HWC", None, None, None][: 4 if augment else 2])
     images, labels = outputs[0], outputs[1]
     if encoded:
         # fancy upsampling: nvJPEG then upsamples chroma as libjpeg-turbo does, so a model trained
@@ -41,7 +41,7 @@ def image_pipeline(source, *, train: bool, encoded: bool, image_size: int, mean:
     elif device == "gpu":
         images = images.gpu()  # upload the small uint8 image; everything after runs on the GPU
     mirror = 0
-    if train:
+    if augment:
         shift, mirror = outputs[2], outputs[3]
         # Random crop with zero padding, expressed as a translation of the whole image so that it
         # means the same thing for 32x32 CIFAR and for folder images of any size.

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from dali_pipelines import sampling
-from dali_pipelines.loader import _BatchSource, LoaderSpec
+from dali_pipelines.loader import _BatchSource
+from dali_pipelines.spec import RESIZE_INTERPOLATION, LoaderSpec
 
 _MODES = {"linear": "bilinear", "cubic": "bicubic"}
 
@@ -98,7 +99,7 @@ class TorchLoader:
         if flip:
             x = x.flip(2)
         size = self.spec.prep.image_size
-        x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(size, size), mode=_MODES[_interpolation()],
+        x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(size, size), mode=_MODES[RESIZE_INTERPOLATION],
                           align_corners=False, antialias=True)
         return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)[0].numpy()
 
@@ -114,16 +115,10 @@ class TorchLoader:
         x = (x.permute(0, 3, 1, 2).float() - self._mean) / self._std  # NCHW view of NHWC memory
         size = self.spec.prep.image_size
         if x.shape[-1] != size or x.shape[-2] != size:  # normalize first, then one resize pass (as DALI)
-            x = F.interpolate(x, size=(size, size), mode=_MODES[_interpolation()], align_corners=False,
+            x = F.interpolate(x, size=(size, size), mode=_MODES[RESIZE_INTERPOLATION], align_corners=False,
                               antialias=False)
         fmt = torch.channels_last if self.spec.channels_last else torch.contiguous_format
         return x.to(dtype=getattr(torch, self.spec.dtype), memory_format=fmt), y
-
-
-def _interpolation() -> str:
-    from dali_pipelines.loader import RESIZE_INTERPOLATION
-
-    return RESIZE_INTERPOLATION
 
 
 def _translate(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -183,6 +183,8 @@ def is_run_dir(out: Path) -> bool:
     """Whether ``out`` is an output_dir this job wrote: its config.yaml starts with CONFIG_HEADER,
     or (runs from before the header) holds every section of a resolved config and nothing else."""
     path = out / "config.yaml"
+    if not path.is_file():
+        return False
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             if f.readline().rstrip("\n") == CONFIG_HEADER:

@@ -207,9 +207,15 @@ def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
     """A YAML mapping from ``path`` (a config file, a run's config.yaml), every failure a one-line
     ConfigError naming the file; bounded in bytes and in what its aliases expand to."""
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
+        if path.exists() and not path.is_file():  # a FIFO would block, /dev/zero never end
+            raise ConfigError(f"{what} {path} is not a regular file")
+        with open(path, "rb") as f:
+            blob = f.read(MAX_CONFIG_BYTES + 1)
+        if len(blob) > MAX_CONFIG_BYTES:
             raise ConfigError(f"{what} {path} is larger than MAX_CONFIG_BYTES={MAX_CONFIG_BYTES}; not a config")
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(blob.decode("utf-8"))
+    except ConfigError:  # a ValueError: not to be caught as bad YAML below
+        raise
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} not found") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 
-from dali_pipelines.loader import LoaderSpec, dali_device_id, make_loader, resolve_backend
+from dali_pipelines.loader import make_loader
+from dali_pipelines.spec import LoaderSpec
 from job.config import ConfigError, DataConfig, TrainConfig, config_from_dict, positive_int, read_yaml_mapping
 from job.data import DataError, load_store
 from job.distributed import build_accelerator
@@ -45,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         store = load_store(args.store or store_of_run(Path(args.run)))
         if store.classes != card.classes:
             raise DataError(f"{store.path} has classes {store.classes}, the model was trained on {card.classes}")
-        spec = LoaderSpec(card.preprocessing, num_threads=DataConfig.num_threads, device_id=dali_device_id(accelerator.device),
-                          backend=resolve_backend("auto", say=accelerator.print))
+        spec = LoaderSpec.for_run(card.preprocessing, num_threads=DataConfig.num_threads, device=accelerator.device,
+                                  precision=accelerator.mixed_precision, loader="auto", say=accelerator.print)
         loader = make_loader(store, args.split, spec, train=False, batch_size=args.batch_size,
                              rank=accelerator.process_index, world_size=accelerator.num_processes)
     except (ConfigError, DataError, WeightsError) as e:

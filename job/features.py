@@ -26,7 +26,8 @@ import torch
 from accelerate import Accelerator
 
 from dali_pipelines import sampling
-from dali_pipelines.loader import RESIZE_INTERPOLATION, LoaderSpec, image_loader
+from dali_pipelines.loader import image_loader
+from dali_pipelines.spec import RESIZE_INTERPOLATION, LoaderSpec
 from job.atomic import ForeignDirectoryError, atomic_directory
 from job.config import ConfigError
 from job.distributed import all_ranks_or_none

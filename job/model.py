@@ -15,7 +15,7 @@ import timm.data
 import torch
 from torch import nn
 
-from dali_pipelines.loader import Preprocessing
+from dali_pipelines.spec import Preprocessing
 from job.config import MAX_IMAGE_SIZE, ConfigError, ModelConfig, TrainConfig
 from job.weights import WeightsError, load_backbone_weights
 

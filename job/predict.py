@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dali_pipelines.loader import LoaderSpec, dali_device_id, image_loader, resolve_backend
+from dali_pipelines.loader import image_loader
+from dali_pipelines.spec import LoaderSpec
 from job.config import ConfigError, DataConfig, positive_int
 from job.data import IMAGE_EXTENSIONS, check_image
 from job.distributed import resolve_device
@@ -40,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return 2
     # The same DALI evaluation pipeline as training: identical decode, resize and normalization.
-    spec = LoaderSpec(card.preprocessing, num_threads=DataConfig.num_threads, device_id=dali_device_id(device),
-                      backend=resolve_backend("auto", say=lambda line: print(line, file=sys.stderr)))
+    spec = LoaderSpec.for_run(card.preprocessing, num_threads=DataConfig.num_threads, device=device, loader="auto",
+                              say=lambda line: print(line, file=sys.stderr))
     loader = image_loader(spec, labels=np.zeros(len(args.images), dtype=np.int64), files=args.images,
                         train=False, batch_size=32)
     model.to(device)

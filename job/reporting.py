@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dali_pipelines.loader import image_loader, LoaderSpec  # noqa: E402
+from dali_pipelines.loader import image_loader  # noqa: E402
+from dali_pipelines.spec import LoaderSpec  # noqa: E402
 from job.records import EpochRecord, shown_epoch  # noqa: E402
 
 CURVES_SIZE = (15, 4)  # inches at 100 dpi -> 1500 x 400 px

@@ -91,6 +91,8 @@ class HistorySink:
         if not self.path.exists():
             return []
         try:
+            if not self.path.is_file():  # a FIFO would block the run
+                raise OSError("not a regular file")
             lines = self.path.read_text().splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{self.path} cannot be read ({e}); move it away or use another train.output_dir") \

@@ -32,7 +32,8 @@ if __name__ == "__main__":
 import torch  # noqa: E402 - after the SIGTERM handler, on purpose
 from accelerate.utils import set_seed  # noqa: E402
 
-from dali_pipelines.loader import LoaderSpec, dali_device_id, make_loader, resolve_backend
+from dali_pipelines.loader import make_loader
+from dali_pipelines.spec import LoaderSpec
 from job.checkpoint import Checkpointer, check_output_dir, load_best_weights, save_best
 from job.config import Config, ConfigError, parse_args, per_process_batch
 from job.data import DataError, prepare_from_config
@@ -50,7 +51,6 @@ from job.storage import check_writable, feature_cache_root
 from job.reporting import sample_predictions
 from job.tracking import Trackers, TrackingError, redact
 
-_INPUT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "no": "float32"}
 
 
 def fit(cfg: Config) -> int:
@@ -98,11 +98,10 @@ class Trainer:
         if self.strategy.trains_backbone:
             acc.print(f"backbone LR = {cfg.optim.backbone_lr_scale:g} x head LR (optim.backbone_lr_scale)")
         set_seed(tc.seed, device_specific=True)  # per-rank dropout; the weights above are already equal
-        self.spec = LoaderSpec(self.prep, num_threads=cfg.data.num_threads,
-                               dtype=_INPUT_DTYPES[acc.mixed_precision] if acc.device.type == "cuda" else "float32",
-                               channels_last=tc.channels_last, device_id=dali_device_id(acc.device),
-                               augment=cfg.data.augment and not self.cached,
-                               backend=resolve_backend(cfg.data.loader, say=acc.print))
+        self.spec = LoaderSpec.for_run(self.prep, num_threads=cfg.data.num_threads, device=acc.device,
+                                       precision=acc.mixed_precision, channels_last=tc.channels_last,
+                                       augment=cfg.data.augment and not self.cached, loader=cfg.data.loader,
+                                       say=acc.print)
         self.bare.to(acc.device)
         if tc.channels_last:
             self.bare.to(memory_format=torch.channels_last)

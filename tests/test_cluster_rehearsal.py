@@ -216,7 +216,7 @@ def test_two_pods_preempted_through_pid1_then_resume_as_world_size_2(tmp_path):
     codes = wait(restarted)
     logs = [pod.text() for pod in restarted]
     assert codes == [0, 0], logs
-    assert "resumed from" in logs[0] and "(epoch 2, batch" in logs[0]
+    assert "resumed from" in logs[0] and "(epoch 2, sample" in logs[0]
     assert "node 0/2, 1 process(es) per node" in logs[0] and "node 1/2" in logs[1]
     # accelerator.print: once per node (each pod's log tells its story), never once per process
     assert logs[0].count("test accuracy") == 1 and logs[1].count("test accuracy") == 1

@@ -134,3 +134,16 @@ def test_the_readme_lists_the_history_keys_that_are_written():
     row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `history.jsonl`"))
     listed = re.findall(r"`([a-z_]+)`", row.split("|")[2])
     assert listed == [f.name for f in dataclasses.fields(EpochRecord)]
+
+
+def test_a_global_batch_is_divided_over_processes_and_accumulation_exactly():
+    from job.config import ConfigError, load_config, per_process_batch
+
+    data = load_config(None, ["data.global_batch_size=256"]).data
+    assert per_process_batch(data, world_size=8, grad_accum_steps=1) == 32
+    assert per_process_batch(data, world_size=1, grad_accum_steps=4) == 64
+    assert per_process_batch(data, world_size=64, grad_accum_steps=1) == 4
+    with pytest.raises(ConfigError, match="data.global_batch_size=256 is not a multiple of 3"):
+        per_process_batch(data, world_size=3, grad_accum_steps=1)
+    plain = load_config(None, ["data.batch_size=48"]).data
+    assert per_process_batch(plain, world_size=8, grad_accum_steps=2) == 48  # per process, as documented

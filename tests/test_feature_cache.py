@@ -162,7 +162,7 @@ def test_the_key_changes_with_everything_that_changes_the_features(tmp_path):
 def test_an_interrupted_extraction_leaves_nothing_that_is_trusted(tmp_path):
     from accelerate import Accelerator
 
-    from dali_pipelines.loader import LoaderSpec, Preprocessing
+    from dali_pipelines.spec import LoaderSpec, Preprocessing
     from job.config import load_config
     from job.features import FeatureKey, Preempted, cached_features
     from job.model import create_model

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dali_pipelines import sampling
-from dali_pipelines.loader import DaliLoader, LoaderSpec, Preprocessing
+from dali_pipelines.loader import DaliLoader
+from dali_pipelines.spec import LoaderSpec, Preprocessing
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # Inception-ResNet-V2's pretrained config
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dali_pipelines.loader import DaliLoader, LoaderSpec, Preprocessing, resolve_backend
+from dali_pipelines.loader import DaliLoader
+from dali_pipelines.spec import LoaderSpec, Preprocessing, resolve_backend
 from dali_pipelines.torch_loader import TorchLoader
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)

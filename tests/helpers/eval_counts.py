@@ -14,7 +14,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from dali_pipelines.loader import DaliLoader, LoaderSpec, Preprocessing
+from dali_pipelines.loader import DaliLoader
+from dali_pipelines.spec import LoaderSpec, Preprocessing
 from job.loop import evaluate
 
 

@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from dali_pipelines.loader import LoaderSpec, Preprocessing
+from dali_pipelines.spec import LoaderSpec, Preprocessing
 from job.config import load_config
 from job.data import load_store
 from job.features import FeatureKey, cached_features
