@@ -410,11 +410,48 @@ def positive_int(text: str) -> int:
     return value
 
 
+def keys_help() -> str:
+    """Every key with its default and the comment beside it in this file: the dataclasses are
+    the one source (the README's table lists the same keys and defaults, tests/test_config.py)."""
+    import inspect
+    import re
+    import textwrap
+
+    out = []
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        names = {f.name for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        defaults = dataclasses.asdict(cls())
+        out.append(f"{section.name}:")
+        above: list[str] = []  # comment lines just above a field
+        for line in inspect.getsource(cls).splitlines()[1:]:
+            text = line.strip()
+            match = re.match(r"(\w+): [^#]*?(?:#\s*(.*))?$", text)
+            if text.startswith("#"):
+                above.append(text.lstrip("# "))
+            elif match and match.group(1) in names:
+                name = match.group(1)
+                choices = typing.get_args(hints[name]) if typing.get_origin(hints[name]) is Literal else ()
+                comment = " ".join([*above, match.group(2) or ""]).strip()
+                meaning = "; ".join(filter(None, [" | ".join(choices), comment]))
+                key = f"  {section.name}.{name}={yaml.safe_dump(defaults[name], default_flow_style=True)}"
+                key = key.replace("\n...", "").strip("\n")
+                out += textwrap.wrap(meaning, width=118, initial_indent=key.ljust(45), subsequent_indent=" " * 45,
+                                     break_on_hyphens=False) or [key]
+                above = []
+            else:
+                above = []
+    return "\n".join(out)
+
+
 def parse_args(argv: list[str] | None = None, description: str = "") -> Config:
     """``--config FILE.yaml`` plus ``section.key=value`` overrides -> a validated Config."""
-    parser = argparse.ArgumentParser(description=description,
-                                     epilog="overrides: section.key=value (YAML values), e.g. "
-                                            "train.epochs=3 data.batch_size=128 model.head_hidden=[1024,512]")
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="overrides: section.key=value (YAML values), e.g. train.epochs=3 "
+                                            "data.batch_size=128 model.head_hidden=[1024,512]\n\n"
+                                            "keys (default, then meaning; defaults < --config < overrides):\n"
+                                            + keys_help())
     parser.add_argument("--config", help="YAML file with config sections (see job/configs/)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)

@@ -229,7 +229,8 @@ class Trainer:
         grace period too short for a full save (GKE: 15 s) costs."""
         path = self.checkpointer.save(epoch, self.state.global_step, self._trainer_state())
         self.last_checkpoint = time.monotonic()
-        self.accelerator.print(f"saved {path} (train.checkpoint_every_minutes={self.cfg.train.checkpoint_every_minutes:g})")
+        every = self.cfg.train.checkpoint_every_minutes
+        self.accelerator.print(f"saved {path} (train.checkpoint_every_minutes={every:g})")
 
     def exit_preempted(self, epoch: int) -> int:
         """Save where we are and let the orchestrator restart us."""
@@ -386,7 +387,7 @@ def _epoch_line(r: EpochRecord) -> str:
 def main(argv: list[str] | None = None) -> int:
     code = 1  # a crash, unless fit() returns or the input is refused
     try:
-        cfg = parse_args(argv, description=__doc__.split("\n")[0])
+        cfg = parse_args(argv, description=__doc__.split("\n\n")[0])
         code = fit(cfg)
     except (ConfigError, DataError, WeightsError, TrackingError) as e:
         print(f"error: {redact(str(e))}", file=sys.stderr)

@@ -147,3 +147,23 @@ def test_a_global_batch_is_divided_over_processes_and_accumulation_exactly():
         per_process_batch(data, world_size=3, grad_accum_steps=1)
     plain = load_config(None, ["data.batch_size=48"]).data
     assert per_process_batch(plain, world_size=8, grad_accum_steps=2) == 48  # per process, as documented
+
+
+def test_help_names_every_key_with_its_default_and_meaning():
+    """`job/train.py --help` is the reference a user reads first: every key, its default, and the
+    comment or the choices from job/config.py (the README table's source too)."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from helpers.runs import REPO
+    from job.config import Config
+
+    out = subprocess.run([sys.executable, "job/train.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    assert "on CIFAR-10 or\nyour own image folders" in out  # the whole first paragraph, not a cut line
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory()):
+            assert f"  {section.name}.{f.name}=" in out, f"{section.name}.{f.name}"
+    assert "train.strategy=finetune" in out and "feature_extraction | finetune | two_stage" in out
+    assert "data.batch_size=64" in out and "images per process per step" in out

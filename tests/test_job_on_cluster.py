@@ -96,8 +96,8 @@ def test_timed_checkpoints_are_mid_epoch_and_resume_to_the_same_run(tmp_path):
     (again / "metrics.json").unlink()
     resumed = run([PYTHON, "job/train.py", *small_run(again, prep, "train.checkpoint_every_minutes=0")])
     assert "resumed from" in resumed.stdout and "epoch0001-step0000025" in resumed.stdout
-    history = lambda d: [{k: h[k] for k in ("epoch", "step", "train_loss", "train_accuracy", "train_samples",  # noqa: E731
-                                             "val_loss", "val_accuracy")}
+    keys = ("epoch", "step", "train_loss", "train_accuracy", "train_samples", "val_loss", "val_accuracy")
+    history = lambda d: [{k: h[k] for k in keys}  # noqa: E731
                          for h in map(json.loads, (d / "history.jsonl").read_text().splitlines())]
     assert history(again) == history(out)
     assert json.loads((again / "metrics.json").read_text())["test_accuracy"] == \

@@ -322,9 +322,9 @@ def test_training_manifests_follow_policy(manifests, target):
     assert spec["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     assert spec["automountServiceAccountToken"] is False
     for c in [container, *spec["initContainers"]]:
-        assert c["securityContext"]["allowPrivilegeEscalation"] is False and c["securityContext"]["readOnlyRootFilesystem"]
-        assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
-        assert set(c["securityContext"]["capabilities"].get("add", [])) <= {"IPC_LOCK"}
+        context = c["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"]
+        assert context["capabilities"]["drop"] == ["ALL"] and set(context["capabilities"].get("add", [])) <= {"IPC_LOCK"}
     # scheduling on GPU nodes, whatever else was added to the tolerations (AKS's sku=gpu too)
     assert GPU_TOLERATION in spec["tolerations"] and AKS_GPU_TOLERATION in spec["tolerations"]
     # one build everywhere: a digest from submit.sh (a tag only with --allow-tag), never latest
@@ -343,7 +343,8 @@ def test_training_manifests_follow_policy(manifests, target):
     else:
         assert "emptyDir" in volumes[mounts["/opt/hf-cache"]["name"]]
     # one run's pods, addressable by label
-    assert metadata["labels"]["app.kubernetes.io/instance"] == workload["metadata"]["labels"]["app.kubernetes.io/instance"]
+    instance = "app.kubernetes.io/instance"
+    assert metadata["labels"][instance] == workload["metadata"]["labels"][instance]
     # bounded in time; Jobs and JobSets cleaned up after (a TrainJob's JobSet must not be: below)
     job_spec = workload["spec"]["replicatedJobs"][0]["template"]["spec"] if workload["kind"] == "JobSet" \
         else workload["spec"]
@@ -363,7 +364,8 @@ def test_guaranteed_qos_and_ephemeral_storage(manifests, target):
     ((_, spec, container),) = pod_specs(manifests[target])
     for c in [container, *spec["initContainers"]]:
         requests, limits = c["resources"]["requests"], c["resources"]["limits"]
-        assert str(requests["cpu"]) == str(limits["cpu"]) and re.fullmatch(r"[1-9][0-9]*", str(limits["cpu"])), c["name"]
+        assert str(requests["cpu"]) == str(limits["cpu"]), c["name"]
+        assert re.fullmatch(r"[1-9][0-9]*", str(limits["cpu"])), c["name"]
         assert requests["memory"] == limits["memory"], c["name"]
         assert "ephemeral-storage" in requests, c["name"]
     gib = lambda q: int(q.removesuffix("Gi"))  # noqa: E731
@@ -417,7 +419,8 @@ def test_several_nodes_are_a_jobset_one_node_an_indexed_job():
 
 # ---------------------------------------------------------------- failure policies, evaluated
 
-def pod_failure_rule(policy: dict, exit_code: int, disrupted: bool, container: str = "trainer") -> tuple[str, str | None]:
+def pod_failure_rule(policy: dict, exit_code: int, disrupted: bool,
+                     container: str = "trainer") -> tuple[str, str | None]:
     """(action, Job failure message) of the first podFailurePolicy rule that matches a failed pod
     whose ``container`` (the trainer, or the wait-for-data init container) exited with
     ``exit_code``, as the Job controller decides it; ("Count", None) when none matches."""
@@ -571,8 +574,10 @@ def test_overlay_sizes(manifests):
     assert child["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
 
 
-SPOT = {"gke": ("cloud.google.com/gke-spot", "true", 15), "aks": ("kubernetes.azure.com/scalesetpriority", "spot", 30),
-        "eks": ("eks.amazonaws.com/capacityType", "SPOT", 110), "karpenter": ("karpenter.sh/capacity-type", "spot", 110)}
+SPOT = {"gke": ("cloud.google.com/gke-spot", "true", 15),  # provider: (node label, value, grace period)
+        "aks": ("kubernetes.azure.com/scalesetpriority", "spot", 30),
+        "eks": ("eks.amazonaws.com/capacityType", "SPOT", 110),
+        "karpenter": ("karpenter.sh/capacity-type", "spot", 110)}
 
 
 @pytest.mark.parametrize("target,provider", [("overlays/spot", "gke"), ("submit 3x4 spot", "gke"),
@@ -704,7 +709,8 @@ def test_data_preparation_job(manifests):
     assert spec["securityContext"]["runAsNonRoot"] and spec["automountServiceAccountToken"] is False
     assert job["spec"]["activeDeadlineSeconds"] > 0 and job["spec"]["ttlSecondsAfterFinished"] > 0
     for c in [container, *spec["initContainers"]]:  # Guaranteed QoS here too
-        assert c["resources"]["requests"] == c["resources"]["limits"] and "ephemeral-storage" in c["resources"]["limits"]
+        resources = c["resources"]
+        assert resources["requests"] == resources["limits"] and "ephemeral-storage" in resources["limits"]
     # The wait of the training pods is for what this Job writes
     ((_, train_spec, _),) = pod_specs(manifests["overlays/1gpu"])
     (wait,) = train_spec["initContainers"]
@@ -720,7 +726,9 @@ def test_submit_prepare_data_uses_the_given_image_and_a_storage_class(manifests)
     assert proc.returncode == 2 and "--storage-class" in proc.stderr and "ReadWriteMany" in proc.stderr
 
 
-def _run_script(container: dict, substitute: dict, env_vars: dict, prefix: list[str] = ()) -> subprocess.CompletedProcess:
+def _run_script(container: dict, substitute: dict, env_vars: dict,
+                prefix: list[str] = ()) -> subprocess.CompletedProcess:
+    """An init container's bash script, run here (paths substituted)."""
     script = container["command"][-1]
     for old, new in substitute.items():
         script = script.replace(old, new)

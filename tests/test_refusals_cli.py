@@ -138,6 +138,19 @@ def test_a_billion_laughs_config_is_refused_quickly_with_a_short_message(tmp_pat
     assert len(override) < 300  # the value is cut in the message
 
 
+def test_config_files_that_never_end_or_block_are_refused(tmp_path):
+    from job.config import ConfigError, load_config
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.yaml"
+    big.write_text("tags: [" + "x," * 600_000 + "x]\n")
+    for path, needle in ((Path("/dev/zero"), "is not a regular file"), (fifo, "is not a regular file"),
+                         (big, "larger than MAX_CONFIG_BYTES"), (tmp_path / "none.yaml", "not found")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(path)
+
+
 def test_synthetic_sizes_are_bounded_and_the_bound_is_named(tmp_path):
     proc = run([PYTHON, "-m", "job.data", "prepare", "--source", "synthetic", "--root", str(tmp_path / "src"),
                 "--out", str(tmp_path / "store"), "--num-train", "100000000"], check=False, timeout=60)

@@ -265,6 +265,8 @@ def _read_tarball(path: Path) -> dict[str, bytes]:
                     members[name.name] = tar.extractfile(m).read()
                 finally:
                     stream.limit = MAX_TAR_HEADER_BYTES
+    except PermissionError:  # not corrupt: named as such by the caller (job/data/store.py)
+        raise
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise DataError(f"{path}: corrupt or truncated tarball ({e}); download it again "
                         f"({CIFAR10_URL}, md5 {CIFAR10_MD5})") from None

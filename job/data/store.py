@@ -169,8 +169,8 @@ def _named_os_errors(fix: str = "check its permissions and links, or move it out
     except RuntimeError as e:
         if not str(e).startswith("Symlink loop"):  # Path.resolve's way of saying ELOOP (Python < 3.13)
             raise
-        raise DataError(f"{str(e)[len('Symlink loop from '):] or e}: a symlink loop; fix or remove the link") \
-            from None
+        link = str(e).removeprefix("Symlink loop from ").strip("'")
+        raise DataError(f"{link}: a symlink loop; fix or remove the link") from None
 
 
 def stratified_split(data: dict, val_fraction: float, seed: int) -> tuple[dict, dict]:
