@@ -124,6 +124,10 @@ class OptimConfig:
     backbone_lr_scale: float = 1.0
     momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-4  # not applied to biases and norm parameters
+    # Layer-wise LR decay: the head at lr, the backbone's last block at lr x this, each block
+    # below one more factor (timm's depth groups; Inception-ResNet-V2 has 46); null = off.
+    # Instead of backbone_lr_scale, not with it.
+    layer_decay: float | None = None
 
 
 @dataclass
@@ -354,6 +358,11 @@ def validate(cfg: Config) -> None:
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.backbone_lr_scale >= 0, "optim.backbone_lr_scale must be >= 0"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (cfg.optim.layer_decay is None or 0 < cfg.optim.layer_decay <= 1, "optim.layer_decay must be in (0, 1], "
+                                                                          "or null for no layer-wise LR decay"),
+        (cfg.optim.layer_decay is None or cfg.optim.backbone_lr_scale == 1.0,
+         "optim.layer_decay and optim.backbone_lr_scale both scale the backbone's LR: set one (backbone_lr_scale "
+         "back to 1.0, or layer_decay to null)"),
         (0.0 <= cfg.optim.momentum < 1.0, "optim.momentum must be in [0, 1)"),
         (0.0 <= cfg.loss.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)"),
         (cfg.train.cache_features != "true" or cfg.train.strategy == "feature_extraction",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 
@@ -20,13 +20,24 @@ def build_optimizer(model: TransferModel, cfg: OptimConfig, train_backbone: bool
     and ``two_stage`` needs the backbone groups present from the start.
     """
     groups = param_groups_weight_decay(model.head, cfg.weight_decay)
-    if train_backbone:
+    if train_backbone and cfg.layer_decay is not None:
+        groups += layer_decay_groups(model.backbone, cfg)
+    elif train_backbone:
         for group in param_groups_weight_decay(model.backbone, cfg.weight_decay):
             groups.append({**group, "lr_scale": cfg.backbone_lr_scale})
     groups = [g for g in groups if g["params"]]
     kwargs = {"momentum": cfg.momentum} if cfg.name == "sgd" else {}
     # timm's "sgd" is SGD with Nesterov momentum.
     return create_optimizer_v2(groups, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+
+
+def layer_decay_groups(backbone: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Layer-wise LR decay (``optim.layer_decay``): timm's depth groups of the backbone (its
+    ``group_matcher``), one level below the new head, which is depth 0 at the full LR. The
+    backbone's last group is at ``lr x decay``, its stem at ``lr x decay^depth``. ``lr_scale``
+    reaches the optimizer through timm's schedulers, which this job uses."""
+    groups = param_groups_layer_decay(backbone, cfg.weight_decay, layer_decay=cfg.layer_decay)
+    return [{**group, "lr_scale": group["lr_scale"] * cfg.layer_decay} for group in groups]
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, *, epochs: int,

@@ -47,8 +47,8 @@ from job.model import ModelCard, Strategy, WeightsError, create_model
 from job.optim import build_optimizer, build_scheduler, current_lr, load_scheduler_state, scheduler_state
 from job.preemption import EXIT_BAD_INPUT, EXIT_PREEMPTED, PreemptionSignal, record_exit_code
 from job.records import EpochRecord, RunSummary, shown_epoch
-from job.storage import check_writable, feature_cache_root
 from job.reporting import sample_predictions
+from job.storage import check_writable, feature_cache_root
 from job.tracking import Trackers, TrackingError, redact
 
 

@@ -124,3 +124,37 @@ def test_a_resumed_plateau_schedule_continues_where_it_stopped():
         resumed.append(optimizer.param_groups[0]["lr"])
     assert resumed == straight
     assert straight[0] == 0.1 and straight[-1] < 0.1  # it did decay within the run
+
+
+def test_layer_decay_gives_each_depth_the_head_lr_times_decay_to_its_depth_at_every_step():
+    """optim.layer_decay: the head at full LR (depth 0), the backbone's groups (timm's
+    group_matcher) at lr x decay^depth, as the schedule moves; lr_scale reaches the optimizer
+    through timm's scheduler."""
+    from timm.models import group_parameters
+
+    from job.optim import build_scheduler
+
+    cfg = load_config(None, ["model.name=resnet10t", "model.pretrained=false", "optim.layer_decay=0.5",
+                             "optim.lr=0.1", "schedule.warmup_epochs=1"])
+    model, _ = create_model(cfg.model, 10)
+    optimizer = build_optimizer(model, cfg.optim, train_backbone=True)
+    scheduler = build_scheduler(optimizer, cfg.schedule, epochs=3, updates_per_epoch=4, plateau_mode="max")
+    depth_of = group_parameters(model.backbone, model.backbone.group_matcher(coarse=False), reverse=True)
+    deepest = max(depth_of.values())
+    names = {id(p): n for n, p in model.backbone.named_parameters()}
+    head = {id(p) for p in model.head.parameters()}
+    seen_depths = set()
+    for update in (0, 2, 5, 11):
+        scheduler.step_update(num_updates=update)
+        head_lr = optimizer.param_groups[0]["lr"]
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in head:
+                    assert group["lr"] == pytest.approx(head_lr)
+                    continue
+                depth = deepest - depth_of[names[id(p)]] + 1  # the backbone's last group is depth 1
+                seen_depths.add(depth)
+                assert group["lr"] == pytest.approx(head_lr * 0.5 ** depth, rel=1e-9), (names[id(p)], update)
+    assert seen_depths == set(range(1, deepest + 2)) and deepest >= 3
+    with pytest.raises(Exception, match="optim.layer_decay and optim.backbone_lr_scale"):
+        load_config(None, ["optim.layer_decay=0.7", "optim.backbone_lr_scale=0.1"])
