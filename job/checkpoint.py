@@ -103,7 +103,7 @@ class Checkpointer:
         except (pickle.UnpicklingError, OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
             # weights_only loading refuses anything but tensors and plain containers; a model whose
             # shapes differ from the checkpoint's (another config) fails here too.
-            raise ConfigError(f"{path}: cannot restore this checkpoint ({type(e).__name__}: {str(e)[:500]}). Its "
+            raise ConfigError(f"{path}: cannot restore this checkpoint ({type(e).__name__}: {_first_line(e)}). Its "
                               "files were not written by this job for this config, or were altered: resume from "
                               "another checkpoint, or start over with train.resume=never") from None
         return trainer_state
@@ -193,3 +193,9 @@ def is_run_dir(out: Path) -> bool:
     except (OSError, ConfigError):
         return False
     return set(saved) == set(Config().to_dict()) and all(isinstance(v, dict) for v in saved.values())
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's message cut to one line (torch's run to paragraphs) for a one-line error."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else ""

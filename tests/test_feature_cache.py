@@ -113,7 +113,7 @@ def test_cached_runs_resume_exactly_after_sigterm_on_one_and_two_processes(tmp_p
     code, log = train_until_sigterm([PYTHON, "job/train.py", *args], at_line="step 25:")  # 17 batches/epoch
     assert code == 143 and "reusing cached features" in log, log[-3000:]
     out = run([PYTHON, "job/train.py", *args]).stdout
-    assert "resumed from" in out and "epoch 2, batch" in out
+    assert "resumed from" in out and "epoch 2, sample" in out
     for a, b in zip(_history(tmp_path / "reference"), _history(tmp_path / "resumed"), strict=True):
         for key in ("lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "step", "train_samples"):
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key

@@ -124,7 +124,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, prepared):
     assert checkpoints[-1].startswith("epoch0001-") and 40 <= step < 58, checkpoints
     assert not (resumed / "metrics.json").exists()
     out = run([PYTHON, "job/train.py", *args]).stdout
-    assert "resumed from" in out and f"epoch 2, batch {step - 29}" in out  # shown 1-based
+    assert "resumed from" in out and f"epoch 2, sample {(step - 29) * 64}" in out  # shown 1-based
     ref_hist = [json.loads(x) for x in (reference / "history.jsonl").read_text().splitlines()]
     res_hist = [json.loads(x) for x in (resumed / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in res_hist] == [0, 1]

@@ -9,6 +9,7 @@ import sys
 from job.config import DataConfig
 from job.data.errors import DataError
 from job.data.store import SOURCES, prepare
+from job.data.synthetic import MAX_SYNTHETIC_TEST, MAX_SYNTHETIC_TRAIN
 from job.preemption import EXIT_BAD_INPUT
 
 
@@ -28,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"fraction of train held out, stratified (default {defaults.val_fraction})")
     p.add_argument("--seed", type=int, default=defaults.split_seed,
                    help="seed of the validation split and synthetic data")
-    p.add_argument("--num-train", type=int, default=defaults.synthetic_train, help="synthetic: training images")
-    p.add_argument("--num-test", type=int, default=defaults.synthetic_test, help="synthetic: test images")
+    p.add_argument("--num-train", type=int, default=defaults.synthetic_train,
+                   help=f"synthetic: training images (at most {MAX_SYNTHETIC_TRAIN})")
+    p.add_argument("--num-test", type=int, default=defaults.synthetic_test,
+                   help=f"synthetic: test images (at most {MAX_SYNTHETIC_TEST})")
     p.add_argument("--follow-symlinks", action="store_true",
                    help="folder: follow symlinks that lead outside --root (refused by default)")
     args = parser.parse_args(argv)

@@ -238,7 +238,11 @@ def _read_meta(path: Path) -> dict | None:
 
 
 def _refuse_unwritable(out: Path) -> None:
-    """``out`` must be creatable: its nearest existing parent a directory we may write to."""
+    """``out`` must be creatable: its nearest existing parent a directory we may write to. Not
+    asked of a store this job wrote: it is reused from read-only mounts (training pods mount the
+    data volume read-only), and should it need a rebuild there, the write is refused, named."""
+    if _read_meta(out) is not None:
+        return
     parent = next(p for p in out.absolute().parents if p.exists() or p.is_symlink())
     if not parent.is_dir():
         raise DataError(f"--out (data.prepared_dir) {out} is inside {parent}, which is not a directory; choose "
@@ -251,8 +255,8 @@ def _refuse_foreign(out: Path) -> None:
     """Fail before any expensive work if ``out`` could not be replaced at the end."""
     if out.is_symlink() or out.exists() and not out.is_dir():
         raise DataError(_foreign_message(ForeignDirectoryError(out, "exists and is not a directory")))
-    if out.is_dir() and not os.access(out, os.R_OK | os.W_OK | os.X_OK):
-        raise DataError(f"--out (data.prepared_dir) {out} is not readable and writable; choose another path")
+    if out.is_dir() and not os.access(out, os.R_OK | os.X_OK):
+        raise DataError(f"--out (data.prepared_dir) {out} is not readable; choose another path")
     if out.is_dir() and any(out.iterdir()) and _read_meta(out) is None:
         raise DataError(_foreign_message(ForeignDirectoryError(out, "is a non-empty directory that this job "
                                                                      "did not write")))
