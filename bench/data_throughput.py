@@ -10,7 +10,8 @@ same run, alternating, so a noisy machine affects both alike.
 """
 from __future__ import annotations
 
-import _repo  # noqa: F401,I001 - first: the repository root on sys.path (runs from a plain checkout)
+if not __package__:  # run as a script: the repository root on sys.path (works from a plain checkout)
+    import _repo  # noqa: F401
 
 import argparse
 import statistics

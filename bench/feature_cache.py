@@ -11,7 +11,8 @@ and, last, ``speedup cached/uncached per epoch = X.X`` over the epochs after the
 """
 from __future__ import annotations
 
-import _repo  # noqa: F401,I001 - first: the repository root on sys.path (runs from a plain checkout)
+if not __package__:  # run as a script: the repository root on sys.path (works from a plain checkout)
+    import _repo  # noqa: F401
 
 import argparse
 import json

@@ -20,7 +20,8 @@ Run from the repository root (CPU; nice it on a shared machine):
 """
 from __future__ import annotations
 
-import _repo  # noqa: F401,I001 - first: the repository root on sys.path (runs from a plain checkout)
+if not __package__:  # run as a script: the repository root on sys.path (works from a plain checkout)
+    import _repo  # noqa: F401
 
 import argparse
 import math
