@@ -58,7 +58,7 @@ def main() -> None:
         times, durable, path = [], [], None
         for repeat in range(args.repeats):
             start = time.perf_counter()
-            path = checkpointer.save(0, repeat + 1, {"state": {}})
+            path = checkpointer.save(0, repeat + 1)
             times.append(time.perf_counter() - start)
             # What the save returns with may still sit in the page cache; on the node that is
             # about to vanish only what reached the volume counts: fsync every file.

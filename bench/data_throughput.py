@@ -14,6 +14,7 @@ if not __package__:  # run as a script: the repository root on sys.path (works f
     import _repo  # noqa: F401
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -24,7 +25,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from job.config import DataConfig
 from dali_pipelines.loader import DaliLoader
+from dali_pipelines.sampling import Shard
 from dali_pipelines.spec import LoaderSpec, Preprocessing
 from dali_pipelines.torch_loader import TorchLoader
 from job.data import prepare
@@ -83,14 +86,15 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)  # the workers/threads do the work; keep the main process out of it
     with tempfile.TemporaryDirectory() as tmp:
-        store, _ = prepare("synthetic", Path(tmp) / "src", Path(tmp) / "store", num_train=5000, num_test=100)
+        store, _ = prepare(DataConfig(source="synthetic", root=str(Path(tmp) / "src"), synthetic_train=5000,
+                                      synthetic_test=100), Path(tmp) / "store")
         train = store.split("train")
-        dali = DaliLoader(labels=train.labels, images=train.images, train=True, batch_size=args.batch_size,
-                          spec=LoaderSpec(Preprocessing(args.size, MEAN, STD), num_threads=args.workers,
-                                          device_id=0 if args.device == "gpu" else None))
-        ours_torch = TorchLoader(labels=train.labels, images=train.images, train=True, batch_size=args.batch_size,
-                                 spec=LoaderSpec(Preprocessing(args.size, MEAN, STD), num_threads=args.workers,
-                                                 device_id=0 if args.device == "gpu" else None, backend="torch"))
+        spec = LoaderSpec(Preprocessing(args.size, MEAN, STD), num_threads=args.workers,
+                          device_id=0 if args.device == "gpu" else None)
+        shard = Shard(batch_size=args.batch_size)
+        dali = DaliLoader(labels=train.labels, images=train.images, train=True, spec=spec, shard=shard)
+        ours_torch = TorchLoader(labels=train.labels, images=train.images, train=True, shard=shard,
+                                 spec=dataclasses.replace(spec, backend="torch"))
         torch_loader = DataLoader(CifarArrays(train.images, train.labels, args.size), batch_size=args.batch_size,
                                   shuffle=True, num_workers=args.workers, drop_last=True, persistent_workers=True,
                                   prefetch_factor=2)

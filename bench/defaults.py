@@ -7,7 +7,8 @@ On the real CIFAR-10 sample (data/samples: 1,800 train / 200 val / 1,000 test), 
   * fine-tuning real ImageNet weights: EfficientNet-Lite0 (the packaged weights) at 96 px, all
     layers, SGD lr 0.01 (the default), cosine.
 The first row is the job's defaults as they are (linear head, no clipping, no smoothing, the
-backbone at the head's LR); every other row changes the listed keys against it. Prints the test accuracy of each seed and their mean.
+backbone at the head's LR); every other row changes the listed keys against it. Prints the test
+accuracy of each seed and their mean.
 """
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ if not __package__:  # run as a script: the repository root on sys.path (works f
     import _repo  # noqa: F401
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from job.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 OLD_HEAD = ("model.head_hidden=[512]", "model.head_dropout=0.3")
@@ -44,7 +46,7 @@ def run(out: Path, prepared: Path, base: list[str], extra: tuple[str, ...]) -> t
     subprocess.run([sys.executable, "job/train.py", "--config", "job/configs/demo.yaml", *base,
                     f"train.output_dir={out}", f"data.prepared_dir={prepared}", *extra],
                    cwd=REPO, check=True, capture_output=True, text=True)
-    return json.loads((out / "metrics.json").read_text())["test_accuracy"], time.perf_counter() - start
+    return RunDir(out).summary().test_accuracy, time.perf_counter() - start
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ if not __package__:  # run as a script: the repository root on sys.path (works f
     import _repo  # noqa: F401
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -24,23 +23,24 @@ import tempfile
 import time
 from pathlib import Path
 
-from job.records import shown_epoch
+from job.records import EpochRecord, shown_epoch
+from job.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def train(out: Path, prepared: Path, args, *extra: str) -> tuple[list[dict], float]:
+def train(out: Path, prepared: Path, args, *extra: str) -> tuple[list[EpochRecord], float]:
     from job.weights import packaged_efficientnet_lite0
 
     command = [sys.executable, "job/train.py", "--config", "job/configs/demo.yaml", f"train.output_dir={out}",
                f"data.prepared_dir={prepared}", "data.source=folder", f"data.root={args.data}",
-               "data.val_fraction=0.1", f"data.image_size={args.size}", f"model.weights={packaged_efficientnet_lite0()}",
+               "data.val_fraction=0.1", f"data.image_size={args.size}",
+               f"model.weights={packaged_efficientnet_lite0()}",
                f"train.epochs={args.epochs}", "early_stopping.patience=0", "tracking.wandb=disabled", *extra]
     start = time.perf_counter()
     subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-    return history, wall
+    return RunDir(out).epochs(), wall
 
 
 def main() -> None:
@@ -62,15 +62,15 @@ def main() -> None:
     uncached, uncached_wall = train(work / "uncached", work / "prep", args, "train.cache_features=false",
                                     "data.augment=false")
     cached, cached_wall = train(work / "cached", work / "prep", args)
-    extraction = json.loads((work / "cached" / "metrics.json").read_text())["feature_extraction_seconds"]
-    print(f"tf_efficientnet_lite0 frozen, {args.size}px, {uncached[0]['train_samples']} training images, "
+    extraction = RunDir(work / "cached").summary().feature_extraction_seconds
+    print(f"tf_efficientnet_lite0 frozen, {args.size}px, {uncached[0].train_samples} training images, "
           f"{args.epochs} epochs, CPU threads: {__import__('torch').get_num_threads()}")
     print(f"{'epoch':>5}  {'uncached s':>10}  {'cached s':>10}")
     for a, b in zip(uncached, cached):
-        print(f"{shown_epoch(a['epoch']):>5}  {a['epoch_seconds']:>10.3f}  {b['epoch_seconds']:>10.4f}")
+        print(f"{shown_epoch(a.epoch):>5}  {a.epoch_seconds:>10.3f}  {b.epoch_seconds:>10.4f}")
     print(f"one-off feature extraction (train+val+test): {extraction:.1f} s; whole runs: uncached "
           f"{uncached_wall:.1f} s, cached {cached_wall:.1f} s")
-    later = lambda h: statistics.mean(e["epoch_seconds"] for e in h[1:])  # noqa: E731
+    later = lambda h: statistics.mean(e.epoch_seconds for e in h[1:])  # noqa: E731
     print(f"speedup cached/uncached per epoch = {later(uncached) / later(cached):.1f}")
 
 

@@ -94,12 +94,14 @@ def parity(gpu: bool) -> None:
     import torch
 
     from dali_pipelines.loader import DaliLoader
+    from dali_pipelines.sampling import Shard
     from dali_pipelines.spec import LoaderSpec, Preprocessing
+    from job.config import DataConfig
     from job.data import prepare
 
     work = Path(tempfile.mkdtemp())
-    raw, _ = prepare("cifar10", SAMPLES / "cifar10-mini.tar.gz", work / "raw")
-    encoded, _ = prepare("folder", SAMPLES / "cifar10-folder-mini", work / "encoded")
+    raw, _ = prepare(DataConfig(source="cifar10", root=str(SAMPLES / "cifar10-mini.tar.gz")), work / "raw")
+    encoded, _ = prepare(DataConfig(source="folder", root=str(SAMPLES / "cifar10-folder-mini")), work / "encoded")
     prep = Preprocessing(299 if gpu else 64, (0.5,) * 3, (0.5,) * 3)
     # raw: the same resize in two implementations, within rounding; encoded: nvJPEG vs libjpeg-turbo
     tolerance = {"raw": (0.02, 0.002), "encoded": (0.2, 0.01)}  # (max, mean) abs difference, normalized units
@@ -113,9 +115,10 @@ def parity(gpu: bool) -> None:
                     for device_id in (None, 0 if gpu else None):
                         spec = LoaderSpec(prep, num_threads=2, dtype=dtype, channels_last=layout == "HWC",
                                           device_id=device_id)
-                        loader = DaliLoader(labels=data.labels[:64], images=None if data.images is None else
-                                            data.images[:64], files=None if data.files is None else data.files[:64],
-                                            spec=spec, train=train, batch_size=32, seed=1)
+                        images = None if data.images is None else data.images[:64]
+                        files = None if data.files is None else data.files[:64]
+                        loader = DaliLoader(labels=data.labels[:64], images=images, files=files, spec=spec,
+                                            train=train, shard=Shard(batch_size=32, seed=1))
                         outputs.append(torch.cat([x.float().cpu() for x, _ in loader]))
                     diff = (outputs[0] - outputs[1]).abs()
                     worst, mean = float(diff.max()), float(diff.mean())
@@ -136,16 +139,19 @@ def lifetime() -> None:
     import torch
 
     from dali_pipelines.loader import DaliLoader
+    from dali_pipelines.sampling import Shard
     from dali_pipelines.spec import LoaderSpec, Preprocessing
+    from job.config import DataConfig
     from job.data import prepare
 
-    store, _ = prepare("cifar10", SAMPLES / "cifar10-mini.tar.gz", Path(tempfile.mkdtemp()) / "raw")
+    store, _ = prepare(DataConfig(source="cifar10", root=str(SAMPLES / "cifar10-mini.tar.gz")),
+                       Path(tempfile.mkdtemp()) / "raw")
     data = store.split("train")
     sums = {}
     for device_id in (None, 0):
         spec = LoaderSpec(Preprocessing(299, (0.5,) * 3, (0.5,) * 3), num_threads=4, device_id=device_id)
         loader = DaliLoader(labels=data.labels[:1024], images=data.images[:1024], spec=spec, train=True,
-                            batch_size=64, seed=2)
+                            shard=Shard(batch_size=64, seed=2))
         heavy = torch.randn(4096, 4096, device="cuda")
         sums[device_id] = []
         for images, _ in loader:
@@ -248,15 +254,17 @@ def end_to_end(gpu: bool, work: Path, loader: str) -> None:
     if not gpu:
         skipped.append(f"end-to-end images/s with {loader} (needs a GPU)")
         return
+    from job.run_dir import RunDir
+
     run_dir = work / f"e2e-{loader}"
     job(["job/train.py", *train_args(run_dir, work / "prep", gpu, "model.name=inception_resnet_v2",
                                      "data.image_size=299", "data.batch_size=64", "train.mixed_precision=bf16",
                                      "train.channels_last=true", "train.epochs=1", f"data.loader={loader}")],
         timeout=600)
-    m = json.loads((run_dir / "metrics.json").read_text())
+    m = RunDir(run_dir).summary()
     figures.append((f"end to end with {loader}, batch 64",
-                    f"{m['train_images_per_second_steady'] or m['train_images_per_second']:.1f} images/s steady, "
-                    f"data wait {m['data_wait_fraction']:.1%}"))
+                    f"{m.train_images_per_second_steady or m.train_images_per_second:.1f} images/s steady, "
+                    f"data wait {m.data_wait_fraction:.1%}"))
 
 
 def main() -> int:

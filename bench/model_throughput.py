@@ -43,7 +43,10 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def measure(model, opt, batch: int, size: int, device, dtype, memory_format, steps: int, warmup: int) -> dict:
+def measure(model, opt, batch: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """One batch size: FLOPs per image (one counted step), then steady-state images/s."""
+    dtype, size, steps = _DTYPES[args.precision], args.size, args.steps
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=memory_format)
     y = torch.randint(0, 10, (batch,), device=device)
 
@@ -58,7 +61,7 @@ def measure(model, opt, batch: int, size: int, device, dtype, memory_format, ste
 
     with FlopCounterMode(display=False) as counter:
         step()
-    for _ in range(warmup):  # start-up, cuDNN autotuning
+    for _ in range(args.warmup):  # start-up, cuDNN autotuning
         step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -99,7 +102,7 @@ def main() -> None:
     best = None
     for batch in args.batch_size:
         try:
-            r = measure(model, opt, batch, args.size, device, dtype, memory_format, args.steps, args.warmup)
+            r = measure(model, opt, batch, args, device)
         except torch.cuda.OutOfMemoryError:
             print(f"batch {batch}: out of memory")
             torch.cuda.empty_cache()

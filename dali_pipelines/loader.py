@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from dali_pipelines import sampling
+from dali_pipelines.sampling import Shard
 from dali_pipelines.spec import LoaderSpec
 
 
@@ -24,12 +25,10 @@ def image_loader(spec: LoaderSpec, **kwargs):
     return DaliLoader(spec=spec, **kwargs)
 
 
-def make_loader(store, split: str, spec: LoaderSpec, *, train: bool, batch_size: int, rank: int = 0,
-                world_size: int = 1, seed: int = 0):
+def make_loader(store, split: str, spec: LoaderSpec, *, train: bool, shard: Shard):
     """An image loader over one split of a prepared store (``job.data.Store``) for one rank."""
     data = store.split(split)
-    return image_loader(spec, labels=data.labels, images=data.images, files=data.files, train=train,
-                        batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+    return image_loader(spec, labels=data.labels, images=data.images, files=data.files, train=train, shard=shard)
 
 
 def _read_file(path: str) -> np.ndarray:
@@ -123,20 +122,17 @@ class DaliLoader:
     indices (the feature cache's extraction order).
     """
 
-    def __init__(self, *, labels: np.ndarray, spec: LoaderSpec, train: bool, batch_size: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0,
+    def __init__(self, *, labels: np.ndarray, spec: LoaderSpec, train: bool, shard: Shard,
                  images: np.ndarray | None = None, files: Sequence[str | Path] | None = None,
                  batches: list[np.ndarray] | None = None):
         if (images is None) == (files is None):
             raise ValueError("give exactly one of images= or files=")
-        self.spec, self.train, self.batch_size, self.seed = spec, train, batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.spec, self.train, self.batch_size, self.seed = spec, train, shard.batch_size, shard.seed
         self.num_samples = len(labels)
         self.augment = train and spec.augment
         self._source = _BatchSource(images, [str(f) for f in files] if files is not None else None,
                                     np.asarray(labels), self.augment, io_threads=max(2, spec.num_threads))
-        self.plan = sampling.EpochPlan(self.num_samples, train=train, batch_size=batch_size, rank=rank,
-                                       world_size=world_size, batches=batches)
+        self.plan = sampling.EpochPlan(self.num_samples, train=train, shard=shard, batches=batches)
         self._iterator = None
         self._exhausted = True
         self._held = HeldOutputs(depth=spec.prefetch + 2)
@@ -186,7 +182,7 @@ class DaliLoader:
         spec, prep = self.spec, self.spec.prep
         pipe = image_pipeline(
             self._source, augment=self.augment, encoded=self._source.files is not None,
-            image_size=prep.image_size, mean=prep.mean, std=prep.std,
+            prep=prep,
             # bfloat16: DALI emits float16 (half the bytes of float32 through the pipeline's buffers;
             # normalized pixels lie well inside its range) and the loop casts it on the device.
             dtype="float16" if spec.dtype == "bfloat16" else spec.dtype,

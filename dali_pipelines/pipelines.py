@@ -14,22 +14,23 @@ from __future__ import annotations
 
 from nvidia.dali import fn, pipeline_def, types
 
-from dali_pipelines.spec import RESIZE_INTERPOLATION
+from dali_pipelines.spec import RESIZE_INTERPOLATION, Preprocessing
 
 _DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}
 _INTERP = {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC}[RESIZE_INTERPOLATION]
 
 
 @pipeline_def
-def image_pipeline(source, *, augment: bool, encoded: bool, image_size: int, mean: tuple[float, ...],
-                   std: tuple[float, ...], dtype: str = "float32", layout: str = "CHW",
-                   device: str = "cpu"):
+def image_pipeline(source, *, augment: bool, encoded: bool, prep: Preprocessing, dtype: str = "float32",
+                   layout: str = "CHW", device: str = "cpu"):
     """Batches of (normalized images, labels).
 
     ``source`` returns per batch: images (uint8 HWC arrays, or encoded file bytes), labels and,
     when ``augment``, a (2,) float shift per sample (fraction of the side, zero padded) and an
-    int32 flip flag. ``mean``/``std`` are in [0, 1] units (timm's pretrained config).
+    int32 flip flag. ``prep``: the model's input size and mean/std ([0, 1] units, timm's
+    pretrained config).
     """
+    image_size = prep.image_size
     outputs = fn.external_source(source=source, num_outputs=4 if augment else 2, batch=True,
                                  layout=[None if encoded else "HWC", None, None, None][: 4 if augment else 2])
     images, labels = outputs[0], outputs[1]
@@ -50,7 +51,7 @@ def image_pipeline(source, *, augment: bool, encoded: bool, image_size: int, mea
         images = fn.slice(images, rel_start=shift, rel_shape=[1.0, 1.0], axis_names="WH",
                           out_of_bounds_policy="pad", fill_values=0)
     normalize = dict(mirror=mirror, dtype=_DTYPES[dtype], output_layout=layout,
-                     mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
+                     mean=[255.0 * m for m in prep.mean], std=[255.0 * s for s in prep.std])
     if encoded:
         # Photos are usually larger than the output: shrink first (uint8, antialiased), then
         # normalize the small result.

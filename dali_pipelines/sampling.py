@@ -5,7 +5,7 @@ so any rank can compute its own share with no communication, a run on 1 or on 8 
 augments a given sample identically, and a loader restarted at ``(epoch, step)`` yields exactly
 what an uninterrupted one would have yielded from there.
 
-Training shard rule (documented in the README, property-tested in tests/test_sampling.py):
+Training shard rule (docs/SCALING.md, property-tested in tests/test_sampling.py):
   1. Shuffle all N indices with a generator seeded by ``(seed, epoch)``: every rank computes
      the same permutation.
   2. Cut positions ``[start, N)`` of it into global batches of ``G = world_size * batch_size``
@@ -67,14 +67,24 @@ def train_batches(num_samples: int, world_size: int, rank: int, batch_size: int,
             for lo, hi in global_steps(num_samples, world_size, batch_size, start)]
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Which part of every split a process reads, and the seed of its shuffles: what every
+    loader of a run shares."""
+
+    batch_size: int  # per process
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+
+
 class EpochPlan:
     """One rank's batches of one split for an epoch, and where each step leaves the epoch (in
     samples, the same on every rank): what every loader iterates and reports."""
 
-    def __init__(self, num_samples: int, *, train: bool, batch_size: int, rank: int = 0, world_size: int = 1,
-                 batches: list[np.ndarray] | None = None):
-        self.num_samples, self.train, self.batch_size = num_samples, train, batch_size
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, num_samples: int, *, train: bool, shard: Shard, batches: list[np.ndarray] | None = None):
+        self.num_samples, self.train, self.batch_size = num_samples, train, shard.batch_size
+        self.rank, self.world_size = shard.rank, shard.world_size
         self._explicit = batches
         self.full = batches if batches is not None else self._batches(0)
         self.start = 0

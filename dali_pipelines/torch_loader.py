@@ -30,21 +30,19 @@ _MODES = {"linear": "bilinear", "cubic": "bicubic"}
 class TorchLoader:
     """``DaliLoader``'s interface and batches, built with torch operations (module docstring)."""
 
-    def __init__(self, *, labels: np.ndarray, spec: LoaderSpec, train: bool, batch_size: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0,
+    def __init__(self, *, labels: np.ndarray, spec: LoaderSpec, train: bool, shard: sampling.Shard,
                  images: np.ndarray | None = None, files: Sequence[str | Path] | None = None,
                  batches: list[np.ndarray] | None = None):
         if (images is None) == (files is None):
             raise ValueError("give exactly one of images= or files=")
-        self.spec, self.train, self.batch_size, self.seed = spec, train, batch_size, seed
+        self.spec, self.train, self.batch_size, self.seed = spec, train, shard.batch_size, shard.seed
         self.num_samples = len(labels)
         self.augment = train and spec.augment
         self.device = torch.device("cpu") if spec.device_id is None else torch.device("cuda", spec.device_id)
         self._source = _BatchSource(images, [str(f) for f in files] if files is not None else None,
                                     np.asarray(labels), self.augment, io_threads=max(2, spec.num_threads))
         self._decoder = ThreadPoolExecutor(max_workers=max(1, spec.num_threads)) if files is not None else None
-        self.plan = sampling.EpochPlan(self.num_samples, train=train, batch_size=batch_size, rank=rank,
-                                       world_size=world_size, batches=batches)
+        self.plan = sampling.EpochPlan(self.num_samples, train=train, shard=shard, batches=batches)
         self.epoch = 0
         mean = torch.tensor(spec.prep.mean, dtype=torch.float32, device=self.device) * 255
         std = torch.tensor(spec.prep.std, dtype=torch.float32, device=self.device) * 255

@@ -29,21 +29,29 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from job.atomic import ForeignDirectoryError, atomic_directory
-from job.config import CHECKPOINT_MARKER, CONFIG_HEADER, Config, ConfigError, read_yaml_mapping
+from job.config import CHECKPOINT_MARKER, Config, ConfigError
 from job.model import ModelCard
+from job.run_dir import RunDir
 
 _NAME = re.compile(r"^epoch(\d+)-step(\d+)$")
 
 
 class Checkpointer:
-    def __init__(self, accelerator: Accelerator, output_dir: str | Path, keep: int, config: Config | None = None):
-        self.accelerator, self.keep, self.config = accelerator, keep, config
-        self.dir = Path(output_dir) / "checkpoints"
+    """Saves and restores a run: what Accelerate prepared (model, optimizer, scaler, RNG) plus
+    the registered ``states``, parts with ``state_dict``/``load_state_dict`` whose states are
+    JSON (``trainer_state.json``, one key per part). A new stateful part is one more entry."""
 
-    def save(self, epoch: int, global_step: int, trainer_state: dict) -> Path:
+    def __init__(self, accelerator: Accelerator, output_dir: str | Path, keep: int, config: Config | None = None,
+                 states: dict | None = None):
+        self.accelerator, self.keep, self.config = accelerator, keep, config
+        self.states = states or {}
+        self.dir = RunDir(output_dir).checkpoints
+
+    def save(self, epoch: int, global_step: int) -> Path:
         """All ranks call this. Written under a temporary name and renamed when complete, so a
         job killed mid-save leaves the previous checkpoint as the latest."""
         acc = self.accelerator
+        trainer_state = {name: part.state_dict() for name, part in self.states.items()}
         final = self.dir / f"epoch{epoch:04d}-step{global_step:07d}"
         tmp = self.dir / f".tmp-{final.name}"
         if acc.is_main_process:
@@ -84,16 +92,16 @@ class Checkpointer:
             return self.dir / name if name else None
         return Path(resume)
 
-    def load(self, path: Path) -> dict:
-        """Restore model, optimizer, scaler and RNG states; return our trainer state."""
+    def load(self, path: Path) -> None:
+        """Restore model, optimizer, scaler and RNG states, and every registered part."""
         try:
             trainer_state = json.loads((path / CHECKPOINT_MARKER).read_text())
         except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
             raise ConfigError(f"{path}: not a readable checkpoint of this job ({e}); set train.resume=never "
                               "to start over or point it at another checkpoint") from None
-        if not isinstance(trainer_state, dict) or not {"state", "early_stopping"} <= trainer_state.keys():
-            raise ConfigError(f"{path / CHECKPOINT_MARKER}: not the trainer state this job writes (no state and "
-                              "early_stopping); resume from another checkpoint, or start over with "
+        if not isinstance(trainer_state, dict) or not self.states.keys() <= trainer_state.keys():
+            raise ConfigError(f"{path / CHECKPOINT_MARKER}: not the trainer state this job writes (it needs "
+                              f"{', '.join(self.states)}); resume from another checkpoint, or start over with "
                               "train.resume=never")
         self._refuse_another_experiment(path)
         from safetensors import SafetensorError
@@ -106,7 +114,15 @@ class Checkpointer:
             raise ConfigError(f"{path}: cannot restore this checkpoint ({type(e).__name__}: {_first_line(e)}). Its "
                               "files were not written by this job for this config, or were altered: resume from "
                               "another checkpoint, or start over with train.resume=never") from None
-        return trainer_state
+        for name, part in self.states.items():
+            try:
+                part.load_state_dict(trainer_state[name])
+            except ConfigError:
+                raise
+            except (KeyError, TypeError, ValueError, AttributeError) as e:  # an edited or foreign state
+                raise ConfigError(f"{path / CHECKPOINT_MARKER}: its {name!r} is not the state this job writes "
+                                  f"({type(e).__name__}: {_first_line(e)[:200]}); resume from another checkpoint, "
+                                  "or start over with train.resume=never") from None
 
 
     def _refuse_another_experiment(self, path: Path) -> None:
@@ -146,18 +162,18 @@ def save_best(accelerator: Accelerator, bare_model: torch.nn.Module, output_dir:
     """Main process writes ``best/`` atomically: the bare model's weights in safetensors plus its card."""
     if not accelerator.is_main_process:
         return
-    best = Path(output_dir) / "best"
+    best = RunDir(output_dir).best
     try:
-        with atomic_directory(best, is_ours=lambda p: (p / "model.json").is_file()) as tmp:
+        with atomic_directory(best, is_ours=lambda p: (p / RunDir.CARD).is_file()) as tmp:
             state = {k: v.detach().cpu().contiguous() for k, v in bare_model.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            (tmp / "model.json").write_text(card.to_json())
+            save_file(state, str(tmp / RunDir.WEIGHTS), metadata={"format": "pt"})
+            (tmp / RunDir.CARD).write_text(card.to_json())
     except ForeignDirectoryError as e:
         raise ConfigError(f"{e}: refusing to replace it with the best model; choose another train.output_dir") from None
 
 
 def load_best_weights(model: torch.nn.Module, output_dir: str | Path) -> None:
-    model.load_state_dict(load_file(str(Path(output_dir) / "best" / "model.safetensors")))
+    model.load_state_dict(load_file(str(RunDir(output_dir).weights_file)))
 
 
 def check_output_dir(out: Path) -> None:
@@ -169,30 +185,15 @@ def check_output_dir(out: Path) -> None:
         raise ConfigError(f"train.output_dir={out} {what}; choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"train.output_dir={out}: {existing} is not writable; choose a writable path")
-    best = out / "best"
-    if best.exists() and not (best / "model.json").is_file() and (not best.is_dir() or any(best.iterdir())):
+    run = RunDir(out)
+    best = run.best
+    if best.exists() and not run.card_file.is_file() and (not best.is_dir() or any(best.iterdir())):
         raise ConfigError(f"{best} exists and was not written by this job (no model.json); it would be replaced "
                           "by the best model: choose another train.output_dir")
-    if out.is_dir() and any(out.iterdir()) and not is_run_dir(out):
+    if out.is_dir() and any(out.iterdir()) and not run.is_ours():
         raise ConfigError(f"train.output_dir={out} is a non-empty folder that no run of this job wrote (no "
                           "config.yaml of ours): its config.yaml, history.jsonl, best/ would be overwritten. "
                           "Nothing was written; choose a new or empty train.output_dir")
-
-
-def is_run_dir(out: Path) -> bool:
-    """Whether ``out`` is an output_dir this job wrote: its config.yaml starts with CONFIG_HEADER,
-    or (runs from before the header) holds every section of a resolved config and nothing else."""
-    path = out / "config.yaml"
-    if not path.is_file():
-        return False
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            if f.readline().rstrip("\n") == CONFIG_HEADER:
-                return True
-        saved = read_yaml_mapping(path, "config.yaml")
-    except (OSError, ConfigError):
-        return False
-    return set(saved) == set(Config().to_dict()) and all(isinstance(v, dict) for v in saved.values())
 
 
 def _first_line(e: BaseException) -> str:

@@ -12,24 +12,25 @@ from pathlib import Path
 
 
 from dali_pipelines.loader import make_loader
+from dali_pipelines.sampling import Shard
 from dali_pipelines.spec import LoaderSpec
-from job.config import ConfigError, DataConfig, TrainConfig, config_from_dict, positive_int, read_yaml_mapping
+from job.config import ConfigError, DataConfig, TrainConfig, positive_int
 from job.data import DataError, load_store
 from job.distributed import build_accelerator
 from job.loop import evaluate
 from job.model import WeightsError, load_trained
+from job.run_dir import RunDir
 
 
-def store_of_run(run: Path) -> Path:
+def store_of_run(run: RunDir) -> Path:
     """The prepared store a run trained on, from its resolved config (relative paths are taken
     from the current directory, as the training job took them)."""
-    path = run / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{path} not found; pass --store PATH of the prepared store")
+    if not run.config_file.is_file():
+        raise ConfigError(f"{run.config_file} not found; pass --store PATH of the prepared store")
     try:
-        data = config_from_dict(read_yaml_mapping(path, "the run's config")).data
+        data = run.config().data
     except ConfigError as e:
-        raise ConfigError(f"{e} (in {path}); pass --store PATH of the prepared store") from None
+        raise ConfigError(f"{e}; pass --store PATH of the prepared store") from None
     return Path(data.prepared_dir) / data.source
 
 
@@ -42,14 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         accelerator = build_accelerator(TrainConfig())
-        model, card = load_trained(args.run)
-        store = load_store(args.store or store_of_run(Path(args.run)))
+        run = RunDir(args.run)
+        model, card = load_trained(run)
+        store = load_store(args.store or store_of_run(run))
         if store.classes != card.classes:
             raise DataError(f"{store.path} has classes {store.classes}, the model was trained on {card.classes}")
         spec = LoaderSpec.for_run(card.preprocessing, num_threads=DataConfig.num_threads, device=accelerator.device,
                                   precision=accelerator.mixed_precision, loader="auto", say=accelerator.print)
-        loader = make_loader(store, args.split, spec, train=False, batch_size=args.batch_size,
-                             rank=accelerator.process_index, world_size=accelerator.num_processes)
+        shard = Shard(batch_size=args.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes)
+        loader = make_loader(store, args.split, spec, train=False, shard=shard)
     except (ConfigError, DataError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

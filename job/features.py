@@ -31,6 +31,7 @@ from dali_pipelines.spec import RESIZE_INTERPOLATION, LoaderSpec
 from job.atomic import ForeignDirectoryError, atomic_directory
 from job.config import ConfigError
 from job.distributed import all_ranks_or_none
+from job.preemption import Preempted
 
 CACHE_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -65,10 +66,6 @@ def feature_key(cfg, prep, store, precision: str = "no") -> FeatureKey:
                       image_size=prep.image_size, interpolation=RESIZE_INTERPOLATION, mean=tuple(prep.mean),
                       std=tuple(prep.std), store=store.fingerprint, dtype=cfg.train.feature_dtype,
                       precision=precision)
-
-
-class Preempted(Exception):
-    """SIGTERM arrived during extraction: nothing was kept; the next run starts it over."""
 
 
 @dataclass
@@ -123,8 +120,8 @@ def _extract(acc: Accelerator, model: torch.nn.Module, store, spec: LoaderSpec, 
             data = store.split(split)
             n = len(data)
             loader = image_loader(spec, labels=data.labels, images=data.images, files=data.files, train=False,
-                                batch_size=batch_size,
-                                batches=extraction_batches(n, world, acc.process_index, batch_size))
+                                  batches=extraction_batches(n, world, acc.process_index, batch_size),
+                                  shard=sampling.Shard(batch_size=batch_size))
             rows = np.zeros((n, width), dtype=dtype) if acc.is_local_main_process else None
             num_batches = -(-n // batch_size)
             steps = -(-num_batches // world)  # the most batches any rank has
@@ -144,6 +141,7 @@ def _extract(acc: Accelerator, model: torch.nn.Module, store, spec: LoaderSpec, 
                         if start < n:
                             rows[start:stop] = gathered[r, : stop - start].numpy()
                 if stop_requested():
+                    # nothing kept: the next run extracts again
                     raise Preempted(f"SIGTERM during feature extraction ({split}, step {step + 1}/{steps})")
             out[split] = rows
     finally:
@@ -176,11 +174,9 @@ class FeatureLoader:
     """The DaliLoader contract over cached features: the same shard rule and the same per-epoch
     shuffle as the image loaders, no augmentation; batches are moved to ``device`` as float32."""
 
-    def __init__(self, features: np.ndarray, labels: np.ndarray, *, train: bool, batch_size: int, device,
-                 rank: int = 0, world_size: int = 1, seed: int = 0):
-        self.features, self.labels, self.train, self.seed, self.device = features, labels, train, seed, device
-        self.plan = sampling.EpochPlan(len(labels), train=train, batch_size=batch_size, rank=rank,
-                                       world_size=world_size)
+    def __init__(self, features: np.ndarray, labels: np.ndarray, *, train: bool, shard: sampling.Shard, device):
+        self.features, self.labels, self.train, self.seed, self.device = features, labels, train, shard.seed, device
+        self.plan = sampling.EpochPlan(len(labels), train=train, shard=shard)
         self.epoch = 0
 
     def __len__(self) -> int:

@@ -37,6 +37,8 @@ class EpochSums:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def metrics(self, world_size: int) -> dict:
+        """The training part of the epoch's EpochRecord, spread into it with ``**``: its keys are
+        exactly ``EpochRecord.train_fields()`` (tests/test_run_dir.py checks it)."""
         n, seconds = max(self.samples, 1), max(self.seconds, 1e-9)
         return {"train_loss": self.loss_sum / n, "train_accuracy": self.correct / n,
                 "train_samples": int(self.samples), "epoch_seconds": self.seconds,
@@ -95,7 +97,13 @@ class TrainParts:
 
 @dataclass
 class StepHooks:
-    stop_requested: Callable[[], bool] = lambda: False  # collective; asked every signal_check_every updates
+    """What the trainer does at step boundaries. ``poll`` is collective, asked every
+    ``signal_check_every`` updates: None, or an event ("checkpoint", "preempted") for ``pause``,
+    which gets the state with this epoch's sums folded in (it saves a checkpoint; on preemption
+    it raises ``job.preemption.Preempted``, which ends the epoch)."""
+
+    poll: Callable[[], str | None] = lambda: None
+    pause: Callable[[str], None] = lambda event: None
     on_log: Callable[[StepLog], None] = lambda _: None
     on_batch: Callable[[], None] = lambda: None
 
@@ -129,20 +137,51 @@ class ThroughputMeter:
         return self.images * self.world_size / elapsed, self.wait / elapsed
 
 
+class RunningSums:
+    """This rank's sums since the last fold: device-side loss and correct counts (adding to them
+    never waits for the GPU), host-side sample count and times. ``fold`` reduces them over the
+    ranks into the epoch's ``EpochSums`` (one all-reduce and one gather) and starts again."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.steady: tuple[float, int] | None = None  # (time, samples) when the steady window opened
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss_sum, correct
+        self.samples = 0
+        self.wait_seconds = 0.0
+        self.start = time.perf_counter()
+        if self.steady is not None:  # after a pause the pipeline and kernels are still warm
+            self.steady = (device_time(self.device), 0)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, waited: float) -> None:
+        n = labels.shape[0]
+        self.sums += torch.stack([loss.detach().double() * n, (logits.detach().argmax(1) == labels).sum().double()])
+        self.samples += n
+        self.wait_seconds += waited
+
+    def open_steady_window(self) -> None:
+        if self.steady is None:
+            self.steady = (device_time(self.device), self.samples)
+
+    def fold(self, acc: Accelerator, into: EpochSums) -> None:
+        into.add(_reduce_sums(acc, self.sums, self.samples, time.perf_counter() - self.start, self.wait_seconds,
+                              self.steady))
+        self.reset()
+
+
 def train_one_epoch(cfg: TrainConfig, parts: TrainParts, loader, state: TrainState,
-                    hooks: StepHooks = StepHooks()) -> dict | None:
-    """Train through the rest of ``state.epoch``. Returns the epoch's metrics (reduced over ranks),
-    or None when a stop was requested: then ``state`` points at the next batch to run."""
+                    hooks: StepHooks = StepHooks()) -> dict:
+    """Train through the rest of ``state.epoch``; return the epoch's metrics (reduced over
+    ranks). ``hooks.pause`` may save a checkpoint mid-epoch (``state`` then points at the next
+    batch) and go on, or raise ``Preempted``, which propagates."""
     acc = parts.accelerator
     parts.model.train()
-    # This rank's device-side running sums (loss_sum, correct): adding to them never waits for
-    # the GPU; the sample count is known on the host.
-    sums = torch.zeros(2, dtype=torch.float64, device=acc.device)
+    running = RunningSums(acc.device)
     first_bad = torch.full((), -1, dtype=torch.int64, device=acc.device)  # the first update with a non-finite loss
-    samples, wait_seconds, epoch_start = 0, 0.0, time.perf_counter()
     plan = loader.plan  # what this iteration yields: the rest of the epoch
     window, micro, consumed, remaining = ThroughputMeter(acc.num_processes, acc.device), 0, 0, len(plan.batches)
-    steady = None  # (time, samples) when the steady-state window opened: after the first log window
     batches = iter(loader)
     while True:
         fetch_start = time.perf_counter()
@@ -151,7 +190,6 @@ def train_one_epoch(cfg: TrainConfig, parts: TrainParts, loader, state: TrainSta
         except StopIteration:
             break
         waited = time.perf_counter() - fetch_start
-        wait_seconds += waited
         micro += 1
         update = micro % cfg.grad_accum_steps == 0 or micro == remaining
         # Skip DDP's gradient all-reduce on micro-batches that do not end in an update.
@@ -166,11 +204,9 @@ def train_one_epoch(cfg: TrainConfig, parts: TrainParts, loader, state: TrainSta
                 loss = parts.loss_fn(logits.float(), labels)
             # the epoch's last window may hold fewer micro-batches: average over those it has
             acc.backward(loss / min(cfg.grad_accum_steps, remaining))
-        n = labels.shape[0]
-        sums += torch.stack([loss.detach().double() * n, (logits.detach().argmax(1) == labels).sum().double()])
+        running.add(loss, logits, labels, waited)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), state.global_step + 1, first_bad)
-        samples += n
-        window.add(n, waited)
+        window.add(labels.shape[0], waited)
         hooks.on_batch()
         if not update:
             continue
@@ -184,17 +220,17 @@ def train_one_epoch(cfg: TrainConfig, parts: TrainParts, loader, state: TrainSta
         remaining -= micro
         micro = 0
         parts.scheduler.step_update(num_updates=state.global_step)
-        if steady is None and consumed >= cfg.log_every * cfg.grad_accum_steps:
-            steady = (device_time(acc.device), samples)
+        if consumed >= cfg.log_every * cfg.grad_accum_steps:  # start-up, autotuning and compilation are behind
+            running.open_steady_window()
         if state.global_step % cfg.log_every == 0:
             images_per_second, wait_fraction = window.read()
             hooks.on_log(StepLog(step=state.global_step, loss=loss.item(), lr=current_lr(parts.optimizer),
                                  images_per_second=images_per_second, data_wait_fraction=wait_fraction))
             window.reset()
-        if state.global_step % cfg.signal_check_every == 0 and hooks.stop_requested():
-            state.partial.add(_reduce_sums(acc, sums, samples, time.perf_counter() - epoch_start, wait_seconds, steady))
-            return None
-    state.partial.add(_reduce_sums(acc, sums, samples, time.perf_counter() - epoch_start, wait_seconds, steady))
+        if state.global_step % cfg.signal_check_every == 0 and (event := hooks.poll()) is not None:
+            running.fold(acc, state.partial)
+            hooks.pause(event)
+    running.fold(acc, state.partial)
     _stop_if_not_finite(state, first_bad)
     metrics = state.partial.metrics(acc.num_processes)
     state.partial = EpochSums()

@@ -17,6 +17,7 @@ from torch import nn
 
 from dali_pipelines.spec import Preprocessing
 from job.config import MAX_IMAGE_SIZE, ConfigError, ModelConfig, TrainConfig
+from job.run_dir import RunDir
 from job.weights import WeightsError, load_backbone_weights
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -152,20 +153,8 @@ class ModelCard:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})  # older cards carried extra keys
 
-    @classmethod
-    def read(cls, path: Path) -> "ModelCard":
-        """A card from a file, checked field by field: a WeightsError names the file otherwise."""
-        try:
-            card = cls.from_json(path.read_text())
-        except (OSError, ValueError, TypeError, AttributeError, RecursionError) as e:
-            raise WeightsError(f"{path} is not a model card of this job ({type(e).__name__}: {str(e)[:200]}); "
-                               "copy the run's best/ again") from None
-        problem = card._problem()
-        if problem:
-            raise WeightsError(f"{path} is not a model card of this job: {problem}; copy the run's best/ again")
-        return card
-
-    def _problem(self) -> str | None:
+    def problem(self) -> str | None:
+        """What makes this card unusable (read from a file, it may say anything), or None."""
         def numbers(values, kind=(int, float)) -> bool:
             return isinstance(values, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in values)
 
@@ -201,19 +190,19 @@ def create_model(cfg: ModelConfig, num_classes: int, image_size: int | None = No
     return TransferModel(backbone, head), prep
 
 
-def load_trained(run_dir: str | Path) -> tuple[TransferModel, ModelCard]:
+def load_trained(run_dir: RunDir | str | Path) -> tuple[TransferModel, ModelCard]:
     """The best model of a finished run (``run_dir/best``) and its model card. The card and the
     weights file are checked against each other (shapes from the file's header, the model built
     on the meta device) before anything is allocated: an edited card cannot ask for a huge head."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    best = Path(run_dir) / "best"
-    weights = best / "model.safetensors"
-    if not weights.is_file() or not (best / "model.json").is_file():
-        raise WeightsError(f"{best}/model.safetensors or model.json not found: is {run_dir} the output_dir of a "
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    weights = run.weights_file
+    if not weights.is_file() or not run.card_file.is_file():
+        raise WeightsError(f"{weights} or {run.card_file.name} not found: is {run.path} the output_dir of a "
                            "run that finished at least one epoch?")
-    card = ModelCard.read(best / "model.json")
+    card = run.card()
     try:
         with safe_open(str(weights), framework="pt") as f:
             in_file = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -222,7 +211,7 @@ def load_trained(run_dir: str | Path) -> tuple[TransferModel, ModelCard]:
         expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
         if in_file != expected:
             differ = sorted(k for k in expected.keys() | in_file.keys() if expected.get(k) != in_file.get(k))
-            raise WeightsError(f"{weights} does not fit the model {best}/model.json describes ({card.model}, head "
+            raise WeightsError(f"{weights} does not fit the model {run.card_file} describes ({card.model}, head "
                                f"{card.head_hidden}, {card.num_classes} classes): {len(differ)} tensor(s) differ "
                                f"(first: {differ[0]} {in_file.get(differ[0])} vs {expected.get(differ[0])}); "
                                "was model.json edited?")

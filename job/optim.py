@@ -76,6 +76,19 @@ def load_scheduler_state(scheduler: Scheduler, saved: dict) -> None:
         inner.load_state_dict(saved["plateau"])
 
 
+class ScheduleState:
+    """The schedule as a checkpointed part (``state_dict``/``load_state_dict``, JSON)."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict:
+        return scheduler_state(self.scheduler)
+
+    def load_state_dict(self, saved: dict) -> None:
+        load_scheduler_state(self.scheduler, saved)
+
+
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     """The head's learning rate (the first group's), the one the config's ``lr`` names."""
     return float(optimizer.param_groups[0]["lr"])

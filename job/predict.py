@@ -14,11 +14,13 @@ import numpy as np
 import torch
 
 from dali_pipelines.loader import image_loader
+from dali_pipelines.sampling import Shard
 from dali_pipelines.spec import LoaderSpec
 from job.config import ConfigError, DataConfig, positive_int
 from job.data import IMAGE_EXTENSIONS, check_image
 from job.distributed import resolve_device
 from job.model import WeightsError, load_trained
+from job.run_dir import RunDir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         device = torch.device(resolve_device(args.device))
-        model, card = load_trained(args.run)
+        model, card = load_trained(RunDir(args.run))
     except (ConfigError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -43,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     # The same DALI evaluation pipeline as training: identical decode, resize and normalization.
     spec = LoaderSpec.for_run(card.preprocessing, num_threads=DataConfig.num_threads, device=device, loader="auto",
                               say=lambda line: print(line, file=sys.stderr))
-    loader = image_loader(spec, labels=np.zeros(len(args.images), dtype=np.int64), files=args.images,
-                        train=False, batch_size=32)
+    loader = image_loader(spec, labels=np.zeros(len(args.images), dtype=np.int64), files=args.images, train=False,
+                          shard=Shard(batch_size=32))
     model.to(device)
     k = min(args.top, card.num_classes)
     paths = iter(args.images)

@@ -22,6 +22,12 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM: "terminated, restart me"
 EXIT_CODE_DIR_ENV = "JOB_EXIT_CODE_DIR"
 
 
+class Preempted(Exception):
+    """SIGTERM reached every rank: the one signal for it. Raised where the stop is noticed (the
+    training loop's pause, feature extraction), caught once, in ``job/train.py: fit``, which
+    saves what there is to save and returns EXIT_PREEMPTED."""
+
+
 def exit_on_sigterm_during_setup() -> None:
     """Until ``PreemptionSignal`` takes over: SIGTERM during the imports and the Accelerator's
     setup exits 143 at once (nothing to save yet), not 1, which would count as a crash. Called

@@ -1,5 +1,5 @@
-"""The two records a run writes and its readers (tracking, plots, tests) read: one line of
-``history.jsonl`` per epoch, and ``metrics.json`` at the end.
+"""The two records a run writes and its readers (tracking, plots, tests) read back through
+job/run_dir.py: one line of ``history.jsonl`` per epoch, and ``metrics.json`` at the end.
 
 Epochs are 0-based in every file and in code; ``shown_epoch`` is the one place that turns them
 into the 1-based numbers people read (console lines, plots, W&B's epoch axis).
@@ -33,6 +33,15 @@ class EpochRecord:
     # images/s after the first log window (start-up, autotuning, compilation), device-synchronised;
     # 0 when the epoch was shorter than that window
     steady_images_per_second: float = 0.0
+
+    # Set by the trainer from where training is; the val_* fields come from the validation pass.
+    _NOT_FROM_TRAINING = ("epoch", "step", "lr")
+
+    @classmethod
+    def train_fields(cls) -> tuple[str, ...]:
+        """The fields the epoch's training sums give (job/loop.py: EpochSums.metrics)."""
+        return tuple(f.name for f in dataclasses.fields(cls)
+                     if f.name not in cls._NOT_FROM_TRAINING and not f.name.startswith("val_"))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

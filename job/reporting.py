@@ -12,8 +12,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dali_pipelines.loader import image_loader  # noqa: E402
+from dali_pipelines.sampling import Shard  # noqa: E402
 from dali_pipelines.spec import LoaderSpec  # noqa: E402
 from job.records import EpochRecord, shown_epoch  # noqa: E402
+from job.run_dir import RunDir  # noqa: E402
 
 CURVES_SIZE = (15, 4)  # inches at 100 dpi -> 1500 x 400 px
 CONFUSION_SIZE = (8, 7)  # -> 800 x 700 px
@@ -80,8 +82,10 @@ def sample_predictions(model, store, spec: LoaderSpec, device, count: int = 16) 
 
     split = store.split("test")
     k = min(count, len(split))
-    loader = image_loader(spec, labels=split.labels[:k], images=None if split.images is None else split.images[:k],
-                          files=None if split.files is None else split.files[:k], train=False, batch_size=k)
+    images = None if split.images is None else split.images[:k]
+    files = None if split.files is None else split.files[:k]
+    loader = image_loader(spec, labels=split.labels[:k], images=images, files=files, train=False,
+                          shard=Shard(batch_size=k))
     was_training = model.training
     model.eval()
     # float(): under mixed precision the loader emits bf16/fp16 images, the weights are float32
@@ -95,17 +99,13 @@ def sample_predictions(model, store, spec: LoaderSpec, device, count: int = 16) 
 
 def compare_runs(runs: list[Path]) -> str:
     """A small table of finished runs' test accuracy (``python -m job.reporting compare A B``)."""
-    import json
-
-    import yaml
-
     rows = ["run                     backbone                         test accuracy",
             "----------------------  -------------------------------  -------------"]
     for run in runs:
-        summary = json.loads((run / "metrics.json").read_text())
-        model = yaml.safe_load((run / "config.yaml").read_text())["model"]
-        backbone = f"{model['name']} ({'ImageNet' if model['pretrained'] else 'random'})"
-        rows.append(f"{str(run):22}  {backbone:31}  {summary['test_accuracy']:.3f} on {summary['test_samples']}")
+        summary = RunDir(run).summary()
+        model = RunDir(run).config().model
+        backbone = f"{model.name} ({'ImageNet' if model.pretrained else 'random'})"
+        rows.append(f"{str(run):22}  {backbone:31}  {summary.test_accuracy:.3f} on {summary.test_samples}")
     return "\n".join(rows)
 
 
@@ -114,4 +114,9 @@ if __name__ == "__main__":
 
     if len(sys.argv) < 3 or sys.argv[1] != "compare":
         sys.exit("usage: python -m job.reporting compare RUN_DIR [RUN_DIR ...]")
-    print(compare_runs([Path(p) for p in sys.argv[2:]]))
+    from job.config import ConfigError
+
+    try:
+        print(compare_runs([Path(p) for p in sys.argv[2:]]))
+    except ConfigError as e:  # a run that has not finished, or a damaged metrics.json / config.yaml
+        sys.exit(f"error: {e}")

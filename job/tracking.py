@@ -7,6 +7,7 @@ appears in anything the job writes or prints (``redact``).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import secrets
@@ -19,9 +20,9 @@ import timm
 import torch
 from accelerate import Accelerator
 
-from job.config import Config, ConfigError
-from job.bounds import shown
+from job.config import Config
 from job.records import EpochRecord, RunSummary, shown_epoch
+from job.run_dir import RunDir
 
 
 class TrackingError(RuntimeError):
@@ -73,10 +74,11 @@ def run_facts(accelerator: Accelerator) -> dict:
 
 
 class HistorySink:
-    """``history.jsonl``: one EpochRecord per line."""
+    """``history.jsonl``: one EpochRecord per line, read back through ``RunDir.epochs``."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.path = run.history_file
 
     def truncate(self, start_epoch: int) -> None:
         """On resume, drop lines of epochs that will run again (written after the last checkpoint)."""
@@ -88,25 +90,7 @@ class HistorySink:
             f.write(record.to_json() + "\n")
 
     def records(self) -> list[EpochRecord]:
-        if not self.path.exists():
-            return []
-        try:
-            if not self.path.is_file():  # a FIFO would block the run
-                raise OSError("not a regular file")
-            lines = self.path.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{self.path} cannot be read ({e}); move it away or use another train.output_dir") \
-                from None
-        records = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(EpochRecord.from_json(line))
-            except (ValueError, TypeError, RecursionError) as e:  # not JSON, not a mapping, other keys
-                raise ConfigError(f"{self.path}: line {number} is not an epoch record of this job ({shown(str(e))}); "
-                                  "move the file away or use another train.output_dir") from None
-        return records
+        return self.run.epochs()
 
 
 def _new_run_id() -> str:
@@ -115,11 +99,19 @@ def _new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
+def summary_scalars(summary: RunSummary) -> dict:
+    """The run's summary for W&B: every field of RunSummary that is one value; the per-class
+    accuracies, the confusion matrix and the class names go to W&B as a table and a plot."""
+    values = dataclasses.asdict(summary)
+    return {k: v for k, v in values.items() if not isinstance(v, (list, dict))}
+
+
 class WandbSink:
     """One W&B run per job, resumed with the job (its id travels in the checkpoints)."""
 
     def __init__(self, wandb_module, output_dir: Path, warn):
         self.wandb, self.output_dir, self.warn = wandb_module, output_dir, warn
+        self.run_dir = RunDir(output_dir)
 
     @classmethod
     def start(cls, cfg: Config, accelerator: Accelerator, output_dir: Path, mode: str, run_id: str) -> "WandbSink":
@@ -176,11 +168,8 @@ class WandbSink:
 
     def _log_final(self, wandb, m: RunSummary, samples: list[dict]) -> None:
         run = wandb.run
-        for key in ("test_accuracy", "test_loss", "test_samples", "best_val_accuracy", "best_epoch",
-                    "epochs_completed", "stopped_early", "world_size", "train_images_per_second",
-                    "train_images_per_second_per_device", "data_wait_fraction", "replicas_identical",
-                    "features_cached", "feature_extraction_seconds", "test_accuracy_cached"):
-            run.summary[key] = getattr(m, key)
+        for key, value in summary_scalars(m).items():
+            run.summary[key] = value
         per_class = wandb.Table(columns=["class", "accuracy"],
                                 data=[[c, m.test_per_class_accuracy[c]] for c in m.classes])
         y_true = [t for t, row in enumerate(m.confusion_matrix) for p, n in enumerate(row) for _ in range(n)]
@@ -188,12 +177,12 @@ class WandbSink:
         payload = {"test/per_class_accuracy": per_class,
                    "test/confusion_matrix": wandb.plot.confusion_matrix(y_true=y_true, preds=preds,
                                                                         class_names=m.classes),
-                   "plots/curves": wandb.Image(str(self.output_dir / "curves.png"))}
+                   "plots/curves": wandb.Image(str(self.run_dir.curves_png))}
         if samples:
             payload["test/samples"] = [wandb.Image(s["image"], caption=f"pred: {s['pred']} / true: {s['true']}")
                                        for s in samples]
         run.log(payload)
-        best = self.output_dir / "best"
+        best = self.run_dir.best
         if best.is_dir() and sum(f.stat().st_size for f in best.iterdir()) < 2 * 1024**3:
             artifact = wandb.Artifact(f"model-{run.id}", type="model",
                                       metadata={"test_accuracy": m.test_accuracy, "best_epoch": m.best_epoch})
@@ -208,7 +197,8 @@ class Trackers:
                  run_id: str | None):
         self.is_main = accelerator.is_main_process
         self.output_dir = output_dir
-        self.history = HistorySink(output_dir / "history.jsonl")
+        self.run_dir = RunDir(output_dir)
+        self.history = HistorySink(self.run_dir)
         self.wandb: WandbSink | None = None
         self.run_id = run_id or os.environ.get("WANDB_RUN_ID") or _new_run_id()
         mode = resolve_mode(cfg.tracking.wandb)
@@ -238,10 +228,11 @@ class Trackers:
             return
         from job.reporting import plot_confusion_matrix, plot_curves, plot_samples
 
-        (self.output_dir / "metrics.json").write_text(summary.to_json())
-        plot_curves(self.history.records(), self.output_dir / "curves.png")
-        plot_confusion_matrix(summary.confusion_matrix, summary.classes, self.output_dir / "confusion_matrix.png")
+        run = self.run_dir
+        run.summary_file.write_text(summary.to_json())
+        plot_curves(self.history.records(), run.curves_png)
+        plot_confusion_matrix(summary.confusion_matrix, summary.classes, run.confusion_png)
         if samples:
-            plot_samples(samples, self.output_dir / "test_samples.png")
+            plot_samples(samples, run.samples_png)
         if self.wandb:
             self.wandb.finish(summary, samples)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from job.config import DataConfig
 from helpers.runs import CIFAR_MINI, FOLDER_MINI
 
 # Tools installed into the venv (kubectl, hadolint, accelerate) come first for every subprocess.
@@ -18,7 +19,8 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get(
 def cifar_store(tmp_path_factory):
     from job.data import prepare
 
-    store, _ = prepare("cifar10", CIFAR_MINI, tmp_path_factory.mktemp("stores") / "cifar10")
+    store, _ = prepare(DataConfig(source="cifar10", root=str(CIFAR_MINI)),
+                       tmp_path_factory.mktemp("stores") / "cifar10")
     return store
 
 
@@ -26,5 +28,5 @@ def cifar_store(tmp_path_factory):
 def folder_store(tmp_path_factory):
     from job.data import prepare
 
-    store, _ = prepare("folder", FOLDER_MINI, tmp_path_factory.mktemp("stores") / "folder")
+    store, _ = prepare(DataConfig(source="folder", root=str(FOLDER_MINI)), tmp_path_factory.mktemp("stores") / "folder")
     return store

@@ -14,7 +14,6 @@ permitted, the PID-1 tests skip and the two-pod tests run the pods as ordinary p
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -30,6 +29,7 @@ import yaml
 
 from helpers.runs import PYTHON, REPO, run
 from job.preemption import EXIT_BAD_INPUT, EXIT_PREEMPTED
+from job.run_dir import RunDir
 
 pytestmark = pytest.mark.slow
 # The one small run (tests/configs/small.yaml), spelled out where it matters here: 540 training
@@ -186,7 +186,7 @@ def prepare_data_volume(root: Path) -> None:
 
 def mid_epoch_checkpoint(out: Path, steps_per_epoch: int) -> str:
     """The one checkpoint a run stopped by SIGTERM in its second epoch leaves: not at an epoch end."""
-    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    names = sorted(p.name for p in RunDir(out).checkpoints.iterdir())
     assert names and names[-1].startswith("epoch0001-"), names
     assert int(names[-1].split("step")[1]) % steps_per_epoch != 0, names
     return names[-1]
@@ -210,7 +210,7 @@ def test_two_pods_preempted_through_pid1_then_resume_as_world_size_2(tmp_path):
     assert all("training processes reported: 143; exit code 143" in log for log in logs), logs
     out = tmp_path / "runs" / "preempted"
     mid_epoch_checkpoint(out, STEPS_PER_EPOCH)
-    assert not (out / "metrics.json").exists()
+    assert not RunDir(out).summary_file.exists()
 
     restarted = start_pods(job, tmp_path, "second")
     codes = wait(restarted)
@@ -221,12 +221,12 @@ def test_two_pods_preempted_through_pid1_then_resume_as_world_size_2(tmp_path):
     # accelerator.print: once per node (each pod's log tells its story), never once per process
     assert logs[0].count("test accuracy") == 1 and logs[1].count("test accuracy") == 1
     assert all("training processes reported: 0; exit code 0" in log for log in logs), logs
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["test_samples"] == 200 and metrics["epochs_completed"] == 2
-    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in history] == [0, 1] and history[-1]["step"] == 2 * STEPS_PER_EPOCH
+    metrics = RunDir(out).summary()
+    assert metrics.world_size == 2 and metrics.test_samples == 200 and metrics.epochs_completed == 2
+    history = RunDir(out).epochs()
+    assert [h.epoch for h in history] == [0, 1] and history[-1].step == 2 * STEPS_PER_EPOCH
     # tracking.wandb=auto without a key: offline, one W&B run for the job, continued after the restart
-    runs = {p.name.rsplit("-", 1)[1] for p in (out / "wandb").glob("offline-run-*")}
+    runs = {p.name.rsplit("-", 1)[1] for p in RunDir(out).wandb.glob("offline-run-*")}
     assert len(runs) == 1, runs
 
 
@@ -267,8 +267,8 @@ def test_pid1_sigterm_resume_bad_config_and_crash(pod_of):
     resumed = pod_of("resumed")
     assert resumed.wait(timeout=300) == 0, resumed.text()[-5000:]
     assert "resumed from" in resumed.text()
-    metrics = json.loads((pod_of.out / "metrics.json").read_text())
-    assert metrics["world_size"] == nproc and metrics["epochs_completed"] == 2
+    metrics = RunDir(pod_of.out).summary()
+    assert metrics.world_size == nproc and metrics.epochs_completed == 2
 
     bad = pod_of("bad-config", "train.epochs=zero")
     assert bad.wait(timeout=120) == EXIT_BAD_INPUT, bad.text()[-3000:]
@@ -285,7 +285,8 @@ def launcher(tmp_path: Path, nproc: int, actions: str, grace: int = 60) -> Pod:
     """docker/launch.sh (as PID 1 where possible) running tests/helpers/exit_with.py: stand-in
     training processes that report ``actions`` (one per rank) like job/train.py does."""
     env = pod_env(NPROC_PER_NODE=str(nproc), MASTER_PORT=str(free_port()),
-                  TERMINATION_GRACE_PERIOD_SECONDS=str(grace), TRAIN_SCRIPT=str(REPO / "tests" / "helpers" / "exit_with.py"))
+                  TERMINATION_GRACE_PERIOD_SECONDS=str(grace),
+                  TRAIN_SCRIPT=str(REPO / "tests" / "helpers" / "exit_with.py"))
     return Pod(["bash", str(REPO / "docker" / "launch.sh"), actions], env, tmp_path / f"{nproc}-{actions}.log")
 
 

@@ -2,7 +2,8 @@
 import pytest
 import yaml
 
-from job.config import Config, ConfigError, config_from_dict, load_config
+from job.config import Config, ConfigError, load_config
+from job.run_dir import RunDir
 
 
 def test_defaults_are_the_products_defaults():
@@ -25,8 +26,8 @@ def test_yaml_then_overrides_win(tmp_path):
 
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(None, ["train.epochs=4", "schedule.name=plateau"])
-    cfg.save(tmp_path / "config.yaml")
-    again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    cfg.save(RunDir(tmp_path).config_file)
+    again = RunDir(tmp_path).config()
     assert again == cfg and isinstance(again, Config)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from job.config import DataConfig
 from helpers.runs import CIFAR_MINI, FOLDER_MINI, PYTHON, run
 from job import data
 from job.data import DataError, cifar10, prepare
@@ -36,7 +37,8 @@ def _make_tarball(path: Path, src: Path = CIFAR_MINI, drop: str | None = None) -
 # ---------------------------------------------------------------- the three sources
 
 def test_cifar10_directory_store_matches_the_official_arrays(tmp_path):
-    store, reused = prepare("cifar10", CIFAR_MINI, tmp_path / "s", val_fraction=0.1, seed=0)
+    store, reused = prepare(DataConfig(source="cifar10", root=str(CIFAR_MINI), val_fraction=0.1, split_seed=0),
+                            tmp_path / "s")
     assert not reused
     assert store.counts == {"train": 1800, "val": 200, "test": 1000}
     assert store.classes == list(data.CIFAR10_CLASSES)
@@ -52,16 +54,17 @@ def test_cifar10_directory_store_matches_the_official_arrays(tmp_path):
 
 def test_tarball_gives_the_same_store_and_reuse_and_rebuild(tmp_path):
     tarball = _make_tarball(tmp_path / "cifar-10-python.tar.gz")
-    a, _ = prepare("cifar10", CIFAR_MINI, tmp_path / "dir")
-    b, reused = prepare("cifar10", tarball, tmp_path / "tar")
+    a, _ = prepare(DataConfig(source="cifar10", root=str(CIFAR_MINI)), tmp_path / "dir")
+    b, reused = prepare(DataConfig(source="cifar10", root=str(tarball)), tmp_path / "tar")
     assert not reused
     for split in ("train", "val", "test"):
         assert np.array_equal(a.split(split).images, b.split(split).images)
         assert np.array_equal(a.split(split).labels, b.split(split).labels)
     mtime = (tmp_path / "tar" / "meta.json").stat().st_mtime_ns
-    _, reused = prepare("cifar10", tarball, tmp_path / "tar")
+    _, reused = prepare(DataConfig(source="cifar10", root=str(tarball)), tmp_path / "tar")
     assert reused and (tmp_path / "tar" / "meta.json").stat().st_mtime_ns == mtime
-    c, reused = prepare("cifar10", tarball, tmp_path / "tar", val_fraction=0.2)  # inputs changed: rebuild
+    c, reused = prepare(DataConfig(source="cifar10", root=str(tarball), val_fraction=0.2),
+                        tmp_path / "tar")  # inputs changed: rebuild
     assert not reused and c.counts["val"] == 400
 
 
@@ -71,7 +74,7 @@ def test_folder_source_on_real_jpegs(folder_store):
     assert folder_store.counts == {"train": 900, "val": 100, "test": 500}
     test = folder_store.split("test")
     assert all(Path(f).is_file() for f in test.files)
-    assert [folder_store.classes[l] for l in test.labels] == [Path(f).parent.name for f in test.files]
+    assert [folder_store.classes[label] for label in test.labels] == [Path(f).parent.name for f in test.files]
 
 
 def test_explicit_val_folder_wins(tmp_path):
@@ -81,14 +84,17 @@ def test_explicit_val_folder_wins(tmp_path):
             (root / split / cls).mkdir(parents=True)
             for i in range(n):
                 Image.new("RGB", (20 + i, 17), (i * 40, 0, 0)).save(root / split / cls / f"{i}.png")
-    store, _ = prepare("folder", root, tmp_path / "s", val_fraction=0.5)
+    store, _ = prepare(DataConfig(source="folder", root=str(root), val_fraction=0.5), tmp_path / "s")
     assert store.counts == {"train": 6, "val": 4, "test": 2}
 
 
 def test_synthetic_is_seeded_and_learnable_shaped(tmp_path):
-    a, _ = prepare("synthetic", tmp_path / "src_a", tmp_path / "a", num_train=500, num_test=100, seed=1)
-    b, _ = prepare("synthetic", tmp_path / "src_b", tmp_path / "b", num_train=500, num_test=100, seed=1)
-    c, _ = prepare("synthetic", tmp_path / "src_c", tmp_path / "c", num_train=500, num_test=100, seed=2)
+    a, _ = prepare(DataConfig(source="synthetic", root=str(tmp_path / "src_a"), synthetic_train=500,
+                              synthetic_test=100, split_seed=1), tmp_path / "a")
+    b, _ = prepare(DataConfig(source="synthetic", root=str(tmp_path / "src_b"), synthetic_train=500,
+                              synthetic_test=100, split_seed=1), tmp_path / "b")
+    c, _ = prepare(DataConfig(source="synthetic", root=str(tmp_path / "src_c"), synthetic_train=500,
+                              synthetic_test=100, split_seed=2), tmp_path / "c")
     assert a.counts == {"train": 450, "val": 50, "test": 100}
     assert np.array_equal(a.split("train").images, b.split("train").images)
     assert not np.array_equal(a.split("train").images, c.split("train").images)
@@ -247,11 +253,11 @@ def _bad_cifar(kind: str, tmp_path: Path) -> tuple[Path, str]:
 @pytest.mark.parametrize("kind", ["truncated tarball", "corrupt tarball", "missing batch in tarball", "missing batch",
                                   "wrong shape", "labels out of range", "label count", "garbage batch"])
 def test_bad_cifar_input_is_refused_and_the_good_store_survives(tmp_path, kind):
-    good, _ = prepare("cifar10", CIFAR_MINI, tmp_path / "store")
+    good, _ = prepare(DataConfig(source="cifar10", root=str(CIFAR_MINI)), tmp_path / "store")
     before = {p.name: p.read_bytes() for p in (tmp_path / "store").iterdir()}
     root, message = _bad_cifar(kind, tmp_path)
     with pytest.raises(DataError, match=message):
-        prepare("cifar10", root, tmp_path / "store")
+        prepare(DataConfig(source="cifar10", root=str(root)), tmp_path / "store")
     assert {p.name: p.read_bytes() for p in (tmp_path / "store").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".store")] == []  # no temp dirs left
 
@@ -293,7 +299,7 @@ def _bad_folder(kind: str, tmp_path: Path) -> tuple[Path, str]:
 def test_bad_folder_input_is_refused(tmp_path, kind):
     root, message = _bad_folder(kind, tmp_path)
     with pytest.raises(DataError, match=message):
-        prepare("folder", root, tmp_path / "store")
+        prepare(DataConfig(source="folder", root=str(root)), tmp_path / "store")
     assert not (tmp_path / "store").exists()
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from job.config import DataConfig
 from helpers.runs import CIFAR_MINI, FOLDER_MINI, PYTHON, assert_refused, prepare_cli, run, snapshot
 from job.atomic import TEMPORARY_MARKER
 from job.data import prepare
@@ -77,8 +78,9 @@ def test_out_pointing_at_an_existing_file_is_refused(tmp_path):
 
 def test_a_store_this_job_wrote_is_replaced_and_an_empty_folder_is_used(tmp_path):
     (tmp_path / "empty").mkdir()
-    a, reused = prepare("cifar10", CIFAR_MINI, tmp_path / "empty")
-    b, _ = prepare("cifar10", CIFAR_MINI, tmp_path / "empty", val_fraction=0.2)  # rebuilt in place
+    a, reused = prepare(DataConfig(source="cifar10", root=str(CIFAR_MINI)), tmp_path / "empty")
+    b, _ = prepare(DataConfig(source="cifar10", root=str(CIFAR_MINI), val_fraction=0.2),
+                   tmp_path / "empty")  # rebuilt in place
     assert not reused and a.counts["val"] == 200 and b.counts["val"] == 400
 
 
@@ -93,10 +95,10 @@ def test_the_fingerprint_follows_symlinks(tmp_path):
     for i, src in enumerate(sorted((FOLDER_MINI / "train" / "dog").iterdir())[:12]):
         shutil.copy(src, pool / ("v1" if i < 6 else "v2") / src.name)
     (root / "train" / "dog").symlink_to(pool / "v1")
-    first, _ = prepare("folder", root, tmp_path / "store")
+    first, _ = prepare(DataConfig(source="folder", root=str(root)), tmp_path / "store")
     (root / "train" / "dog").unlink()
     (root / "train" / "dog").symlink_to(pool / "v2")
-    second, reused = prepare("folder", root, tmp_path / "store")
+    second, reused = prepare(DataConfig(source="folder", root=str(root)), tmp_path / "store")
     assert not reused
     files = second.split("train").files + second.split("val").files
     assert {Path(f).parent.name for f in files if "pool" in f} == {"v2"}
@@ -152,7 +154,8 @@ def test_a_temporary_directory_left_by_a_killed_run_is_removed(tmp_path):
     leftover.mkdir(parents=True)
     (leftover / "data_batch_1").write_bytes(b"half written")
     (leftover / TEMPORARY_MARKER).write_text("")  # what atomic_directory puts in each of its temporaries
-    prepare("synthetic", tmp_path / "src", tmp_path / "store", num_train=100, num_test=20)
+    prepare(DataConfig(source="synthetic", root=str(tmp_path / "src"), synthetic_train=100, synthetic_test=20),
+            tmp_path / "store")
     assert sorted(p.name for p in (tmp_path / "src").iterdir()) == ["cifar-10-batches-py"]
 
 
@@ -165,7 +168,7 @@ def test_a_run_that_reuses_the_store_also_cleans_up_and_other_hosts_leftovers_ex
     from job import atomic
 
     store = tmp_path / "store"
-    prepare("synthetic", tmp_path / "src", store, num_train=100, num_test=20)
+    prepare(DataConfig(source="synthetic", root=str(tmp_path / "src"), synthetic_train=100, synthetic_test=20), store)
     monkeypatch.setattr(atomic, "ABANDONED_AFTER_SECONDS", 2)
     dead = tmp_path / f".store.tmp-{socket.gethostname()}-{2**22 + 7}"
     stale = tmp_path / ".store.tmp-old-pod-0-17"
@@ -180,7 +183,8 @@ def test_a_run_that_reuses_the_store_also_cleans_up_and_other_hosts_leftovers_ex
     (fresh / TEMPORARY_MARKER).write_text("")
     renamed_aside = tmp_path / ".store.old-other-pod-1-17"
     previous.rename(renamed_aside)  # its files keep their old mtimes
-    _, reused = prepare("synthetic", tmp_path / "src", store, num_train=100, num_test=20)
+    _, reused = prepare(DataConfig(source="synthetic", root=str(tmp_path / "src"), synthetic_train=100,
+                                   synthetic_test=20), store)
     assert reused
     assert not dead.exists() and not stale.exists()
     assert fresh.is_dir() and renamed_aside.is_dir()

@@ -12,14 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.runs import FOLDER_MINI, PYTHON, accelerate_launch, run, small_run, train_until_sigterm
+from helpers.runs import PYTHON, accelerate_launch, run, small_run, train_until_sigterm
 from helpers.wandb_log import summarize
 from job import distributed
 from job.config import ConfigError
-
-
-def _metrics(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
+from job.run_dir import RunDir
 
 
 # ---------------------------------------------------------------- DDP keeps replicas identical
@@ -36,28 +33,28 @@ def test_two_processes_preempted_resumed_and_stopped_early_stay_in_sync(tmp_path
                      "early_stopping.patience=1", "early_stopping.min_delta=1.0", "tracking.wandb=offline")
     # 9 batches per rank and epoch: step 14 is mid epoch 2, after the unfreeze
     code, _ = train_until_sigterm(accelerate_launch(2, "job/train.py", *args), at_line="step 14:")
-    assert code != 0 and not (out / "metrics.json").exists()
-    assert any(not p.name.endswith("step0000009") for p in (out / "checkpoints").iterdir())  # mid-epoch save
+    assert code != 0 and not RunDir(out).summary_file.exists()
+    assert any(not p.name.endswith("step0000009") for p in RunDir(out).checkpoints.iterdir())  # mid-epoch save
     resumed = run(accelerate_launch(2, "job/train.py", *args)).stdout
     assert "resumed from" in resumed and "epoch 2, sample" in resumed
-    m = _metrics(out)
-    assert m["world_size"] == 2 and m["test_samples"] == 200
-    assert m["stopped_early"] and m["epochs_completed"] == 2 and m["best_epoch"] == 0
-    assert m["replicas_identical"] is True and "replicas identical" in resumed
+    m = RunDir(out).summary()
+    assert m.world_size == 2 and m.test_samples == 200
+    assert m.stopped_early and m.epochs_completed == 2 and m.best_epoch == 0
+    assert m.replicas_identical is True and "replicas identical" in resumed
     assert resumed.count("early stopping") == 1 and resumed.count("test accuracy") == 1  # once, not per rank
     again = json.loads(run([PYTHON, "job/evaluate.py", "--run", str(out)]).stdout.splitlines()[-1])
-    assert again["accuracy"] == m["test_accuracy"]  # the test ran on the restored best weights
-    runs = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert again["accuracy"] == m.test_accuracy  # the test ran on the restored best weights
+    runs = sorted(RunDir(out).wandb.glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 2 and runs[0].name == runs[1].name  # one W&B run across both starts
     facts = summarize(runs[-1])["config"]["run"]
     assert facts["world_size"] == 2 and facts["nodes"] == 1
     # Started again (say the job died after its last checkpoint): the early stop is remembered; no
     # further epoch trains, the same best weights are tested again.
-    (out / "metrics.json").unlink()
+    RunDir(out).summary_file.unlink()
     again = run(accelerate_launch(2, "job/train.py", *args)).stdout
     assert "resumed from" in again and "epoch 3, sample 0" in again and "\nepoch " not in again
-    assert _metrics(out)["test_accuracy"] == m["test_accuracy"] and _metrics(out)["epochs_completed"] == 2
-    assert len((out / "history.jsonl").read_text().splitlines()) == 2
+    assert RunDir(out).summary().test_accuracy == m.test_accuracy and RunDir(out).summary().epochs_completed == 2
+    assert len(RunDir(out).epochs()) == 2
 
 
 @pytest.mark.slow

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from job.config import DataConfig
 from helpers.runs import PYTHON, accelerate_launch, run, small_run, train_until_sigterm
 from job.data import prepare
+from job.run_dir import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +31,7 @@ def _index_store(tmp_path: Path, n: int = 203) -> Path:
     for i, part in enumerate(np.array_split(np.arange(n), 5), start=1):
         cifar10.dump_batch(root / f"data_batch_{i}", {b"data": train[part], b"labels": (part % 10).tolist()})
     cifar10.dump_batch(root / "test_batch", {b"data": test, b"labels": (np.arange(len(test)) % 10).tolist()})
-    store, _ = prepare("cifar10", root.parent, tmp_path / "store")
+    store, _ = prepare(DataConfig(source="cifar10", root=str(root.parent)), tmp_path / "store")
     return store.path
 
 
@@ -68,10 +70,6 @@ def _train(out: Path, prepared: Path, *extra: str) -> str:
     return run([PYTHON, "job/train.py", *args]).stdout
 
 
-def _history(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-
-
 def test_cached_and_uncached_runs_give_the_same_numbers_and_the_cache_is_reused(tmp_path):
     """Same seed, no augmentation: the head sees the same features in the same order with the same
     dropout masks; only the float16 rounding of the cache differs."""
@@ -79,21 +77,22 @@ def test_cached_and_uncached_runs_give_the_same_numbers_and_the_cache_is_reused(
     cached_log = _train(tmp_path / "cached", tmp_path / "prep", *head)
     _train(tmp_path / "uncached", tmp_path / "prep", *head, "train.cache_features=false", "data.augment=false")
     assert "augmentation is off" in cached_log and "extracted features" in cached_log
-    cached, uncached = _history(tmp_path / "cached"), _history(tmp_path / "uncached")
-    assert [h["epoch"] for h in cached] == [h["epoch"] for h in uncached] == [0, 1, 2]
+    cached = RunDir(tmp_path / "cached").epochs()
+    uncached = RunDir(tmp_path / "uncached").epochs()
+    assert [h.epoch for h in cached] == [h.epoch for h in uncached] == [0, 1, 2]
     for a, b in zip(cached, uncached):
         for key in ("train_loss", "val_loss"):
-            assert a[key] == pytest.approx(b[key], rel=3e-3), key
+            assert getattr(a, key) == pytest.approx(getattr(b, key), rel=3e-3), key
         # float16 features move near-tied logits: a few of 540 predictions may flip
-        assert a["train_accuracy"] == pytest.approx(b["train_accuracy"], abs=0.01)
-        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=0.02)
-        assert a["step"] == b["step"] and a["lr"] == pytest.approx(b["lr"], rel=1e-9)
-    m_cached = json.loads((tmp_path / "cached" / "metrics.json").read_text())
-    m_uncached = json.loads((tmp_path / "uncached" / "metrics.json").read_text())
-    assert m_cached["features_cached"] and not m_uncached["features_cached"]
-    assert m_cached["test_accuracy"] == pytest.approx(m_uncached["test_accuracy"], abs=0.02)
+        assert a.train_accuracy == pytest.approx(b.train_accuracy, abs=0.01)
+        assert a.val_accuracy == pytest.approx(b.val_accuracy, abs=0.02)
+        assert a.step == b.step and a.lr == pytest.approx(b.lr, rel=1e-9)
+    m_cached = RunDir(tmp_path / "cached").summary()
+    m_uncached = RunDir(tmp_path / "uncached").summary()
+    assert m_cached.features_cached and not m_uncached.features_cached
+    assert m_cached.test_accuracy == pytest.approx(m_uncached.test_accuracy, abs=0.02)
     # The cached run's own check: the head on cached test features vs the model on the test images.
-    assert m_cached["test_accuracy_cached"] == pytest.approx(m_cached["test_accuracy"], abs=0.02)
+    assert m_cached.test_accuracy_cached == pytest.approx(m_cached.test_accuracy, abs=0.02)
     assert "on cached features (float16)" in cached_log
     # A second run (a linear probe now) reuses the same features and says so.
     probe_log = _train(tmp_path / "probe", tmp_path / "prep", "model.head_hidden=[]", "model.head_dropout=0.0",
@@ -114,23 +113,23 @@ def test_cached_runs_resume_exactly_after_sigterm_on_one_and_two_processes(tmp_p
     assert code == 143 and "reusing cached features" in log, log[-3000:]
     out = run([PYTHON, "job/train.py", *args]).stdout
     assert "resumed from" in out and "epoch 2, sample" in out
-    for a, b in zip(_history(tmp_path / "reference"), _history(tmp_path / "resumed"), strict=True):
+    for a, b in zip(RunDir(tmp_path / "reference").epochs(), RunDir(tmp_path / "resumed").epochs(), strict=True):
         for key in ("lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "step", "train_samples"):
-            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
-    reference = json.loads((tmp_path / "reference" / "metrics.json").read_text())
-    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
-    assert resumed["test_accuracy"] == reference["test_accuracy"]
+            assert getattr(b, key) == pytest.approx(getattr(a, key), rel=1e-6, abs=1e-9), key
+    reference = RunDir(tmp_path / "reference").summary()
+    resumed = RunDir(tmp_path / "resumed").summary()
+    assert resumed.test_accuracy == reference.test_accuracy
 
     two = small_run(tmp_path / "two", tmp_path / "prep", "train.epochs=3", "train.strategy=feature_extraction",
                     "optim.lr=0.01", *head)
     # torchrun itself exits 1 on SIGTERM (docker/launch.sh turns it into 143 in a pod); the ranks save.
     code, log = train_until_sigterm(accelerate_launch(2, "job/train.py", *two), at_line="step 12:")  # 9 per epoch
-    assert code != 0 and "SIGTERM: saved" in log and not (tmp_path / "two" / "metrics.json").exists(), log[-3000:]
+    assert code != 0 and "SIGTERM: saved" in log and not RunDir(tmp_path / "two").summary_file.exists(), log[-3000:]
     assert "resumed from" in run(accelerate_launch(2, "job/train.py", *two)).stdout
-    m = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert m["world_size"] == 2 and m["features_cached"] and m["replicas_identical"] is True
-    assert m["epochs_completed"] == 3 and m["test_samples"] == 200
-    assert [h["train_samples"] for h in _history(tmp_path / "two")] == [540, 540, 540]
+    m = RunDir(tmp_path / "two").summary()
+    assert m.world_size == 2 and m.features_cached and m.replicas_identical is True
+    assert m.epochs_completed == 3 and m.test_samples == 200
+    assert [h.train_samples for h in RunDir(tmp_path / "two").epochs()] == [540, 540, 540]
 
 
 def test_the_key_changes_with_everything_that_changes_the_features(tmp_path):
@@ -167,7 +166,8 @@ def test_an_interrupted_extraction_leaves_nothing_that_is_trusted(tmp_path):
     from job.features import FeatureKey, Preempted, cached_features
     from job.model import create_model
 
-    store, _ = prepare("synthetic", tmp_path / "src", tmp_path / "store", num_train=300, num_test=60)
+    store, _ = prepare(DataConfig(source="synthetic", root=str(tmp_path / "src"), synthetic_train=300,
+                                  synthetic_test=60), tmp_path / "store")
     model, _ = create_model(load_config(None, ["model.name=test_resnet", "model.pretrained=false"]).model, 10)
     spec = LoaderSpec(Preprocessing(32, (0.5,) * 3, (0.5,) * 3), num_threads=1)
     key = FeatureKey(model="test_resnet", weights="random:0", image_size=32, interpolation="linear",

@@ -21,6 +21,7 @@ import pytest
 
 from helpers.runs import CIFAR_MINI, PYTHON, REPO, accelerate_launch, run, small_run
 from job.preemption import EXIT_BAD_INPUT, EXIT_PREEMPTED
+from job.run_dir import RunDir
 
 
 def test_sigterm_while_importing_exits_143_and_reports_it(tmp_path):
@@ -58,7 +59,7 @@ def test_feature_cache_on_a_read_only_data_volume_is_refused_before_extraction(t
          "--out", str(prep / "cifar10")])
     train = [PYTHON, "job/train.py", *small_run(tmp_path / "out", prep, "train.strategy=feature_extraction",
                                                 data="cifar10")]
-    script = f'mount --bind -o ro "$0" "$0" && exec "$@"'
+    script = 'mount --bind -o ro "$0" "$0" && exec "$@"'
     proc = run(["unshare", "--mount", "bash", "-c", script, str(prep), *train], check=False, timeout=120)
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]
     assert f"train.feature_cache_dir={prep / 'features'}" in proc.stderr and "read-only file system" in proc.stderr
@@ -67,7 +68,7 @@ def test_feature_cache_on_a_read_only_data_volume_is_refused_before_extraction(t
     # A cache on a writable volume (what the manifests now give) runs.
     ok = run(["unshare", "--mount", "bash", "-c", script, str(prep), *train,
               f"train.feature_cache_dir={tmp_path / 'runs' / 'feature-cache'}", "train.epochs=1"], timeout=300)
-    assert "extracted features" in ok.stdout and (tmp_path / "out" / "metrics.json").is_file()
+    assert "extracted features" in ok.stdout and RunDir(tmp_path / "out").summary_file.is_file()
 
 
 def test_ranks_resume_from_the_main_process_choice(tmp_path):
@@ -83,7 +84,7 @@ def test_timed_checkpoints_are_mid_epoch_and_resume_to_the_same_run(tmp_path):
     out, prep = tmp_path / "out", tmp_path / "prep"
     proc = run([PYTHON, "job/train.py", *small_run(out, prep, "train.checkpoint_every_minutes=0.0001",
                                                    "train.signal_check_every=5", "train.keep_checkpoints=20")])
-    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    names = sorted(p.name for p in RunDir(out).checkpoints.iterdir())
     assert names == ["epoch0000-step0000005", "epoch0000-step0000010", "epoch0000-step0000015",
                      "epoch0001-step0000017", "epoch0001-step0000020", "epoch0001-step0000025",
                      "epoch0001-step0000030", "epoch0002-step0000034"], names
@@ -92,13 +93,11 @@ def test_timed_checkpoints_are_mid_epoch_and_resume_to_the_same_run(tmp_path):
     again = tmp_path / "again"
     shutil.copytree(out, again)
     for name in names[names.index("epoch0001-step0000025") + 1:]:
-        shutil.rmtree(again / "checkpoints" / name)
-    (again / "metrics.json").unlink()
+        shutil.rmtree(RunDir(again).checkpoints / name)
+    RunDir(again).summary_file.unlink()
     resumed = run([PYTHON, "job/train.py", *small_run(again, prep, "train.checkpoint_every_minutes=0")])
     assert "resumed from" in resumed.stdout and "epoch0001-step0000025" in resumed.stdout
     keys = ("epoch", "step", "train_loss", "train_accuracy", "train_samples", "val_loss", "val_accuracy")
-    history = lambda d: [{k: h[k] for k in keys}  # noqa: E731
-                         for h in map(json.loads, (d / "history.jsonl").read_text().splitlines())]
+    history = lambda d: [{k: getattr(h, k) for k in keys} for h in RunDir(d).epochs()]  # noqa: E731
     assert history(again) == history(out)
-    assert json.loads((again / "metrics.json").read_text())["test_accuracy"] == \
-        json.loads((out / "metrics.json").read_text())["test_accuracy"]
+    assert RunDir(again).summary().test_accuracy == RunDir(out).summary().test_accuracy

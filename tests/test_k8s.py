@@ -142,7 +142,8 @@ def test_builtin_kinds_validate_strictly(manifests):
                      "secret example": ["Secret"]}
 
 
-QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+_NUMBER = r"(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+QUANTITY = rf"^(\+|-)?{_NUMBER}(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?{_NUMBER}))?$"
 
 
 def _strict(model, data, where: str = ""):
@@ -324,7 +325,8 @@ def test_training_manifests_follow_policy(manifests, target):
     for c in [container, *spec["initContainers"]]:
         context = c["securityContext"]
         assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"]
-        assert context["capabilities"]["drop"] == ["ALL"] and set(context["capabilities"].get("add", [])) <= {"IPC_LOCK"}
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert set(context["capabilities"].get("add", [])) <= {"IPC_LOCK"}
     # scheduling on GPU nodes, whatever else was added to the tolerations (AKS's sku=gpu too)
     assert GPU_TOLERATION in spec["tolerations"] and AKS_GPU_TOLERATION in spec["tolerations"]
     # one build everywhere: a digest from submit.sh (a tag only with --allow-tag), never latest
@@ -382,7 +384,8 @@ def test_indexed_job_rendezvous(manifests, target):
     spec = job["spec"]
     nodes = int(env(spec["template"]["spec"]["containers"][0])["NNODES"])
     assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == nodes
-    assert service["spec"]["clusterIP"] == "None" and spec["template"]["spec"]["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert spec["template"]["spec"]["subdomain"] == service["metadata"]["name"]
     assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
     container_env = env(spec["template"]["spec"]["containers"][0])
     assert container_env["SERVICE_NAME"] == service["metadata"]["name"]
@@ -825,7 +828,8 @@ def test_submit_resolves_a_tag_to_its_digest(tmp_path):
     kubeflow = submit_proc("--image", TAGGED, "--name", "r", "--kubeflow", path=path)
     assert kubeflow.returncode == 0 and f"image: {IMAGE}" in kubeflow.stdout and ":1.4.2" not in kubeflow.stdout
     failing = submit_proc("--image", "registry.example.com/other:2", "--name", "r", path=path)
-    assert failing.returncode == 2 and "crane digest registry.example.com/other:2 failed: UNAUTHORIZED" in failing.stderr
+    assert failing.returncode == 2
+    assert "crane digest registry.example.com/other:2 failed: UNAUTHORIZED" in failing.stderr
     ((_, _, tagged),) = pod_specs(submit("--image", TAGGED, "--allow-tag", "--name", "r"))
     assert tagged["image"] == TAGGED
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dali_pipelines import sampling
+from dali_pipelines.sampling import Shard
 from dali_pipelines.loader import DaliLoader
 from dali_pipelines.spec import LoaderSpec, Preprocessing
 
@@ -24,7 +25,7 @@ def _reference(images_hwc_uint8: np.ndarray, size: int) -> torch.Tensor:
 
 def _eval_loader(store, split, size, **spec_kw) -> DaliLoader:
     data = store.split(split)
-    return DaliLoader(labels=data.labels, images=data.images, files=data.files, train=False, batch_size=50,
+    return DaliLoader(labels=data.labels, images=data.images, files=data.files, train=False, shard=Shard(batch_size=50),
                       spec=LoaderSpec(Preprocessing(size, MEAN, STD), num_threads=2, **spec_kw))
 
 
@@ -52,7 +53,7 @@ def test_decode_resize_normalize_match_pil_and_torch_on_real_jpegs(folder_store)
 
 def test_train_augmentation_is_the_planned_shift_and_flip(cifar_store):
     data = cifar_store.split("train")
-    loader = DaliLoader(labels=data.labels, images=data.images, train=True, batch_size=32, seed=7,
+    loader = DaliLoader(labels=data.labels, images=data.images, train=True, shard=Shard(batch_size=32, seed=7),
                         spec=LoaderSpec(Preprocessing(32, (0, 0, 0), (1, 1, 1)), num_threads=2))
     loader.set_epoch(2)
     images, labels = next(iter(loader))
@@ -75,8 +76,9 @@ def _collect(loader, epoch, start=0):
 
 def test_resume_mid_epoch_yields_what_an_uninterrupted_run_would(cifar_store):
     data = cifar_store.split("train")
-    make = lambda: DaliLoader(labels=data.labels, images=data.images, train=True, batch_size=64, seed=3,  # noqa: E731
-                              spec=LoaderSpec(Preprocessing(40, MEAN, STD), num_threads=2))
+    make = lambda: DaliLoader(labels=data.labels, images=data.images, train=True, # noqa: E731
+                              spec=LoaderSpec(Preprocessing(40, MEAN, STD), num_threads=2), shard=Shard(batch_size=64,
+                                                                                                        seed=3))
     uninterrupted = make()
     epoch0, epoch1 = _collect(uninterrupted, 0), _collect(uninterrupted, 1)
     assert len(epoch0) == len(uninterrupted) == 29 and sum(len(y) for _, y in epoch0) == 1800
@@ -99,8 +101,9 @@ def test_two_rank_loaders_split_the_epoch(cifar_store):
     data = cifar_store.split("train")
     seen = []
     for rank in range(2):
-        loader = DaliLoader(labels=np.arange(len(data)), images=data.images, train=True, batch_size=64, seed=0,
-                            rank=rank, world_size=2, spec=LoaderSpec(Preprocessing(32, MEAN, STD), num_threads=2))
+        loader = DaliLoader(labels=np.arange(len(data)), images=data.images, train=True,
+                            spec=LoaderSpec(Preprocessing(32, MEAN, STD), num_threads=2),
+                            shard=Shard(batch_size=64, seed=0, rank=rank, world_size=2))
         batches = _collect(loader, 4)
         assert len(batches) == len(loader) == 15
         seen += [int(i) for _, y in batches for i in y]
@@ -122,7 +125,8 @@ def test_eval_loader_counts_every_sample_once_with_uneven_shards(cifar_store):
     data = cifar_store.split("val")  # 200 samples over 3 ranks, batch 32: 67/67/66
     total = []
     for rank in range(3):
-        loader = DaliLoader(labels=np.arange(len(data)), images=data.images, train=False, batch_size=32,
-                            rank=rank, world_size=3, spec=LoaderSpec(Preprocessing(32, MEAN, STD), num_threads=2))
+        loader = DaliLoader(labels=np.arange(len(data)), images=data.images, train=False,
+                            spec=LoaderSpec(Preprocessing(32, MEAN, STD), num_threads=2),
+                            shard=Shard(batch_size=32, rank=rank, world_size=3))
         total += [int(i) for _, y in loader for i in y]
     assert total == list(range(200))

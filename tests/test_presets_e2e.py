@@ -3,21 +3,13 @@ used to crash), and a mid-epoch checkpoint resumed on another world size."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from helpers.runs import FOLDER_MINI, PYTHON, accelerate_launch, run, small_run, train_until_sigterm
+from job.run_dir import RunDir
 
 pytestmark = pytest.mark.slow
-
-
-def _metrics(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
-
-
-def _history(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
 
 
 def test_presets_settings_on_two_processes_run_to_the_end(tmp_path):
@@ -31,18 +23,18 @@ def test_presets_settings_on_two_processes_run_to_the_end(tmp_path):
                      "train.grad_accum_steps=2", "train.compile=true", "train.epochs=1", "data.synthetic_train=500")
     proc = run(accelerate_launch(2, "job/train.py", *args), env={"TORCH_LOGS": "recompiles"}, timeout=900)
     output = proc.stdout + proc.stderr
-    m = _metrics(out)
-    assert m["replicas_identical"] is True and "replicas identical" in output
-    assert m["world_size"] == 2 and m["test_samples"] == 200
-    assert _history(out)[0]["train_samples"] == 450
-    assert m["global_steps"] == 4  # 7 micro-batches per rank (6 of 32, then 33), 2 per update
+    m = RunDir(out).summary()
+    assert m.replicas_identical is True and "replicas identical" in output
+    assert m.world_size == 2 and m.test_samples == 200
+    assert RunDir(out).epochs()[0].train_samples == 450
+    assert m.global_steps == 4  # 7 micro-batches per rank (6 of 32, then 33), 2 per update
     assert "Recompiling function" not in output, output[-4000:]
     from safetensors.torch import load_file
 
-    keys = load_file(str(out / "best" / "model.safetensors")).keys()
+    keys = load_file(str(RunDir(out).weights_file)).keys()
     assert keys and not any("_orig_mod" in k or k.startswith("module.") for k in keys)
     result = json.loads(run([PYTHON, "job/evaluate.py", "--run", str(out)]).stdout.splitlines()[-1])
-    assert result["samples"] == 200 and result["accuracy"] == m["test_accuracy"]
+    assert result["samples"] == 200 and result["accuracy"] == m.test_accuracy
     image = sorted((FOLDER_MINI / "test" / "ship").iterdir())[0]
     top = json.loads(run([PYTHON, "job/predict.py", "--run", str(out), str(image)]).stdout.splitlines()[-1])
     assert len(top["top"]) == 5
@@ -58,11 +50,11 @@ def test_a_mid_epoch_checkpoint_resumes_on_another_world_size(tmp_path, before, 
     # 540 training images; step 5 is mid epoch 1 on either world size
     code, _ = train_until_sigterm(accelerate_launch(before, "job/train.py", *args), at_line="step 5:")
     assert code == 143 or code != 0
-    assert not (out / "metrics.json").exists()
+    assert not RunDir(out).summary_file.exists()
     resumed = run(accelerate_launch(after, "job/train.py", *args)).stdout
     position = int(resumed.split("resumed from ")[1].split("sample ")[1].split(")")[0])
     assert position > 0 and position % (16 * before) == 0, resumed  # whole global batches of the first run
-    history = _history(out)
-    assert [h["epoch"] for h in history] == [0, 1]
-    assert all(h["train_samples"] == 540 for h in history), history  # exact across the change
-    assert _metrics(out)["world_size"] == after and _metrics(out)["test_samples"] == 200
+    history = RunDir(out).epochs()
+    assert [h.epoch for h in history] == [0, 1]
+    assert all(h.train_samples == 540 for h in history), history  # exact across the change
+    assert RunDir(out).summary().world_size == after and RunDir(out).summary().test_samples == 200

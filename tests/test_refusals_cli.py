@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from job.config import DataConfig
 from helpers.runs import (CIFAR_MINI, CIFAR_TARBALL, FOLDER_MINI, PYTHON, assert_refused, prepare_cli, run,
                           small_run, snapshot)
 from job.atomic import TEMPORARY_MARKER
+from job.run_dir import RunDir
 
 
 def train_args(out: Path, prep: Path, *overrides: str) -> list[str]:
@@ -72,8 +74,8 @@ def test_an_output_dir_of_user_files_is_refused_before_anything_is_written(tmp_p
 
     out = tmp_path / "my-project"
     out.mkdir()
-    (out / "config.yaml").write_text("lr: 0.1\nnotes: my own experiment\n")
-    (out / "history.jsonl").write_text('{"when": "yesterday", "what": "my notes"}\n')
+    RunDir(out).config_file.write_text("lr: 0.1\nnotes: my own experiment\n")  # a user's files of those names
+    RunDir(out).history_file.write_text('{"when": "yesterday", "what": "my notes"}\n')
     before = snapshot(out)
     refused_in_process(main, train_args(out, tmp_path / "prep"), capsys, f"train.output_dir={out}",
                        "no run of this job wrote")
@@ -88,10 +90,11 @@ def test_a_run_folder_whose_history_is_not_ours_is_refused_naming_the_file(tmp_p
     out, prep = tmp_path / "out", tmp_path / "prep"
     argv = train_args(out, prep)
     out.mkdir()
-    load_config(argv[1], argv[2:]).save(out / "config.yaml")  # a run folder of ours, as train.py writes it
-    (out / "history.jsonl").write_text('{"when": "yesterday"}\n')
-    refused_in_process(main, argv, capsys, str(out / "history.jsonl"), "line 1 is not an epoch record")
-    assert (out / "history.jsonl").read_text() == '{"when": "yesterday"}\n'
+    run_dir = RunDir(out)
+    load_config(argv[1], argv[2:]).save(run_dir.config_file)  # a run folder of ours, as train.py writes it
+    run_dir.history_file.write_text('{"when": "yesterday"}\n')
+    refused_in_process(main, argv, capsys, str(run_dir.history_file), "line 1 is not an epoch record")
+    assert run_dir.history_file.read_text() == '{"when": "yesterday"}\n'
 
 
 @pytest.mark.parametrize("key, where", [("train.output_dir", "train"), ("train.output_dir", "."),
@@ -214,7 +217,7 @@ def test_a_store_on_a_read_only_mount_is_reused_not_refused(shared_tmp):
     ours, and only a rebuild there is refused (named, at the write)."""
     from job.data import prepare
 
-    prepare("cifar10", CIFAR_TARBALL, shared_tmp / "data" / "store")
+    prepare(DataConfig(source="cifar10", root=str(CIFAR_TARBALL)), shared_tmp / "data" / "store")
     _open_to_all(shared_tmp)
     for d in (shared_tmp / "data", shared_tmp / "data" / "store"):
         d.chmod(0o555)
@@ -319,7 +322,7 @@ def test_a_damaged_checkpoint_is_a_named_refusal(finished_run, tmp_path, capsys,
     from job.train import main
 
     out = _copy(finished_run, tmp_path)
-    (checkpoint,) = (out / "checkpoints").iterdir()
+    (checkpoint,) = RunDir(out).checkpoints.iterdir()
     if damage == "empty trainer state":
         (checkpoint / "trainer_state.json").write_text("{}")
     elif damage == "bad trainer state values":
@@ -355,7 +358,8 @@ def test_evaluate_refuses_a_damaged_run(finished_run, tmp_path, capsys, damage, 
     from job.evaluate import main
 
     out = _copy(finished_run, tmp_path)
-    card = out / "best" / "model.json"
+    run_dir = RunDir(out)
+    card = run_dir.card_file
     if damage == "model.json not JSON":
         card.write_text("{not json")
     elif damage == "classes edited":
@@ -363,10 +367,10 @@ def test_evaluate_refuses_a_damaged_run(finished_run, tmp_path, capsys, damage, 
     elif damage.startswith("head edited"):
         card.write_text(json.dumps({**json.loads(card.read_text()), "head_hidden": [10**8]}))
     elif damage == "truncated weights":
-        weights = out / "best" / "model.safetensors"
+        weights = run_dir.weights_file
         weights.write_bytes(weights.read_bytes()[:1000])
     else:
-        (out / "config.yaml").write_text("")
+        run_dir.config_file.write_text("")
     before = snapshot(out)
     refused_in_process(main, ["--run", str(out)], capsys, str(out), *needles)
     assert snapshot(out) == before
@@ -402,4 +406,4 @@ def test_a_non_finite_loss_stops_the_run_with_the_step(tmp_path):
     proc = run([PYTHON, "job/train.py", *train_args(tmp_path / "out", tmp_path / "prep", "optim.lr=1e30")],
                check=False)
     assert_refused(proc, "the training loss became NaN or infinite at step", "(epoch 1)", "Lower optim.lr")
-    assert not (tmp_path / "out" / "best").exists() and not (tmp_path / "out" / "metrics.json").exists()
+    assert not RunDir(tmp_path / "out").best.exists() and not RunDir(tmp_path / "out").summary_file.exists()

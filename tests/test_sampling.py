@@ -72,13 +72,13 @@ def test_a_mid_epoch_position_resumes_on_any_world_size_with_every_sample_seen_o
     the rest of the permutation: nothing seen twice, nothing skipped."""
     if n < max(world, new_world):
         return
-    plans = [sampling.EpochPlan(n, train=True, batch_size=batch, rank=r, world_size=world) for r in range(world)]
+    plans = [sampling.EpochPlan(n, train=True, shard=sampling.Shard(batch, r, world)) for r in range(world)]
     steps = data.draw(st.integers(0, len(plans[0].batches)))
     position = plans[0].position_after(steps)
     assert {p.position_after(steps) for p in plans} == {position}, "every rank agrees on the position"
     seen = np.concatenate([b for p in plans for b in p.batches[:steps]] or [np.zeros(0, int)])
     assert np.array_equal(np.sort(seen), np.arange(position)), "the consumed samples are a prefix"
-    resumed = [sampling.EpochPlan(n, train=True, batch_size=batch, rank=r, world_size=new_world)
+    resumed = [sampling.EpochPlan(n, train=True, shard=sampling.Shard(batch, r, new_world))
                for r in range(new_world)]
     for p in resumed:
         p.restart(position)

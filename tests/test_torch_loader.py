@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dali_pipelines.loader import DaliLoader
+from dali_pipelines.sampling import Shard
 from dali_pipelines.spec import LoaderSpec, Preprocessing, resolve_backend
 from dali_pipelines.torch_loader import TorchLoader
 
@@ -16,7 +17,8 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 def _pair(store, split, *, train, size, n=96, batch=32, **spec_kw):
     data = store.split(split)
     kwargs = dict(labels=data.labels[:n], images=None if data.images is None else data.images[:n],
-                  files=None if data.files is None else data.files[:n], train=train, batch_size=batch, seed=5)
+                  files=None if data.files is None else data.files[:n], train=train,
+                  shard=Shard(batch_size=batch, seed=5))
     spec = LoaderSpec(Preprocessing(size, MEAN, STD), num_threads=2, **spec_kw)
     return DaliLoader(spec=spec, **kwargs), TorchLoader(spec=spec, **kwargs)
 
@@ -58,11 +60,12 @@ def test_resume_mid_epoch_and_shards_follow_the_same_plan(cifar_store):
     spec = LoaderSpec(Preprocessing(32, MEAN, STD), num_threads=1, backend="torch")
     seen = []
     for rank in range(2):
-        loader = TorchLoader(labels=np.arange(len(data)), images=data.images, train=True, batch_size=64, seed=0,
-                             rank=rank, world_size=2, spec=spec)
+        loader = TorchLoader(labels=np.arange(len(data)), images=data.images, train=True, spec=spec,
+                             shard=Shard(batch_size=64, seed=0, rank=rank, world_size=2))
         seen += [int(i) for _, y in _epoch(loader, 4) for i in y]
     assert sorted(seen) == list(range(len(data)))
-    whole = TorchLoader(labels=data.labels, images=data.images, train=True, batch_size=64, seed=3, spec=spec)
+    whole = TorchLoader(labels=data.labels, images=data.images, train=True, spec=spec, shard=Shard(batch_size=64,
+                                                                                                   seed=3))
     full, tail = _epoch(whole, 1), _epoch(whole, 1, start=17 * 64)
     assert len(tail) == len(full) - 17
     assert all(torch.equal(a[0], b[0]) for a, b in zip(full[17:], tail))

@@ -11,6 +11,7 @@ import yaml
 from helpers.runs import PYTHON, REPO, run, small_run
 from helpers.wandb_log import summarize
 from job.config import load_config
+from job.run_dir import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +23,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def wandb_runs(out: Path) -> list[Path]:
-    return sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    return sorted(RunDir(out).wandb.glob("offline-run-*/run-*.wandb"))
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +51,15 @@ def test_offline_run_records_config_summary_and_model(offline_run):
     files = wandb_runs(offline_run)
     assert len(files) == 1, files
     log = summarize(files[0])
-    metrics = json.loads((offline_run / "metrics.json").read_text())
+    metrics = RunDir(offline_run).summary()
     assert len(log["run_ids"]) == 1 and files[0].name == f"run-{log['run_ids'].pop()}.wandb"
     config = log["config"]
     assert config["train"]["epochs"] == 2 and config["model"]["name"] == "test_resnet"
     assert config["run"]["world_size"] == 1 and "torch" in config["run"] and "git_commit" in config["run"]
     summary = log["summary"]
-    assert summary["test_accuracy"] == metrics["test_accuracy"]
-    assert summary["test_samples"] == metrics["test_samples"] == 300
-    assert summary["best_epoch"] == metrics["best_epoch"] and summary["epoch"] == 2
+    assert summary["test_accuracy"] == metrics.test_accuracy
+    assert summary["test_samples"] == metrics.test_samples == 300
+    assert summary["best_epoch"] == metrics.best_epoch and summary["epoch"] == 2
     epochs = [h for h in log["history"] if "val/accuracy" in h]
     assert [h["epoch"] for h in epochs] == [1, 2]
     assert any("train/loss" in h and "train/images_per_second" in h for h in log["history"])
@@ -68,14 +69,15 @@ def test_offline_run_records_config_summary_and_model(offline_run):
 
 
 def test_pngs_and_confusion_counts(offline_run):
-    metrics = json.loads((offline_run / "metrics.json").read_text())
-    assert png_size(offline_run / "curves.png") == (1500, 400)
-    assert png_size(offline_run / "confusion_matrix.png") == (800, 700)
-    assert png_size(offline_run / "test_samples.png")[0] == 1600
-    assert sum(map(sum, metrics["confusion_matrix"])) == metrics["test_samples"]
+    run_dir = RunDir(offline_run)
+    metrics = run_dir.summary()
+    assert png_size(run_dir.curves_png) == (1500, 400)
+    assert png_size(run_dir.confusion_png) == (800, 700)
+    assert png_size(run_dir.samples_png)[0] == 1600
+    assert sum(map(sum, metrics.confusion_matrix)) == metrics.test_samples
     table = next(wandb_runs(offline_run)[0].parent.glob("files/media/table/test/confusion_matrix_table_*.json"))
     rows = json.loads(table.read_text())["data"]
-    assert sum(row[2] for row in rows) == metrics["test_samples"]
+    assert sum(row[2] for row in rows) == metrics.test_samples
 
 
 def test_sweep_parameters_are_real_config_keys():

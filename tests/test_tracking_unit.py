@@ -4,6 +4,7 @@ import types
 from job import tracking
 from job.config import load_config
 from job.records import EpochRecord
+from job.run_dir import RunDir
 
 
 def test_auto_mode_follows_the_api_key(monkeypatch, tmp_path):
@@ -32,7 +33,7 @@ def test_a_failing_wandb_call_is_reported_once_and_training_goes_on(tmp_path, mo
         raise OSError("No space left on device (key secret-key-0123456789)")
 
     sink = tracking.WandbSink(types.SimpleNamespace(log=broken_log), tmp_path, printed.append)
-    history = tracking.HistorySink(tmp_path / "history.jsonl")
+    history = tracking.HistorySink(RunDir(tmp_path))
     sink.log_step({"train/loss": 1.0}, step=1)
     sink.log_step({"train/loss": 0.9}, step=2)
     record = EpochRecord(epoch=0, step=2, lr=0.1, train_loss=1.0, train_accuracy=0.4, train_samples=8,

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from helpers.runs import FOLDER_MINI, PYTHON, accelerate_launch, assert_refused, run, small_run, train_until_sigterm
+from job.run_dir import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -30,30 +31,27 @@ def trained(tmp_path_factory, prepared):
     return out
 
 
-def _metrics(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
-
-
 def test_learns_well_above_chance_and_writes_every_output(trained):
-    m = _metrics(trained)
-    assert m["test_accuracy"] > 0.30, m["test_accuracy"]  # chance is 0.10; ~0.45 measured
-    assert m["test_samples"] == 1000 and m["world_size"] == 1 and m["epochs_completed"] == 8
-    assert not m["stopped_early"] and m["train_images_per_second"] > 0
-    assert sum(sum(row) for row in m["confusion_matrix"]) == 1000
-    history = [json.loads(line) for line in (trained / "history.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in history] == list(range(8))
+    run_dir = RunDir(trained)
+    m = run_dir.summary()
+    assert m.test_accuracy > 0.30, m.test_accuracy  # chance is 0.10; ~0.45 measured
+    assert m.test_samples == 1000 and m.world_size == 1 and m.epochs_completed == 8
+    assert not m.stopped_early and m.train_images_per_second > 0
+    assert sum(sum(row) for row in m.confusion_matrix) == 1000
+    history = run_dir.epochs()
+    assert [h.epoch for h in history] == list(range(8))
     for key in ("lr", "train_loss", "val_loss", "val_accuracy", "epoch_seconds", "images_per_second"):
-        assert all(key in h for h in history)
-    assert all(h["val_samples"] == 200 and h["train_samples"] == 1800 for h in history)
-    assert m["best_val_accuracy"] == max(h["val_accuracy"] for h in history)
-    assert m["best_epoch"] == max(range(8), key=lambda e: (history[e]["val_accuracy"], -e))
-    assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert (trained / "config.yaml").is_file() and (trained / "best" / "model.safetensors").is_file()
-    meta = json.loads((trained / "best" / "model.json").read_text())
-    assert meta["epoch"] == m["best_epoch"] and meta["classes"][0] == "airplane"
-    checkpoints = sorted((trained / "checkpoints").iterdir())
+        assert all(hasattr(h, key) for h in history)
+    assert all(h.val_samples == 200 and h.train_samples == 1800 for h in history)
+    assert m.best_val_accuracy == max(h.val_accuracy for h in history)
+    assert m.best_epoch == max(range(8), key=lambda e: (history[e].val_accuracy, -e))
+    assert history[-1].train_loss < history[0].train_loss
+    assert run_dir.config_file.is_file() and run_dir.weights_file.is_file()
+    meta = run_dir.card()
+    assert meta.epoch == m.best_epoch and meta.classes[0] == "airplane"
+    checkpoints = sorted(run_dir.checkpoints.iterdir())
     assert [c.name for c in checkpoints] == ["epoch0007-step0000203", "epoch0008-step0000232"]  # keep 2
-    assert (checkpoints[-1] / "config.yaml").read_text() == (trained / "config.yaml").read_text()
+    assert (checkpoints[-1] / "config.yaml").read_text() == run_dir.config_file.read_text()
 
 
 def test_evaluate_gives_identical_results_on_1_and_2_processes(trained):
@@ -61,7 +59,7 @@ def test_evaluate_gives_identical_results_on_1_and_2_processes(trained):
     two = json.loads(run(accelerate_launch(2, "job/evaluate.py", "--run", str(trained), "--batch-size", "48"))
                      .stdout.strip().splitlines()[-1])
     assert one["samples"] == two["samples"] == 1000 and two["world_size"] == 2
-    assert one["accuracy"] == two["accuracy"] == _metrics(trained)["test_accuracy"]
+    assert one["accuracy"] == two["accuracy"] == RunDir(trained).summary().test_accuracy
     assert one["per_class_accuracy"] == two["per_class_accuracy"]
     val = json.loads(run([PYTHON, "job/evaluate.py", "--run", str(trained), "--split", "val"]).stdout.splitlines()[-1])
     assert val["samples"] == 200
@@ -74,10 +72,10 @@ def test_evaluate_reads_the_data_where_it_is_mounted_now(trained, prepared, tmp_
 
     moved = tmp_path / "mounted-elsewhere" / "cifar10"
     shutil.copytree(prepared / "cifar10", moved)
-    assert str(prepared) not in (trained / "best" / "model.json").read_text()
+    assert str(prepared) not in RunDir(trained).card_file.read_text()
     result = json.loads(run([PYTHON, "job/evaluate.py", "--run", str(trained), "--store", str(moved)])
                         .stdout.splitlines()[-1])
-    assert result["samples"] == 1000 and result["accuracy"] == _metrics(trained)["test_accuracy"]
+    assert result["samples"] == 1000 and result["accuracy"] == RunDir(trained).summary().test_accuracy
 
 
 def test_predict_prints_top5_for_image_files(trained):
@@ -103,11 +101,11 @@ def test_folder_source_bf16_channels_last_and_accumulation(tmp_path):
                                             "train.epochs=1", "train.mixed_precision=bf16",
                                             "train.channels_last=true", "train.grad_accum_steps=2",
                                             "train.strategy=feature_extraction", "data.batch_size=32")])
-    m = _metrics(out)
-    assert m["test_samples"] == 500 and m["epochs_completed"] == 1
-    history = json.loads((out / "history.jsonl").read_text().splitlines()[0])
-    assert history["train_samples"] == 900 and history["val_samples"] == 100
-    assert history["step"] == 15  # 29 batches of 32 (the last one 4), 2 per optimizer update
+    m = RunDir(out).summary()
+    assert m.test_samples == 500 and m.epochs_completed == 1
+    history = RunDir(out).epochs()[0]
+    assert history.train_samples == 900 and history.val_samples == 100
+    assert history.step == 15  # 29 batches of 32 (the last one 4), 2 per optimizer update
 
 
 def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, prepared):
@@ -118,24 +116,25 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, prepared):
     args = cifar_run(resumed, prepared, *common, "tracking.wandb=offline")
     code, _ = train_until_sigterm([PYTHON, "job/train.py", *args], at_line="step 40:")
     assert code == 143  # 29 batches/epoch: mid epoch 2
-    checkpoints = sorted(p.name for p in (resumed / "checkpoints").iterdir())
+    checkpoints = sorted(p.name for p in RunDir(resumed).checkpoints.iterdir())
     # The signal lands at step 40 or a step or two later: the checkpoint is mid epoch 2 (steps 30-58).
     step = int(checkpoints[-1].split("step")[1])
     assert checkpoints[-1].startswith("epoch0001-") and 40 <= step < 58, checkpoints
-    assert not (resumed / "metrics.json").exists()
+    assert not RunDir(resumed).summary_file.exists()
     out = run([PYTHON, "job/train.py", *args]).stdout
     assert "resumed from" in out and f"epoch 2, sample {(step - 29) * 64}" in out  # shown 1-based
-    ref_hist = [json.loads(x) for x in (reference / "history.jsonl").read_text().splitlines()]
-    res_hist = [json.loads(x) for x in (resumed / "history.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in res_hist] == [0, 1]
+    ref_hist = RunDir(reference).epochs()
+    res_hist = RunDir(resumed).epochs()
+    assert [h.epoch for h in res_hist] == [0, 1]
     for a, b in zip(ref_hist, res_hist):
         for key in ("lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "step", "train_samples"):
-            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
-    ref_m, res_m = _metrics(reference), _metrics(resumed)
+            assert getattr(b, key) == pytest.approx(getattr(a, key), rel=1e-6, abs=1e-9), key
+    ref_m = RunDir(reference).summary()
+    res_m = RunDir(resumed).summary()
     for key in ("test_accuracy", "test_samples", "best_epoch", "best_val_accuracy", "epochs_completed"):
-        assert res_m[key] == ref_m[key], key
+        assert getattr(res_m, key) == getattr(ref_m, key), key
     # W&B: one offline run directory per process start, both writing the same run id.
-    runs = sorted((resumed / "wandb").glob("offline-run-*/run-*.wandb"))
+    runs = sorted(RunDir(resumed).wandb.glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 2 and runs[0].name == runs[1].name
 
 
@@ -161,7 +160,7 @@ def test_an_altered_checkpoint_is_refused_not_unpickled(tmp_path, prepared, trai
             return os.system, (f"touch {tmp_path / 'PWNED'}",)
 
     checkpoint = tmp_path / "epoch0008-step0000232"
-    shutil.copytree(sorted((trained / "checkpoints").iterdir())[-1], checkpoint)
+    shutil.copytree(sorted(RunDir(trained).checkpoints.iterdir())[-1], checkpoint)
     good_config = (checkpoint / "config.yaml").read_text()
     (checkpoint / "config.yaml").write_text("model: [unbalanced\n")
     proc = run([PYTHON, "job/train.py", *cifar_run(tmp_path / "out", prepared, "train.epochs=9",

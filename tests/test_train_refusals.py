@@ -7,6 +7,7 @@ import pickle
 import pytest
 
 from helpers.runs import PYTHON, assert_refused, run, small_run
+from job.run_dir import RunDir
 
 
 
@@ -53,7 +54,7 @@ def test_an_output_dir_this_job_cannot_use(tmp_path, capsys, monkeypatch):
     from job import checkpoint
     from job import train as train_module
 
-    foreign = tmp_path / "out" / "best"
+    foreign = RunDir(tmp_path / "out").best
     foreign.mkdir(parents=True)
     (foreign / "notes.txt").write_text("mine")
     assert train_module.main(train_args(tmp_path)) == 2

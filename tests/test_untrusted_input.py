@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from job.config import DataConfig
 from helpers.runs import CIFAR_MINI, FOLDER_MINI, PYTHON, assert_refused, prepare_cli, run, snapshot
 from job.data import DataError, cifar10, folder, prepare
 
@@ -20,7 +21,7 @@ from job.data import DataError, cifar10, folder, prepare
 @pytest.fixture
 def good_store(tmp_path):
     """A good store at tmp_path/store that every refused input must leave byte-identical."""
-    prepare("cifar10", CIFAR_MINI, tmp_path / "store")
+    prepare(DataConfig(source="cifar10", root=str(CIFAR_MINI)), tmp_path / "store")
     return tmp_path / "store", snapshot(tmp_path / "store")
 
 
@@ -349,7 +350,7 @@ def test_class_names_are_labels_never_paths(tmp_path):
     weird = "$(touch PWNED) ..%2F..%2Fetc"
     for split in ("train", "test"):
         (root / split / "cat").rename(root / split / weird)
-    store, _ = prepare("folder", root, tmp_path / "store")
+    store, _ = prepare(DataConfig(source="folder", root=str(root)), tmp_path / "store")
     assert weird in store.classes
     assert {p.name for p in tmp_path.iterdir()} == {"imgs", "store"}
 

@@ -6,7 +6,7 @@
     synthetic.py  seeded CIFAR-shaped data for tests and demos
     __main__.py   ``python -m job.data prepare --source {cifar10,folder,synthetic} --root PATH --out DIR``
 
-What is validated, and why, is in the README's Data section.
+What is validated, and why, is in docs/DATA_SAFETY.md.
 """
 from job.data.cifar10 import CIFAR10_CLASSES, CIFAR10_DIR, CIFAR10_MD5, CIFAR10_URL, download_cifar10
 from job.data.errors import DataError

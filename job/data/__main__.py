@@ -37,9 +37,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder: follow symlinks that lead outside --root (refused by default)")
     args = parser.parse_args(argv)
     try:
-        store, reused = prepare(args.source, args.root, args.out, val_fraction=args.val_fraction,
-                                seed=args.seed, download=args.download, num_train=args.num_train,
-                                num_test=args.num_test, follow_symlinks=args.follow_symlinks)
+        data = DataConfig(source=args.source, root=args.root, download=args.download, val_fraction=args.val_fraction,
+                          split_seed=args.seed, synthetic_train=args.num_train, synthetic_test=args.num_test,
+                          follow_symlinks=args.follow_symlinks)
+        store, reused = prepare(data, args.out)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

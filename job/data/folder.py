@@ -62,7 +62,8 @@ def list_image_folder(root: Path, follow_symlinks: bool = False) -> FolderListin
         return path
 
     train_dir = checked(root / "train")
-    classes = sorted(p.name for p in _listed(train_dir, MAX_CLASSES, f"more than MAX_CLASSES={MAX_CLASSES} class folders") if checked(p).is_dir())
+    listed = _listed(train_dir, MAX_CLASSES, f"more than MAX_CLASSES={MAX_CLASSES} class folders")
+    classes = sorted(p.name for p in listed if checked(p).is_dir())
     if not classes:
         raise DataError(f"{train_dir}: no class folders; expected {train_dir}/<class>/*.jpg")
     splits, total = {}, 0

@@ -34,7 +34,6 @@ SOURCES = ("cifar10", "folder", "synthetic")
 SPLITS = ("train", "val", "test")
 STORE_VERSION = 2
 WRITER = "cifar-transfer"  # meta.json's mark of a store this job wrote
-_DEFAULTS = DataConfig()
 
 
 @dataclass(frozen=True)
@@ -80,33 +79,30 @@ def load_store(path: str | Path) -> Store:
 
 
 def prepare_from_config(cfg: DataConfig) -> Store:
-    """The store for a run's ``DataConfig`` (prepared if missing or stale)."""
-    store, _ = prepare(cfg.source, cfg.root, Path(cfg.prepared_dir) / cfg.source,
-                       val_fraction=cfg.val_fraction, seed=cfg.split_seed, download=cfg.download,
-                       num_train=cfg.synthetic_train, num_test=cfg.synthetic_test,
-                       follow_symlinks=cfg.follow_symlinks)
+    """The store for a run's ``DataConfig`` (prepared if missing or stale), at
+    ``{prepared_dir}/{source}``."""
+    store, _ = prepare(cfg, Path(cfg.prepared_dir) / cfg.source)
     return store
 
 
-def prepare(source: str, root: str | Path | None, out: str | Path, *,
-            val_fraction: float = _DEFAULTS.val_fraction, seed: int = _DEFAULTS.split_seed,
-            download: bool = _DEFAULTS.download, num_train: int = _DEFAULTS.synthetic_train,
-            num_test: int = _DEFAULTS.synthetic_test, follow_symlinks: bool = _DEFAULTS.follow_symlinks,
-            url: str | None = None) -> tuple[Store, bool]:
-    """Build (or reuse) the store for ``source`` at ``out``. Returns ``(store, reused)``."""
+def prepare(data: DataConfig, out: str | Path, *, url: str | None = None) -> tuple[Store, bool]:
+    """Build (or reuse) the store of ``data`` (its source, root, split and synthetic sizes) at
+    ``out``. Returns ``(store, reused)``. ``url``: the CIFAR-10 tarball's, for tests."""
+    source = data.source
     if source not in SOURCES:
         raise DataError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}; training needs a validation split "
-                        "(a folder source's val/ folder, when present, replaces it)")
-    if seed < 0:
-        raise DataError(f"seed must be >= 0, got {seed}")
+    if not 0.0 < data.val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in (0, 1), got {data.val_fraction}; training needs a validation "
+                        "split (a folder source's val/ folder, when present, replaces it)")
+    if data.split_seed < 0:
+        raise DataError(f"seed must be >= 0, got {data.split_seed}")
     out = Path(out)
     if source == "synthetic":
-        root = root or out.parent / f"{out.name}-synthetic-source"
-    elif root is None:
+        root = Path(data.root or out.parent / f"{out.name}-synthetic-source")
+    elif data.root is None:
         raise DataError(f"--root (data.root) is required for source {source!r}")
-    root = Path(root)
+    else:
+        root = Path(data.root)
     # Where the store goes is checked first: a path that cannot be written fails in a second,
     # not after every image was decoded.
     _refuse_overlap(root, out)
@@ -114,15 +110,14 @@ def prepare(source: str, root: str | Path | None, out: str | Path, *,
         _refuse_unwritable(out)
         _refuse_foreign(out)
     with _named_os_errors():
-        return _build_or_reuse(source, root, out, val_fraction=val_fraction, seed=seed, download=download,
-                               num_train=num_train, num_test=num_test, follow_symlinks=follow_symlinks, url=url)
+        return _build_or_reuse(data, root, out, url=url)
 
 
-def _build_or_reuse(source: str, root: Path, out: Path, *, val_fraction: float, seed: int, download: bool,
-                    num_train: int, num_test: int, follow_symlinks: bool, url: str | None) -> tuple[Store, bool]:
+def _build_or_reuse(data: DataConfig, root: Path, out: Path, url: str | None) -> tuple[Store, bool]:
+    source, val_fraction, seed = data.source, data.val_fraction, data.split_seed
     if source == "synthetic":
-        write_synthetic_cifar(root, num_train=num_train, num_test=num_test, seed=seed)
-    if source == "cifar10" and download:
+        write_synthetic_cifar(root, num_train=data.synthetic_train, num_test=data.synthetic_test, seed=seed)
+    if source == "cifar10" and data.download:
         if root.is_file():
             raise DataError(f"--root {root} is a file, and --download (data.download) needs the directory the "
                             "tarball goes to: drop --download to read this tarball, or give its directory")
@@ -133,7 +128,7 @@ def _build_or_reuse(source: str, root: Path, out: Path, *, val_fraction: float, 
         hint = " (or add --download to fetch it)" if source == "cifar10" else ""
         raise DataError(f"data root {root} does not exist{hint}")
 
-    listing = list_image_folder(root, follow_symlinks) if source == "folder" else None
+    listing = list_image_folder(root, data.follow_symlinks) if source == "folder" else None
     inputs = listing.stats() if listing else [(str(p.resolve()), *_size_mtime(p)) for p in cifar_inputs(root)]
     fingerprint = _fingerprint(source, root, inputs, val_fraction=val_fraction, seed=seed)
     meta = _read_meta(out)

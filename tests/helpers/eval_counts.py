@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from dali_pipelines.loader import DaliLoader
+from dali_pipelines.sampling import Shard
 from dali_pipelines.spec import LoaderSpec, Preprocessing
 from job.loop import evaluate
 
@@ -33,8 +34,8 @@ def case(accelerator: Accelerator, n: int, batch: int) -> dict:
     images = np.zeros((n, 8, 8, 3), np.uint8)
     images[..., 0] = (idx % 256)[:, None, None]
     images[..., 1] = (idx // 256)[:, None, None]
-    loader = DaliLoader(labels=idx % 10, images=images, train=False, batch_size=batch,
-                        rank=accelerator.process_index, world_size=accelerator.num_processes,
+    shard = Shard(batch_size=batch, rank=accelerator.process_index, world_size=accelerator.num_processes)
+    loader = DaliLoader(labels=idx % 10, images=images, train=False, shard=shard,
                         spec=LoaderSpec(Preprocessing(8, (0, 0, 0), (1, 1, 1)), num_threads=2))
     seen = []
     for x, _ in loader:

@@ -12,6 +12,7 @@ from pathlib import Path
 from job.checkpoint import Checkpointer
 from job.config import CHECKPOINT_MARKER, load_config
 from job.distributed import build_accelerator
+from job.run_dir import RunDir
 
 out = Path(sys.argv[1])
 accelerator = build_accelerator(load_config(None, ["train.setup_timeout_minutes=1"]).train)
@@ -19,9 +20,10 @@ rank = accelerator.process_index
 view = out / f"view{rank}"
 names = ["epoch0001-step0000017", "epoch0002-step0000034"] if rank == 0 else ["epoch0001-step0000017"]
 for name in names:
-    (view / "checkpoints" / name).mkdir(parents=True, exist_ok=True)
-    (view / "checkpoints" / name / CHECKPOINT_MARKER).write_text("{}")
+    (RunDir(view).checkpoints / name).mkdir(parents=True, exist_ok=True)
+    (RunDir(view).checkpoints / name / CHECKPOINT_MARKER).write_text("{}")
 chosen = Checkpointer(accelerator, view, keep=2).resolve("auto")
 (out / f"rank{rank}.json").write_text(json.dumps({"chosen": chosen.name if chosen else None,
-                                                  "listed": [p.name for p in Checkpointer(accelerator, view, 2).all()]}))
+                                                  "listed": [p.name for p in Checkpointer(accelerator, view, 2)
+                                                             .all()]}))
 accelerator.wait_for_everyone()

@@ -67,7 +67,8 @@ def summarize(path: Path) -> dict:
                 key = item.key or "/".join(item.nested_key)
                 result["summary"][key] = json.loads(item.value_json)
         elif kind == "history":
-            result["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item})
+            result["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                                      for i in r.history.item})
         elif kind == "artifact":
             result["artifacts"].append({"name": r.artifact.name, "aliases": list(r.artifact.aliases),
                                         "type": r.artifact.type})

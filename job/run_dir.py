@@ -1,0 +1,154 @@
+"""The files of one run's ``train.output_dir``, named once: every writer takes its path from
+``RunDir`` and every reader reads the files back typed (``summary()``, ``epochs()``, ``card()``,
+``config()``), with the same one-line refusal naming the file when one is damaged.
+
+    config.yaml            the resolved config (job/config.py: Config.save)
+    history.jsonl          one EpochRecord per epoch (job/records.py)
+    metrics.json           the RunSummary, written when the run finishes
+    best/model.safetensors the best epoch's bare weights; best/model.json its ModelCard
+    checkpoints/           resumable states (job/checkpoint.py owns what is inside)
+    curves.png, confusion_matrix.png, test_samples.png    the plots (job/reporting.py)
+    wandb/                 W&B's own files (offline runs, logs)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from job.bounds import shown
+from job.config import CONFIG_HEADER, Config, ConfigError, config_from_dict, read_yaml_mapping
+from job.records import EpochRecord, RunSummary
+
+if TYPE_CHECKING:
+    from job.model import ModelCard
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    # Inside best/: save_best writes them into a temporary folder first, so they are spelled apart.
+    WEIGHTS: ClassVar[str] = "model.safetensors"
+    CARD: ClassVar[str] = "model.json"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    # ------------------------------------------------------------------------------ the names
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def history_file(self) -> Path:
+        return self.path / "history.jsonl"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best"
+
+    @property
+    def weights_file(self) -> Path:
+        return self.best / self.WEIGHTS
+
+    @property
+    def card_file(self) -> Path:
+        return self.best / self.CARD
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def curves_png(self) -> Path:
+        return self.path / "curves.png"
+
+    @property
+    def confusion_png(self) -> Path:
+        return self.path / "confusion_matrix.png"
+
+    @property
+    def samples_png(self) -> Path:
+        return self.path / "test_samples.png"
+
+    @property
+    def wandb(self) -> Path:
+        return self.path / "wandb"
+
+    # ------------------------------------------------------------------------------ the readers
+    def config(self) -> Config:
+        """The resolved config the run wrote; a ConfigError naming the file otherwise."""
+        raw = read_yaml_mapping(self.config_file, "the run's config")
+        try:
+            return config_from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (in {self.config_file})") from None
+
+    def epochs(self) -> list[EpochRecord]:
+        """``history.jsonl``, one record per epoch ([] before the first epoch)."""
+        path = self.history_file
+        if not path.exists():
+            return []
+        try:
+            if not path.is_file():  # a FIFO would block the run
+                raise OSError("not a regular file")
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} cannot be read ({e}); move it away or use another train.output_dir") from None
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(EpochRecord.from_json(line))
+            except (ValueError, TypeError, RecursionError) as e:  # not JSON, not a mapping, other keys
+                raise ConfigError(f"{path}: line {number} is not an epoch record of this job ({shown(str(e))}); "
+                                  "move the file away or use another train.output_dir") from None
+        return records
+
+    def summary(self) -> RunSummary:
+        """``metrics.json`` of a finished run; a ConfigError naming the file otherwise."""
+        path = self.summary_file
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: has the run in {self.path} finished?")
+        try:
+            return RunSummary.from_json(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError) as e:
+            raise ConfigError(f"{path} is not a run summary of this job ({type(e).__name__}: "
+                              f"{shown(str(e))})") from None
+
+    def card(self) -> ModelCard:
+        """``best/model.json``, checked field by field: a WeightsError names the file otherwise."""
+        from job.model import ModelCard, WeightsError
+
+        path = self.card_file
+        try:
+            card = ModelCard.from_json(path.read_text())
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError) as e:
+            raise WeightsError(f"{path} is not a model card of this job ({type(e).__name__}: {str(e)[:200]}); "
+                               "copy the run's best/ again") from None
+        problem = card.problem()
+        if problem:
+            raise WeightsError(f"{path} is not a model card of this job: {problem}; copy the run's best/ again")
+        return card
+
+    def is_ours(self) -> bool:
+        """Whether this folder is an output_dir this job wrote: its config.yaml starts with
+        CONFIG_HEADER, or (runs from before the header) holds every section of a resolved config
+        and nothing else."""
+        path = self.config_file
+        if not path.is_file():
+            return False
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                if f.readline().rstrip("\n") == CONFIG_HEADER:
+                    return True
+            saved = read_yaml_mapping(path, "config.yaml")
+        except (OSError, ConfigError):
+            return False
+        return set(saved) == set(Config().to_dict()) and all(isinstance(v, dict) for v in saved.values())

@@ -1,0 +1,81 @@
+"""The training modes in-process on tiny data (seconds, no launch): what each one trains, what it
+evaluates, what it saves, and the one preemption path. End-to-end launches stay in
+tests/test_train_e2e.py for what only a real process shows."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.runs import REPO
+from job.config import load_config
+from job.modes import FeatureMode, ImageMode, build_mode
+from job.preemption import EXIT_PREEMPTED, Preempted
+from job.run_dir import RunDir
+from job.train import Trainer
+
+
+def tiny(tmp_path, *overrides):
+    return load_config(REPO / "tests" / "configs" / "small.yaml",
+                       [f"train.output_dir={tmp_path / 'run'}", f"data.prepared_dir={tmp_path / 'prep'}",
+                        "data.synthetic_train=200", "data.synthetic_test=50", "train.log_every=1000", *overrides])
+
+
+def snapshot(module: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+
+def changed(before: dict, module: torch.nn.Module) -> bool:
+    return any(not torch.equal(before[k], v) for k, v in module.state_dict().items() if k in before)
+
+
+def test_the_config_chooses_the_mode_in_one_place(tmp_path):
+    assert isinstance(build_mode(tiny(tmp_path, "train.strategy=feature_extraction")), FeatureMode)
+    assert isinstance(build_mode(tiny(tmp_path, "train.strategy=feature_extraction", "train.cache_features=false")),
+                      ImageMode)
+    assert isinstance(build_mode(tiny(tmp_path, "train.strategy=two_stage")), ImageMode)
+    assert isinstance(build_mode(tiny(tmp_path)), ImageMode)
+
+
+def test_cached_features_train_and_evaluate_the_head_alone_and_save_the_whole_model(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "train.strategy=feature_extraction", "train.epochs=1"))
+    trainer.setup()
+    assert trainer.mode.trainable(trainer.bare) is trainer.bare.head is trainer.mode.evaluated(trainer.bare)
+    backbone, head = snapshot(trainer.bare.backbone), snapshot(trainer.bare.head)
+    trainer.train_and_validate_epoch(0)
+    assert not changed(backbone, trainer.bare.backbone) and changed(head, trainer.bare.head)
+    test = trainer.test_with_best()
+    assert test["samples"] == 50 and "accuracy_cached" in test
+    trainer.summarise_run(test)
+    summary = RunDir(trainer.out).summary()
+    assert summary.features_cached and summary.feature_extraction_seconds > 0
+    saved = RunDir(trainer.out).card()
+    assert saved.model == "test_resnet"
+
+
+def test_two_stage_trains_the_head_first_then_everything(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "train.strategy=two_stage", "train.head_epochs=1", "train.epochs=2"))
+    trainer.setup()
+    assert trainer.mode.evaluated(trainer.bare) is trainer.bare
+    backbone, head = snapshot(trainer.bare.backbone), snapshot(trainer.bare.head)
+    trainer.train_and_validate_epoch(0)
+    assert trainer.bare.backbone_frozen and not changed(backbone, trainer.bare.backbone)
+    assert changed(head, trainer.bare.head)
+    trainer.train_and_validate_epoch(1)
+    assert not trainer.bare.backbone_frozen and changed(backbone, trainer.bare.backbone)
+    assert [r.epoch for r in RunDir(trainer.out).epochs()] == [0, 1]
+
+
+def test_preemption_is_one_exception_caught_where_the_checkpoint_is_saved(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "train.epochs=2", "data.batch_size=16"))
+    trainer.setup()
+    trainer.preemption.received = True  # as the SIGTERM handler does
+    with pytest.raises(Preempted):
+        trainer.train_and_validate_epoch(0)
+    assert trainer.state.epoch == 0 and trainer.state.samples_in_epoch == 16  # after the first update
+    assert trainer.exit_preempted(Preempted("SIGTERM")) == EXIT_PREEMPTED
+    (checkpoint,) = trainer.checkpointer.all()
+    assert checkpoint.name == "epoch0000-step0000001"
+    resumed = Trainer(tiny(tmp_path, "train.epochs=2", "data.batch_size=16"))
+    resumed.setup()
+    assert (resumed.state.epoch, resumed.state.samples_in_epoch, resumed.state.global_step) == (0, 16, 1)
+    assert resumed.state.partial.samples == 16  # the interrupted epoch's sums came back too
