@@ -120,8 +120,8 @@ class Checkpointer:
             except ConfigError:
                 raise
             except (KeyError, TypeError, ValueError, AttributeError) as e:  # an edited or foreign state
-                raise ConfigError(f"{path / CHECKPOINT_MARKER}: its {name!r} is not the state this job writes "
-                                  f"({type(e).__name__}: {_first_line(e)[:200]}); resume from another checkpoint, "
+                raise ConfigError(f"{path / CHECKPOINT_MARKER}: not the trainer state this job writes (its {name!r}: "
+                                  f"{type(e).__name__}: {_first_line(e)[:200]}); resume from another checkpoint, "
                                   "or start over with train.resume=never") from None
 
 

@@ -148,7 +148,7 @@ class RunDir:
             with open(path, encoding="utf-8", errors="replace") as f:
                 if f.readline().rstrip("\n") == CONFIG_HEADER:
                     return True
-            saved = read_yaml_mapping(path, "config.yaml")
+            saved = read_yaml_mapping(path, path.name)
         except (OSError, ConfigError):
             return False
         return set(saved) == set(Config().to_dict()) and all(isinstance(v, dict) for v in saved.values())

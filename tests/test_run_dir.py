@@ -108,3 +108,10 @@ def test_the_wandb_summary_is_every_single_value_of_the_run_summary():
     lists = {"test_per_class_accuracy", "confusion_matrix", "classes"}  # a W&B table and a plot instead
     assert set(values) == {f.name for f in dataclasses.fields(RunSummary)} - lists
     assert values["test_accuracy"] == 0.75 and values["best_epoch"] == 1 and values["replicas_identical"] is None
+
+
+def test_compare_reads_finished_runs_through_run_dir(written):
+    from job.reporting import compare_runs
+
+    run, _, _ = written
+    assert compare_runs([run.path]).splitlines()[-1].split()[1:] == ["test_resnet", "(random)", "0.750", "on", "8"]
