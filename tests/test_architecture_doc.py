@@ -15,7 +15,8 @@ def test_every_name_in_the_guided_tour_exists():
         if qualified:
             module = importlib.import_module(qualified.group(1).replace("/", "."))
             token = qualified.group(2)
-        elif module is None or not (re.fullmatch(r"[A-Z]\w*(\.\w+)?", token) or re.fullmatch(r"[a-z_]+_[a-z_]+", token)):
+        elif module is None or not (re.fullmatch(r"[A-Z]\w*(\.\w+)?", token)
+                                    or re.fullmatch(r"[a-z_]+_[a-z_]+", token)):
             continue  # config keys, file names and library calls (fn.resize) are not ours to check
         found = _find(token, module)
         assert found, f"{token} (after {module.__name__}) is not in the code"
@@ -27,8 +28,8 @@ def _find(name: str, near) -> bool:
     """In the last named module, or in any module of the job that the tour walks through."""
     for where in (near.__name__, "job.train", "job.modes", "job.loop", "job.checkpoint", "job.optim",
                   "job.early_stopping", "job.preemption", "job.tracking", "job.distributed", "job.features",
-                  "dali_pipelines.sampling", "dali_pipelines.loader", "dali_pipelines.spec", "dali_pipelines.torch_loader",
-                  "job.data.store",
+                  "dali_pipelines.sampling", "dali_pipelines.loader", "dali_pipelines.spec",
+                  "dali_pipelines.torch_loader", "job.data.store",
                   "job.records", "job.run_dir", "job.config"):
         obj = importlib.import_module(where)
         for part in name.split("."):
