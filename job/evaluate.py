@@ -6,20 +6,32 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-
 from dali_pipelines.loader import make_loader
 from dali_pipelines.sampling import Shard
 from dali_pipelines.spec import LoaderSpec
-from job.config import ConfigError, DataConfig, TrainConfig, positive_int
+from job.config import Config, ConfigError, positive_int
 from job.data import DataError, load_store
 from job.distributed import build_accelerator
 from job.loop import evaluate
 from job.model import WeightsError, load_trained
 from job.run_dir import RunDir
+
+
+def trained_config(run: RunDir) -> Config:
+    """The config the run trained with (its precision, threads, loader); the defaults for a run
+    folder without one (``--store`` then says where the data is)."""
+    return run.config() if run.config_file.is_file() else Config()
+
+
+def serving_loader(trained: Config) -> str:
+    """The run's loader, falling back from DALI to the torch loader where DALI is not installed
+    (same batches within rounding: evaluation should not need the training machine's packages)."""
+    return "torch" if trained.data.loader == "torch" else "auto"
 
 
 def store_of_run(run: RunDir) -> Path:
@@ -42,14 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=128, help="images per process per step")
     args = parser.parse_args(argv)
     try:
-        accelerator = build_accelerator(TrainConfig())
         run = RunDir(args.run)
+        trained = trained_config(run)
+        # The run's own precision (and loader); the device is wherever this runs now.
+        accelerator = build_accelerator(dataclasses.replace(trained.train, device="auto"))
         model, card = load_trained(run)
         store = load_store(args.store or store_of_run(run))
         if store.classes != card.classes:
             raise DataError(f"{store.path} has classes {store.classes}, the model was trained on {card.classes}")
-        spec = LoaderSpec.for_run(card.preprocessing, num_threads=DataConfig.num_threads, device=accelerator.device,
-                                  precision=accelerator.mixed_precision, loader="auto", say=accelerator.print)
+        spec = LoaderSpec.for_run(card.preprocessing, num_threads=trained.data.num_threads, device=accelerator.device,
+                                  precision=accelerator.mixed_precision, loader=serving_loader(trained),
+                                  say=accelerator.print)
         shard = Shard(batch_size=args.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes)
         loader = make_loader(store, args.split, spec, train=False, shard=shard)
     except (ConfigError, DataError, WeightsError) as e:

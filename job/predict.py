@@ -16,9 +16,10 @@ import torch
 from dali_pipelines.loader import image_loader
 from dali_pipelines.sampling import Shard
 from dali_pipelines.spec import LoaderSpec
-from job.config import ConfigError, DataConfig, positive_int
+from job.config import ConfigError, positive_int
 from job.data import IMAGE_EXTENSIONS, check_image
-from job.distributed import resolve_device
+from job.distributed import resolve_device, resolve_precision
+from job.evaluate import serving_loader, trained_config
 from job.model import WeightsError, load_trained
 from job.run_dir import RunDir
 
@@ -32,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         device = torch.device(resolve_device(args.device))
-        model, card = load_trained(RunDir(args.run))
+        run = RunDir(args.run)
+        trained = trained_config(run)  # the run's precision, threads and loader
+        model, card = load_trained(run)
     except (ConfigError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -42,17 +45,21 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
-    # The same DALI evaluation pipeline as training: identical decode, resize and normalization.
-    spec = LoaderSpec.for_run(card.preprocessing, num_threads=DataConfig.num_threads, device=device, loader="auto",
+    # The same evaluation pipeline as training: identical decode, resize and normalization.
+    precision = resolve_precision(trained.train.mixed_precision, device.type)
+    spec = LoaderSpec.for_run(card.preprocessing, num_threads=trained.data.num_threads, device=device,
+                              precision=precision, loader=serving_loader(trained),
                               say=lambda line: print(line, file=sys.stderr))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                              enabled=precision != "no")
     loader = image_loader(spec, labels=np.zeros(len(args.images), dtype=np.int64), files=args.images, train=False,
                           shard=Shard(batch_size=32))
     model.to(device)
     k = min(args.top, card.num_classes)
     paths = iter(args.images)
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         for images, _ in loader:
-            top = model(images.to(device)).softmax(dim=1).topk(k, dim=1)
+            top = model(images.to(device)).float().softmax(dim=1).topk(k, dim=1)
             for p, idx in zip(top.values.tolist(), top.indices.tolist()):
                 print(json.dumps({"image": next(paths), "top": [{"class": card.classes[i], "probability": round(q, 6)}
                                                                 for i, q in zip(idx, p)]}))
