@@ -112,7 +112,7 @@ class HeldOutputs:
             self.held.popleft()[0].synchronize()
 
 
-class DaliLoader:
+class DaliLoader(sampling.PlannedLoader):
     """Shards, shuffles and augments one split for one rank (rules in dali_pipelines/sampling.py).
 
     Give it ``images`` (N, H, W, 3) uint8 (may be a memmap) or ``files`` (encoded JPEG/PNG paths),
@@ -127,29 +127,16 @@ class DaliLoader:
                  batches: list[np.ndarray] | None = None):
         if (images is None) == (files is None):
             raise ValueError("give exactly one of images= or files=")
-        self.spec, self.train, self.batch_size, self.seed = spec, train, shard.batch_size, shard.seed
-        self.num_samples = len(labels)
-        self.augment = train and spec.augment
+        super().__init__(len(labels), train=train, shard=shard, augment=spec.augment, batches=batches)
+        self.spec = spec
         self._source = _BatchSource(images, [str(f) for f in files] if files is not None else None,
                                     np.asarray(labels), self.augment, io_threads=max(2, spec.num_threads))
-        self.plan = sampling.EpochPlan(self.num_samples, train=train, shard=shard, batches=batches)
         self._iterator = None
         self._exhausted = True
         self._held = HeldOutputs(depth=spec.prefetch + 2)
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.plan.full)
-
-    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
-        """Prepare epoch ``epoch`` from sample position ``start_sample`` (resume mid-epoch)."""
-        self.epoch = epoch
-        self.plan.restart(start_sample)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = sampling.epoch_permutation(self.num_samples, self.seed, self.epoch) if self.train else None
-        aug = sampling.epoch_augmentation(self.num_samples, self.seed, self.epoch) if self.augment else None
-        self._source.restart(self.plan.batches, order, aug)
+        self._source.restart(self.plan.batches, *self.epoch_draws())
         if not self._source.plan:
             return
         self._start()

@@ -142,6 +142,33 @@ def epoch_augmentation(num_samples: int, seed: int, epoch: int) -> Augmentation:
     return Augmentation(shift=shift, flip=flip)
 
 
+class PlannedLoader:
+    """What every loader shares (DaliLoader, TorchLoader, FeatureLoader): the epoch's ``plan``,
+    ``len()`` (this rank's batches in a full epoch), ``set_epoch(epoch, start_sample)`` and the
+    epoch's shuffle and augmentation draws."""
+
+    def __init__(self, num_samples: int, *, train: bool, shard: Shard, augment: bool = False,
+                 batches: list[np.ndarray] | None = None):
+        self.num_samples, self.train, self.augment = num_samples, train, train and augment
+        self.batch_size, self.seed = shard.batch_size, shard.seed
+        self.plan = EpochPlan(num_samples, train=train, shard=shard, batches=batches)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.plan.full)
+
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        """Prepare epoch ``epoch`` from sample position ``start_sample`` (resume mid-epoch)."""
+        self.epoch = epoch
+        self.plan.restart(start_sample)
+
+    def epoch_draws(self) -> tuple[np.ndarray | None, Augmentation | None]:
+        """This epoch's permutation (training) and augmentation parameters (when augmenting)."""
+        order = epoch_permutation(self.num_samples, self.seed, self.epoch) if self.train else None
+        aug = epoch_augmentation(self.num_samples, self.seed, self.epoch) if self.augment else None
+        return order, aug
+
+
 def _check_shard_args(num_samples: int, world_size: int, rank: int, batch_size: int) -> None:
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")

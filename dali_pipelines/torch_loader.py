@@ -27,7 +27,7 @@ from dali_pipelines.spec import RESIZE_INTERPOLATION, LoaderSpec
 _MODES = {"linear": "bilinear", "cubic": "bicubic"}
 
 
-class TorchLoader:
+class TorchLoader(sampling.PlannedLoader):
     """``DaliLoader``'s interface and batches, built with torch operations (module docstring)."""
 
     def __init__(self, *, labels: np.ndarray, spec: LoaderSpec, train: bool, shard: sampling.Shard,
@@ -35,31 +35,18 @@ class TorchLoader:
                  batches: list[np.ndarray] | None = None):
         if (images is None) == (files is None):
             raise ValueError("give exactly one of images= or files=")
-        self.spec, self.train, self.batch_size, self.seed = spec, train, shard.batch_size, shard.seed
-        self.num_samples = len(labels)
-        self.augment = train and spec.augment
+        super().__init__(len(labels), train=train, shard=shard, augment=spec.augment, batches=batches)
+        self.spec = spec
         self.device = torch.device("cpu") if spec.device_id is None else torch.device("cuda", spec.device_id)
         self._source = _BatchSource(images, [str(f) for f in files] if files is not None else None,
                                     np.asarray(labels), self.augment, io_threads=max(2, spec.num_threads))
         self._decoder = ThreadPoolExecutor(max_workers=max(1, spec.num_threads)) if files is not None else None
-        self.plan = sampling.EpochPlan(self.num_samples, train=train, shard=shard, batches=batches)
-        self.epoch = 0
         mean = torch.tensor(spec.prep.mean, dtype=torch.float32, device=self.device) * 255
         std = torch.tensor(spec.prep.std, dtype=torch.float32, device=self.device) * 255
         self._mean, self._std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
 
-    def __len__(self) -> int:
-        return len(self.plan.full)
-
-    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
-        """Prepare epoch ``epoch`` from sample position ``start_sample`` (resume mid-epoch)."""
-        self.epoch = epoch
-        self.plan.restart(start_sample)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = sampling.epoch_permutation(self.num_samples, self.seed, self.epoch) if self.train else None
-        aug = sampling.epoch_augmentation(self.num_samples, self.seed, self.epoch) if self.augment else None
-        self._source.restart(self.plan.batches, order, aug)
+        self._source.restart(self.plan.batches, *self.epoch_draws())
         with ThreadPoolExecutor(max_workers=1) as ahead:  # the next batch's host work overlaps this step
             pending = ahead.submit(self._host_batch)
             while True:

@@ -170,24 +170,16 @@ def _complete(path: Path, key: FeatureKey) -> bool:
     return meta.get("key") == json.loads(json.dumps(asdict(key)))
 
 
-class FeatureLoader:
+class FeatureLoader(sampling.PlannedLoader):
     """The DaliLoader contract over cached features: the same shard rule and the same per-epoch
     shuffle as the image loaders, no augmentation; batches are moved to ``device`` as float32."""
 
     def __init__(self, features: np.ndarray, labels: np.ndarray, *, train: bool, shard: sampling.Shard, device):
-        self.features, self.labels, self.train, self.seed, self.device = features, labels, train, shard.seed, device
-        self.plan = sampling.EpochPlan(len(labels), train=train, shard=shard)
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.plan.full)
-
-    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
-        self.epoch = epoch
-        self.plan.restart(start_sample)
+        super().__init__(len(labels), train=train, shard=shard)
+        self.features, self.labels, self.device = features, labels, device
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = sampling.epoch_permutation(len(self.labels), self.seed, self.epoch) if self.train else None
+        order, _ = self.epoch_draws()
         for positions in self.plan.batches:
             idx = order[positions] if order is not None else positions
             x = torch.from_numpy(np.asarray(self.features[idx]))

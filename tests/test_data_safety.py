@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from job.config import DataConfig
-from helpers.runs import CIFAR_MINI, FOLDER_MINI, PYTHON, assert_refused, prepare_cli, run, snapshot
+from helpers.runs import folder_subset, CIFAR_MINI, FOLDER_MINI, PYTHON, assert_refused, prepare_cli, run, snapshot
 from job.atomic import TEMPORARY_MARKER
 from job.data import prepare
 
@@ -24,13 +24,7 @@ def _cifar_root(tmp_path: Path) -> Path:
 
 
 def _folder_root(tmp_path: Path, per_class: int = 10, classes=("cat", "ship")) -> Path:
-    root = tmp_path / "imgs"
-    for split in ("train", "test"):
-        for cls in classes:
-            (root / split / cls).mkdir(parents=True)
-            for src in sorted((FOLDER_MINI / split / cls).iterdir())[:per_class]:
-                shutil.copy(src, root / split / cls / src.name)
-    return root
+    return folder_subset(tmp_path, classes, per_class)
 
 
 # ---------------------------------------------------------------- data loss

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from job.config import DataConfig
-from helpers.runs import (CIFAR_MINI, CIFAR_TARBALL, FOLDER_MINI, PYTHON, assert_refused, prepare_cli, run,
-                          small_run, snapshot)
+from helpers.runs import (CIFAR_MINI, CIFAR_TARBALL, FOLDER_MINI, PYTHON, assert_refused, folder_subset, prepare_cli,
+                          run, small_run, snapshot)
 from job.atomic import TEMPORARY_MARKER
 from job.run_dir import RunDir
 
@@ -39,13 +39,7 @@ def refused_in_process(main, argv: list[str], capsys, *needles: str) -> str:
 
 
 def _folder_root(tmp_path: Path, classes=("cat", "ship"), per_class: int = 6) -> Path:
-    root = tmp_path / "imgs"
-    for split in ("train", "test"):
-        for cls in classes:
-            (root / split / cls).mkdir(parents=True)
-            for src in sorted((FOLDER_MINI / split / cls).iterdir())[:per_class]:
-                shutil.copy(src, root / split / cls / src.name)
-    return root
+    return folder_subset(tmp_path, classes, per_class)
 
 
 # ---------------------------------------------------------------- data loss and stray writes

@@ -39,6 +39,19 @@ def _extracted(tarball: Path) -> Path:
 CIFAR_MINI = _extracted(CIFAR_TARBALL)  # 2,000 train / 1,000 test in the official layout
 
 
+def folder_subset(tmp_path: Path, classes=("cat", "ship"), per_class: int = 10) -> Path:
+    """A small image-folder dataset (``train/`` and ``test/``) copied from the real JPEG sample."""
+    import shutil
+
+    root = tmp_path / "imgs"
+    for split in ("train", "test"):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            for src in sorted((FOLDER_MINI / split / cls).iterdir())[:per_class]:
+                shutil.copy(src, root / split / cls / src.name)
+    return root
+
+
 def small_run(out: Path, prepared: Path, *overrides: str, data: str = "synthetic") -> list[str]:
     """Arguments of job/train.py for the one small test run (tests/configs/small.yaml), writing to
     ``out`` with its store under ``prepared``; ``data="cifar10"`` trains on the real sample."""
