@@ -47,12 +47,13 @@ def test_the_gpu_smoke_script_dry_run_passes_and_says_what_it_skipped(tmp_path):
 @pytest.mark.slow
 def test_the_dry_run_passes_from_a_plain_checkout_without_the_project_installed_or_dali(tmp_path):
     python = bare_python(tmp_path / "bare")
-    probe = run([str(python), "-c", "import job"], cwd=tmp_path, check=False)
+    bare = {"PYTHONPATH": ""}  # nothing inherited from the test runner's environment either
+    probe = run([str(python), "-c", "import job"], cwd=tmp_path, check=False, env=bare)
     assert probe.returncode != 0 and "No module named 'job'" in probe.stderr  # truly not installed
-    probe = run([str(python), "-c", "import nvidia.dali"], cwd=tmp_path, check=False)
+    probe = run([str(python), "-c", "import nvidia.dali"], cwd=tmp_path, check=False, env=bare)
     assert probe.returncode != 0
     proc = run([str(REPO / "bench" / "gpu_smoke.sh"), "--dry-run"],
-               env={"OUT": str(tmp_path), "PYTHON": str(python)}, timeout=600)
+               env={**bare, "OUT": str(tmp_path), "PYTHON": str(python)}, timeout=600)
     lines = proc.stdout.strip().splitlines()
     assert lines[-2] == "failed: none", proc.stdout[-3000:]
     assert "MISSING: nvidia.dali" in proc.stdout and "DALI GPU/CPU parity" in lines[-1]
