@@ -295,13 +295,19 @@ else
     {
       common run
       echo "components: [../../components/jobset]"
-      if [[ -n "$max_restarts" ]]; then
-        echo "patches:"
+      echo "patches:"
+      echo "  - target: {kind: JobSet}"
+      echo "    path: restarts.yaml"
+      if (( nodes > 1 )); then
         echo "  - target: {kind: JobSet}"
-        echo "    path: restarts.yaml"
+        echo "    path: exclusive.yaml"
       fi
     } >"$work/kustomization.yaml"
     echo "- {op: replace, path: /spec/failurePolicy/maxRestarts, value: ${max_restarts:-10}}" >"$work/restarts.yaml"
+    # JobSet's exclusive placement: the node Job gets a topology domain (a zone, a node pool, a
+    # rack) to itself, all its pods together; with the pod affinity below, on any scheduler.
+    printf -- '- op: add\n  path: /metadata/annotations\n  value: {alpha.jobset.sigs.k8s.io/exclusive-topology: "%s"}\n' \
+      "${topology:-topology.kubernetes.io/zone}" >"$work/exclusive.yaml"
   fi
   {
     common "$k/overlays/1gpu"

@@ -642,6 +642,8 @@ def test_several_nodes_are_placed_together(manifests, target, key):
         "app.kubernetes.io/instance": metadata["labels"]["app.kubernetes.io/instance"]}  # this run's pods only
     ((_, single, _),) = pod_specs(manifests["submit 1 node"])
     assert "affinity" not in single
+    jobsets = [d for d in manifests[target] if d["kind"] == "JobSet"]
+    assert all(d["metadata"]["annotations"]["alpha.jobset.sigs.k8s.io/exclusive-topology"] == key for d in jobsets)
 
 
 @pytest.mark.parametrize("target,resource,variables", [
