@@ -109,6 +109,9 @@ class TrainConfig:
     # evaluation gives every rank rank 0's)
     ddp_broadcast_buffers: bool = True
     ddp_comm_hook: Literal["none", "bf16"] = "none"  # bf16: gradients all-reduced in bfloat16 (half the bytes)
+    # flip: the test is also run averaging each image's and its mirror's softmax, reported beside
+    # the plain accuracy (test_accuracy_tta), never instead of it
+    test_tta: Literal["none", "flip"] = "none"
     # A mid-epoch checkpoint (the SIGTERM one, resumable) at least this often, besides those at
     # epoch ends and on SIGTERM: bounds the work lost with a node that vanishes without SIGTERM,
     # or whose grace period is too short for a save (spot on GKE: 15 s). 0 = off.

@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--store", help="prepared store to read (default: the one in the run's config.yaml)")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="images per process per step")
+    parser.add_argument("--tta", choices=("none", "flip"), default="none",
+                        help="flip: also report the accuracy averaging each image's and its mirror's softmax")
     args = parser.parse_args(argv)
     try:
         run = RunDir(args.run)
@@ -70,11 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = evaluate(model.to(accelerator.device), loader, accelerator, card.num_classes)
+    model = model.to(accelerator.device)
+    result = evaluate(model, loader, accelerator, card.num_classes)
+    if args.tta != "none":  # beside the plain figures, never instead of them
+        result["accuracy_tta"] = evaluate(model, loader, accelerator, card.num_classes, tta=args.tta)["accuracy"]
     if accelerator.is_main_process:
         print(json.dumps({"run": args.run, "split": args.split, "accuracy": result["accuracy"],
                           "loss": result["loss"], "samples": result["samples"],
                           "world_size": accelerator.num_processes,
+                          **({"accuracy_tta": result["accuracy_tta"]} if args.tta != "none" else {}),
                           "per_class_accuracy": dict(zip(card.classes, result["per_class_accuracy"]))}))
     accelerator.end_training()
     return 0

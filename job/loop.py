@@ -271,12 +271,13 @@ def _reduce_sums(acc: Accelerator, sums: torch.Tensor, samples: int, seconds: fl
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator: Accelerator, num_classes: int) -> dict:
+def evaluate(model, loader, accelerator: Accelerator, num_classes: int, tta: str = "none") -> dict:
     """Accuracy, loss and per-class counts over the whole split; every sample counted once.
 
     Each rank evaluates its own contiguous chunk; one all-reduce of the confusion matrix and the
     loss sum at the end gives exact totals however the count divides. Pass the bare model, not
-    the DDP wrapper: ranks may run different numbers of batches here.
+    the DDP wrapper: ranks may run different numbers of batches here. ``tta="flip"``: each
+    image's class probabilities are the mean of its and its mirror image's softmax.
     """
     was_training = model.training
     model.eval()
@@ -285,8 +286,11 @@ def evaluate(model, loader, accelerator: Accelerator, num_classes: int) -> dict:
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
     for images, labels in loader:
         with accelerator.autocast():
-            logits = model(images)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+            logits = model(images).float()
+            if tta == "flip":  # log of the mean probability: cross-entropy and argmax read it as logits
+                mirrored = model(images.flip(-1)).float()
+                logits = torch.logsumexp(torch.stack([logits.log_softmax(1), mirrored.log_softmax(1)]), 0)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         cells = labels * num_classes + logits.argmax(1)
         confusion.index_add_(0, cells, torch.ones_like(cells))  # unlike bincount, no host sync on GPU
     confusion = accelerator.reduce(confusion, reduction="sum").view(num_classes, num_classes).cpu()

@@ -78,6 +78,7 @@ class RunSummary:
     feature_extraction_seconds: float | None = None  # the one backbone pass (0 when the cache was reused)
     test_accuracy_cached: float | None = None  # the head on cached test features; must match test_accuracy
     train_images_per_second_steady: float | None = None  # after each epoch's first log window (EpochRecord)
+    test_accuracy_tta: float | None = None  # train.test_tta=flip: with test-time flips, beside test_accuracy
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -227,7 +227,13 @@ class Trainer:
             acc.print(f"warning: no epoch improved {self.cfg.early_stopping.metric} (a NaN loss?): testing the last "
                       "weights; best/ was not written")
         test_loader = make_loader(self.store, "test", self.spec, train=False, shard=self.shard)
-        return self.mode.test(acc, self.bare, test_loader, self.num_classes)
+        test = self.mode.test(acc, self.bare, test_loader, self.num_classes)
+        if self.cfg.train.test_tta != "none":  # beside the plain accuracy, never instead of it
+            tta = evaluate(self.bare, test_loader, acc, self.num_classes, tta=self.cfg.train.test_tta)
+            test["accuracy_tta"] = tta["accuracy"]
+            acc.print(f"test accuracy {tta['accuracy']:.4f} with test-time {self.cfg.train.test_tta} "
+                      f"({test['accuracy']:.4f} without)")
+        return test
 
     def summarise_run(self, test: dict) -> None:
         acc = self.accelerator
@@ -246,7 +252,7 @@ class Trainer:
             confusion_matrix=test["confusion"], classes=self.store.classes,
             replicas_identical=self.replicas_identical, features_cached=self.mode.cached,
             feature_extraction_seconds=self.mode.extraction_seconds,
-            test_accuracy_cached=test.get("accuracy_cached"),
+            test_accuracy_cached=test.get("accuracy_cached"), test_accuracy_tta=test.get("accuracy_tta"),
             train_images_per_second_steady=_mean([h.steady_images_per_second for h in history
                                                   if h.steady_images_per_second > 0]))
         samples = []

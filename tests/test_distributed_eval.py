@@ -16,5 +16,7 @@ def test_eval_counts_are_exact_across_two_processes(tmp_path):
     for spec, got in result["cases"].items():
         n = int(spec.split(":")[0])
         assert sorted(got["seen"]) == list(range(n)), f"{spec}: every sample exactly once"
-        assert got["samples"] == n
+        assert got["samples"] == got["tta_samples"] == n
         assert got["accuracy"] == pytest.approx(((n + 1) // 2) / n)
+        # the images are uniform, so their mirrors are too: test-time flips change no prediction
+        assert got["tta_accuracy"] == got["accuracy"]

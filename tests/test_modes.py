@@ -37,7 +37,7 @@ def test_the_config_chooses_the_mode_in_one_place(tmp_path):
 
 
 def test_cached_features_train_and_evaluate_the_head_alone_and_save_the_whole_model(tmp_path):
-    trainer = Trainer(tiny(tmp_path, "train.strategy=feature_extraction", "train.epochs=1"))
+    trainer = Trainer(tiny(tmp_path, "train.strategy=feature_extraction", "train.epochs=1", "train.test_tta=flip"))
     trainer.setup()
     assert trainer.mode.trainable(trainer.bare) is trainer.bare.head is trainer.mode.evaluated(trainer.bare)
     backbone, head = snapshot(trainer.bare.backbone), snapshot(trainer.bare.head)
@@ -48,6 +48,7 @@ def test_cached_features_train_and_evaluate_the_head_alone_and_save_the_whole_mo
     trainer.summarise_run(test)
     summary = RunDir(trainer.out).summary()
     assert summary.features_cached and summary.feature_extraction_seconds > 0
+    assert summary.test_accuracy_tta is not None  # train.test_tta=flip: beside test_accuracy
     saved = RunDir(trainer.out).card()
     assert saved.model == "test_resnet"
 

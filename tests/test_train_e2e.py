@@ -55,11 +55,13 @@ def test_learns_well_above_chance_and_writes_every_output(trained):
 
 
 def test_evaluate_gives_identical_results_on_1_and_2_processes(trained):
-    one = json.loads(run([PYTHON, "job/evaluate.py", "--run", str(trained)]).stdout.strip().splitlines()[-1])
-    two = json.loads(run(accelerate_launch(2, "job/evaluate.py", "--run", str(trained), "--batch-size", "48"))
+    one = json.loads(run([PYTHON, "job/evaluate.py", "--run", str(trained), "--tta", "flip"])
                      .stdout.strip().splitlines()[-1])
+    two = json.loads(run(accelerate_launch(2, "job/evaluate.py", "--run", str(trained), "--batch-size", "48",
+                                           "--tta", "flip")).stdout.strip().splitlines()[-1])
     assert one["samples"] == two["samples"] == 1000 and two["world_size"] == 2
     assert one["accuracy"] == two["accuracy"] == RunDir(trained).summary().test_accuracy
+    assert one["accuracy_tta"] == two["accuracy_tta"] != one["accuracy"]  # beside it, exact on any world size
     assert one["per_class_accuracy"] == two["per_class_accuracy"]
     val = json.loads(run([PYTHON, "job/evaluate.py", "--run", str(trained), "--split", "val"]).stdout.splitlines()[-1])
     assert val["samples"] == 200

@@ -42,7 +42,9 @@ def case(accelerator: Accelerator, n: int, batch: int) -> dict:
         pixels = (x[:, :2, 0, 0] * 255).round().long()
         seen += (pixels[:, 0] + 256 * pixels[:, 1]).tolist()
     result = evaluate(LabelFromPixels(), loader, accelerator, num_classes=10)
-    return {"seen": gather_object(seen), "samples": result["samples"], "accuracy": result["accuracy"]}
+    flipped = evaluate(LabelFromPixels(), loader, accelerator, num_classes=10, tta="flip")
+    return {"seen": gather_object(seen), "samples": result["samples"], "accuracy": result["accuracy"],
+            "tta_samples": flipped["samples"], "tta_accuracy": flipped["accuracy"]}
 
 
 out, accelerator = Path(sys.argv[1]), Accelerator(cpu=not torch.cuda.is_available())
