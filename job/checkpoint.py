@@ -42,9 +42,11 @@ class Checkpointer:
     JSON (``trainer_state.json``, one key per part). A new stateful part is one more entry."""
 
     def __init__(self, accelerator: Accelerator, output_dir: str | Path, keep: int, config: Config | None = None,
-                 states: dict | None = None):
+                 states: dict | None = None, tensor_states: dict | None = None):
         self.accelerator, self.keep, self.config = accelerator, keep, config
         self.states = states or {}
+        # parts whose state is tensors (a weight EMA): {name}.safetensors beside the JSON
+        self.tensor_states = tensor_states or {}
         self.dir = RunDir(output_dir).checkpoints
 
     def save(self, epoch: int, global_step: int) -> Path:
@@ -64,6 +66,9 @@ class Checkpointer:
             if self.config is not None:
                 self.config.save(tmp / "config.yaml")
             (tmp / CHECKPOINT_MARKER).write_text(json.dumps(trainer_state, indent=1))
+            for name, part in self.tensor_states.items():
+                tensors = {k: v.detach().cpu().contiguous() for k, v in part.state_dict().items()}
+                save_file(tensors, str(tmp / f"{name}.safetensors"), metadata={"format": "pt"})
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in self.all()[:-self.keep]:
@@ -114,6 +119,13 @@ class Checkpointer:
             raise ConfigError(f"{path}: cannot restore this checkpoint ({type(e).__name__}: {_first_line(e)}). Its "
                               "files were not written by this job for this config, or were altered: resume from "
                               "another checkpoint, or start over with train.resume=never") from None
+        for name, part in self.tensor_states.items():
+            try:
+                part.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+            except (OSError, RuntimeError, SafetensorError) as e:
+                raise ConfigError(f"{path / (name + '.safetensors')}: cannot restore the run's {name} "
+                                  f"({type(e).__name__}: {_first_line(e)[:200]}); resume from another checkpoint, "
+                                  "or start over with train.resume=never") from None
         for name, part in self.states.items():
             try:
                 part.load_state_dict(trainer_state[name])
@@ -155,17 +167,19 @@ class Checkpointer:
 # What a checkpoint's weights and step counters mean (model.weights is left out: the same file may
 # be mounted at another path).
 RESUME_MUST_MATCH = ("model.name", "model.pretrained", "model.head_hidden", "data.source", "data.image_size",
-                     "data.batch_size", "data.global_batch_size", "train.strategy", "train.seed")
+                     "data.batch_size", "data.global_batch_size", "train.strategy", "train.seed", "train.ema_epochs")
 
 
-def save_best(accelerator: Accelerator, bare_model: torch.nn.Module, output_dir: str | Path, card: ModelCard) -> None:
-    """Main process writes ``best/`` atomically: the bare model's weights in safetensors plus its card."""
+def save_best(accelerator: Accelerator, weights: dict[str, torch.Tensor], output_dir: str | Path,
+              card: ModelCard) -> None:
+    """Main process writes ``best/`` atomically: the bare model's weights (its ``state_dict``) in
+    safetensors plus its card."""
     if not accelerator.is_main_process:
         return
     best = RunDir(output_dir).best
     try:
         with atomic_directory(best, is_ours=lambda p: (p / RunDir.CARD).is_file()) as tmp:
-            state = {k: v.detach().cpu().contiguous() for k, v in bare_model.state_dict().items()}
+            state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
             save_file(state, str(tmp / RunDir.WEIGHTS), metadata={"format": "pt"})
             (tmp / RunDir.CARD).write_text(card.to_json())
     except ForeignDirectoryError as e:

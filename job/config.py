@@ -112,6 +112,10 @@ class TrainConfig:
     # flip: the test is also run averaging each image's and its mirror's softmax, reported beside
     # the plain accuracy (test_accuracy_tta), never instead of it
     test_tta: Literal["none", "flip"] = "none"
+    # Weight EMA: the averaging horizon in epochs (decay per update = 1 - 1/(epochs x updates per
+    # epoch), with timm's warm-up); each epoch validates the raw and the averaged weights and
+    # best/ keeps whichever validation picks. 0 = off
+    ema_epochs: float = 0.0
     # A mid-epoch checkpoint (the SIGTERM one, resumable) at least this often, besides those at
     # epoch ends and on SIGTERM: bounds the work lost with a node that vanishes without SIGTERM,
     # or whose grace period is too short for a save (spot on GKE: 15 s). 0 = off.
@@ -354,6 +358,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.strategy != "two_stage" or 1 <= cfg.train.head_epochs < cfg.train.epochs,
          "train.head_epochs must be in [1, train.epochs) for train.strategy=two_stage"),
         (cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
+        (cfg.train.ema_epochs >= 0, "train.ema_epochs must be >= 0 (0 turns the weight EMA off)"),
         (cfg.train.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (cfg.train.log_every >= 1 and cfg.train.signal_check_every >= 1,

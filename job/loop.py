@@ -104,6 +104,7 @@ class StepHooks:
 
     poll: Callable[[], str | None] = lambda: None
     pause: Callable[[str], None] = lambda event: None
+    on_update: Callable[[], None] = lambda: None  # after each optimizer update (a weight EMA's)
     on_log: Callable[[StepLog], None] = lambda _: None
     on_batch: Callable[[], None] = lambda: None
 
@@ -215,6 +216,7 @@ def train_one_epoch(cfg: TrainConfig, parts: TrainParts, loader, state: TrainSta
         parts.optimizer.step()
         parts.optimizer.zero_grad(set_to_none=True)
         state.global_step += 1
+        hooks.on_update()
         consumed += micro
         state.samples_in_epoch = plan.position_after(consumed)
         remaining -= micro

@@ -125,6 +125,7 @@ class ModelCard:
     classes: list[str]
     epoch: int | None = None  # 0-based epoch whose weights these are
     val_accuracy: float | None = None
+    weights: str = "raw"  # "ema": the weight EMA's (train.ema_epochs), which validation preferred
 
     @property
     def num_classes(self) -> int:

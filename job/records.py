@@ -33,6 +33,7 @@ class EpochRecord:
     # images/s after the first log window (start-up, autotuning, compilation), device-synchronised;
     # 0 when the epoch was shorter than that window
     steady_images_per_second: float = 0.0
+    val_accuracy_ema: float | None = None  # the weight EMA's (train.ema_epochs), None without one
 
     # Set by the trainer from where training is; the val_* fields come from the validation pass.
     _NOT_FROM_TRAINING = ("epoch", "step", "lr")
@@ -51,6 +52,8 @@ class EpochRecord:
         record = cls(**json.loads(line))
         for f in dataclasses.fields(record):  # every field is a number; comparisons and sums follow
             value = getattr(record, f.name)
+            if value is None and f.default is None:  # an optional figure, absent
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{f.name}={value!r:.40} is not a number")
         return record

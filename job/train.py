@@ -42,6 +42,7 @@ from job.data import DataError, prepare_from_config  # noqa: E402
 from job.distributed import (all_ranks_or_none, build_accelerator, collective_timeout,  # noqa: E402
                              once_per_node_first, replicas_identical, setup_timeouts, training_timeouts)
 from job.early_stopping import EarlyStopping  # noqa: E402
+from job.ema import WeightEma  # noqa: E402
 from job.loop import StepHooks, StepLog, TrainParts, TrainState, evaluate, train_one_epoch  # noqa: E402
 from job.model import ModelCard, WeightsError, create_model  # noqa: E402
 from dali_pipelines.sampling import Shard  # noqa: E402
@@ -134,12 +135,16 @@ class Trainer:
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.loss.label_smoothing)
         self.parts = TrainParts(model=call, optimizer=optimizer, scheduler=scheduler, accelerator=acc,
                                 loss_fn=loss_fn, ddp=ddp)
+        self.ema = None  # train.ema_epochs: the averaged weights of what trains
+        if tc.ema_epochs > 0:
+            self.ema = WeightEma(self.mode.trainable(self.bare), tc.ema_epochs, updates_per_epoch)
 
         # ---- resume, outputs, tracking. What a checkpoint holds beyond Accelerate's prepared
         # objects: each part with state_dict/load_state_dict, saved as JSON.
         self.state = TrainState()
         self.checkpointer = Checkpointer(acc, self.out, tc.keep_checkpoints, config=cfg, states={
-            "state": self.state, "early_stopping": self.stopper, "schedule": ScheduleState(scheduler)})
+            "state": self.state, "early_stopping": self.stopper, "schedule": ScheduleState(scheduler)},
+            tensor_states={"ema": self.ema} if self.ema is not None else {})
         resume_from = self.checkpointer.resolve(tc.resume)
         if resume_from is not None:
             self.checkpointer.load(resume_from)
@@ -176,20 +181,26 @@ class Trainer:
                 self._after_first_update()
 
         hooks = StepHooks(poll=self._poll, pause=lambda event: self._pause(epoch, event),
-                          on_log=lambda log: self._on_step(log, progress), on_batch=on_batch)
+                          on_log=lambda log: self._on_step(log, progress), on_batch=on_batch,
+                          on_update=self._update_ema)
         try:
             train = train_one_epoch(tc, self.parts, loader, state, hooks)
         finally:
             if progress is not None:
                 progress.close()
         val = evaluate(self._eval_model(), self.loaders["val"], acc, self.num_classes)
-        metric = val["accuracy"] if self.cfg.early_stopping.metric == "val_accuracy" else val["loss"]
+        val_ema = None
+        if self.ema is not None:
+            val_ema = evaluate(self._eval_model(self.ema.module), self.loaders["val"], acc, self.num_classes)
+        chosen, weights = self._validation_pick(val, val_ema)
+        metric = chosen["accuracy"] if self.cfg.early_stopping.metric == "val_accuracy" else chosen["loss"]
         self.parts.scheduler.step(epoch + 1, metric)
         if self.stopper.update(metric, epoch):
-            self.card.epoch, self.card.val_accuracy = epoch, val["accuracy"]
-            save_best(acc, self.bare, self.out, self.card)
+            self.card.epoch, self.card.val_accuracy, self.card.weights = epoch, chosen["accuracy"], weights
+            save_best(acc, self._weights(weights), self.out, self.card)
         record = EpochRecord(epoch=epoch, step=state.global_step, lr=current_lr(self.parts.optimizer), **train,
-                             val_loss=val["loss"], val_accuracy=val["accuracy"], val_samples=val["samples"])
+                             val_loss=val["loss"], val_accuracy=val["accuracy"], val_samples=val["samples"],
+                             val_accuracy_ema=val_ema["accuracy"] if val_ema is not None else None)
         self.trackers.log_epoch(record)
         acc.print(_epoch_line(record))
         state.epoch, state.samples_in_epoch = epoch + 1, 0
@@ -275,12 +286,34 @@ class Trainer:
             setup_timeouts(self.accelerator, self.cfg.train)
             self.short_timeouts = False
 
-    def _eval_model(self) -> torch.nn.Module:
-        """The mode's evaluated module, bare (ranks may run different numbers of evaluation
-        batches, which the DDP wrapper's per-forward buffer broadcast could not match), with rank
-        0's batch-norm statistics on every rank: validation then uses exactly the weights
-        ``best/`` saves."""
-        module = self.mode.evaluated(self.bare)
+    def _validation_pick(self, val: dict, val_ema: dict | None) -> tuple[dict, str]:
+        """The raw weights' validation, or the weight EMA's where it scores better on the
+        early-stopping metric: what best/ keeps, and the card says which."""
+        if val_ema is None:
+            return val, "raw"
+        key, sign = ("accuracy", 1) if self.cfg.early_stopping.metric == "val_accuracy" else ("loss", -1)
+        return (val_ema, "ema") if sign * val_ema[key] > sign * val[key] else (val, "raw")
+
+    def _weights(self, which: str) -> dict[str, torch.Tensor]:
+        """The whole model's weights for best/: the raw ones, or with the weight EMA's in place of
+        the module that trains (the whole network, or the head on cached features)."""
+        weights = self.bare.state_dict()
+        if which == "ema":
+            trainable = self.mode.trainable(self.bare)
+            prefix = next(name for name, module in self.bare.named_modules() if module is trainable)
+            weights.update({f"{prefix}.{k}" if prefix else k: v for k, v in self.ema.state_dict().items()})
+        return weights
+
+    def _update_ema(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.mode.trainable(self.bare), step=self.state.global_step)
+
+    def _eval_model(self, module: torch.nn.Module | None = None) -> torch.nn.Module:
+        """The mode's evaluated module (or ``module``: the weight EMA's), bare (ranks may run
+        different numbers of evaluation batches, which the DDP wrapper's per-forward buffer
+        broadcast could not match), with rank 0's batch-norm statistics on every rank:
+        validation then uses exactly the weights ``best/`` saves."""
+        module = module if module is not None else self.mode.evaluated(self.bare)
         if self.accelerator.num_processes > 1:
             from timm.utils import distribute_bn
 
@@ -341,8 +374,9 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _epoch_line(r: EpochRecord) -> str:
+    ema = f" (EMA {r.val_accuracy_ema:.4f})" if r.val_accuracy_ema is not None else ""
     return (f"epoch {shown_epoch(r.epoch)}: train_loss {r.train_loss:.4f} acc {r.train_accuracy:.4f} | "
-            f"val_loss {r.val_loss:.4f} acc {r.val_accuracy:.4f} | lr {r.lr:.2e} | "
+            f"val_loss {r.val_loss:.4f} acc {r.val_accuracy:.4f}{ema} | lr {r.lr:.2e} | "
             f"{r.images_per_second:.0f} img/s, data wait {r.data_wait_fraction:.0%}, {r.epoch_seconds:.1f}s")
 
 

@@ -80,3 +80,39 @@ def test_preemption_is_one_exception_caught_where_the_checkpoint_is_saved(tmp_pa
     resumed.setup()
     assert (resumed.state.epoch, resumed.state.samples_in_epoch, resumed.state.global_step) == (0, 16, 1)
     assert resumed.state.partial.samples == 16  # the interrupted epoch's sums came back too
+
+
+def test_weight_ema_updates_once_per_optimizer_update_and_resumes_exactly(tmp_path):
+    """train.ema_epochs: timm's ModelEmaV3 of what trains, one update per optimizer update
+    (accumulation 2: half the micro-batches), validated beside the raw weights, saved with the
+    checkpoint: a run preempted mid-epoch and resumed ends with the EMA of an uninterrupted one."""
+    def build(out):
+        return Trainer(tiny(tmp_path / out, "train.ema_epochs=0.5", "train.grad_accum_steps=2", "train.epochs=2",
+                            "data.batch_size=16", "early_stopping.metric=val_loss"))
+
+    whole = build("whole")
+    whole.setup()
+    updates = []
+    whole.ema.update = (lambda real: lambda module, step: (updates.append(step), real(module, step)))(whole.ema.update)
+    for epoch in range(2):
+        whole.train_and_validate_epoch(epoch)
+    assert updates == list(range(1, whole.state.global_step + 1))  # once per update, numbered like them
+    assert whole.state.global_step == 2 * 6  # 180 training images / 16 = 12 micro-batches -> 6 updates
+    history = RunDir(whole.out).epochs()
+    assert all(h.val_accuracy_ema is not None for h in history)
+    card = RunDir(whole.out).card()
+    assert card.weights in ("raw", "ema")
+
+    interrupted = build("interrupted")
+    interrupted.setup()
+    interrupted.train_and_validate_epoch(0)
+    interrupted.preemption.received = True
+    with pytest.raises(Preempted):
+        interrupted.train_and_validate_epoch(1)
+    interrupted.exit_preempted(Preempted("SIGTERM"))
+    resumed = build("interrupted")
+    resumed.setup()
+    assert resumed.state.epoch == 1 and resumed.state.samples_in_epoch > 0
+    resumed.train_and_validate_epoch(1)
+    for (name, a), b in zip(whole.ema.state_dict().items(), resumed.ema.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name

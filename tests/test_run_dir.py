@@ -50,7 +50,7 @@ def written(tmp_path_factory):
         trackers.log_epoch(epoch_record(epoch))
     model, prep = create_model(cfg.model, len(CLASSES))
     card = ModelCard.for_run(cfg.model, prep, CLASSES)
-    save_best(accelerator, model, run.path, card)
+    save_best(accelerator, model.state_dict(), run.path, card)
     trackers.finish(run_summary(), samples=[])
     return run, cfg, card
 
