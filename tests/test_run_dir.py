@@ -99,7 +99,8 @@ def test_a_damaged_file_is_refused_by_name(written, tmp_path):
 def test_epoch_sums_give_exactly_the_training_fields_of_a_record():
     # train.py builds the record as EpochRecord(epoch=, step=, lr=, **sums.metrics(world_size), val_*=)
     assert tuple(EpochSums().metrics(world_size=2)) == EpochRecord.train_fields()
-    assert set(EpochRecord.train_fields()) | {"epoch", "step", "lr", "val_loss", "val_accuracy", "val_samples"} == \
+    assert set(EpochRecord.train_fields()) | {"epoch", "step", "lr", "val_loss", "val_accuracy", "val_samples",
+                                             "val_accuracy_ema"} == \
         {f.name for f in dataclasses.fields(EpochRecord)}
 
 
