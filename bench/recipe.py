@@ -194,7 +194,8 @@ def plot(rows: list[Row], path: Path) -> None:
             continue
         style = "o-" if r.runner == "ours" else "s--"
         what = "val" if r.runner == "ours" else "test (timm's eval split)"
-        ax.plot(range(1, len(r.val_curve) + 1), r.val_curve, style, label=f"{r.runner} {r.name}, seed {r.seed} ({what})")
+        ax.plot(range(1, len(r.val_curve) + 1), r.val_curve, style,
+                label=f"{r.runner} {r.name}, seed {r.seed} ({what})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
     ax.set_title("EfficientNet-Lite0 fine-tuned on CIFAR-10 (96 px): plain vs recipe")

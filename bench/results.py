@@ -98,7 +98,8 @@ def run_recipe(recipe: Recipe, data: Path, work: Path) -> Result:
     out.mkdir(parents=True, exist_ok=True)
     (out / "log.txt").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
-        sys.exit(f"[{recipe.key}] exit {done.returncode}; log in {out / 'log.txt'}:\n{(done.stdout + done.stderr)[-3000:]}")
+        tail = (done.stdout + done.stderr)[-3000:]
+        sys.exit(f"[{recipe.key}] exit {done.returncode}; log in {out / 'log.txt'}:\n{tail}")
     run = RunDir(out)
     summary = run.summary()
     per_class = sorted(summary.test_per_class_accuracy.items(), key=lambda kv: kv[1])
@@ -134,7 +135,8 @@ def table(all_recipes: list[Recipe], results: dict[str, Result]) -> str:
             continue
         weakest = ", ".join(f"{c} {a:.2f}" for c, a in r.weakest)
         lines.append(f"| {r.name} | **{r.test_accuracy:.4f}** ({r.test_samples}) | {weakest} | "
-                     f"{extraction_of(recipe, results, all_recipes)} | {r.training_seconds:.0f} | {r.wall_seconds:.0f} | "
+                     f"{extraction_of(recipe, results, all_recipes)} | {r.training_seconds:.0f} | "
+                     f"{r.wall_seconds:.0f} | "
                      f"{r.train_images_per_second:.0f} | {r.load_average:.1f} |")
     return "\n".join(lines)
 

@@ -129,6 +129,7 @@ class DaliLoader(sampling.PlannedLoader):
             raise ValueError("give exactly one of images= or files=")
         super().__init__(len(labels), train=train, shard=shard, augment=spec.augment, batches=batches)
         self.spec = spec
+        self.auto_augment = spec.auto_augment if train else None  # evaluation never augments
         self._source = _BatchSource(images, [str(f) for f in files] if files is not None else None,
                                     np.asarray(labels), self.augment, io_threads=max(2, spec.num_threads))
         self._iterator = None
@@ -157,11 +158,16 @@ class DaliLoader(sampling.PlannedLoader):
 
     def _start(self) -> None:
         """(Re)start the DALI pipeline on the freshly planned epoch."""
-        if self._iterator is not None and self._exhausted:
+        if self._iterator is not None and self._exhausted and self.auto_augment is None:
             self._exhausted = False
             self._iterator.reset()
             return
-        # First epoch, or the previous one was abandoned midway (its prefetched batches are stale).
+        # First epoch, or the previous one was abandoned midway (its prefetched batches are stale),
+        # or auto-augmenting: the policy's random ops draw from the pipeline's seed, so each epoch
+        # gets a fresh pipeline seeded by (seed, epoch, rank) (sampling.auto_augment_seed) and two
+        # runs with one seed see the same images. A mid-epoch resume cannot replay DALI's internal
+        # RNG stream up to the resumed batch: there the shuffle, shift and flip stay exact but the
+        # auto-augment draws restart from the epoch's seed (docs/TRAINING.md).
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         from dali_pipelines.pipelines import image_pipeline
@@ -176,7 +182,9 @@ class DaliLoader(sampling.PlannedLoader):
             layout="HWC" if spec.channels_last else "CHW",
             device="cpu" if spec.device_id is None else "gpu",
             batch_size=self.plan.max_batch,
-            num_threads=spec.num_threads, device_id=spec.device_id, seed=self.seed,
-            prefetch_queue_depth=spec.prefetch)
+            num_threads=spec.num_threads, device_id=spec.device_id, prefetch_queue_depth=spec.prefetch,
+            auto_augment=self.auto_augment, enable_conditionals=self.auto_augment is not None,
+            seed=self.seed if self.auto_augment is None else sampling.auto_augment_seed(
+                self.seed, self.epoch, self.plan.rank))
         self._iterator = DALIGenericIterator(pipe, ["images", "labels"], size=-1, auto_reset=False)
         self._exhausted = False

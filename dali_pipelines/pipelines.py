@@ -12,9 +12,11 @@ which DALI's readers (random shuffle buffer, own sharding) cannot promise.
 """
 from __future__ import annotations
 
+import warnings
+
 from nvidia.dali import fn, pipeline_def, types
 
-from dali_pipelines.spec import RESIZE_INTERPOLATION, Preprocessing
+from dali_pipelines.spec import RESIZE_INTERPOLATION, AutoAugment, Preprocessing
 
 _DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}
 _INTERP = {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC}[RESIZE_INTERPOLATION]
@@ -22,18 +24,26 @@ _INTERP = {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC}[RESIZE_IN
 
 @pipeline_def
 def image_pipeline(source, *, augment: bool, encoded: bool, prep: Preprocessing, dtype: str = "float32",
-                   layout: str = "CHW", device: str = "cpu"):
+                   layout: str = "CHW", device: str = "cpu", auto_augment: AutoAugment | None = None):
     """Batches of (normalized images, labels).
 
     ``source`` returns per batch: images (uint8 HWC arrays, or encoded file bytes), labels and,
     when ``augment``, a (2,) float shift per sample (fraction of the side, zero padded) and an
     int32 flip flag. ``prep``: the model's input size and mean/std ([0, 1] units, timm's
-    pretrained config).
+    pretrained config). ``auto_augment``: a policy of nvidia.dali.auto_aug applied to the uint8
+    images (after the shift, before the normalization and resize); the pipeline must then be built
+    with ``enable_conditionals=True`` (DaliLoader does), and its random draws come from the
+    pipeline's ``seed``.
     """
     image_size = prep.image_size
     outputs = fn.external_source(source=source, num_outputs=4 if augment else 2, batch=True,
                                  layout=[None if encoded else "HWC", None, None, None][: 4 if augment else 2])
     images, labels = outputs[0], outputs[1]
+    # (H, W) per sample for auto-augment's relative translations, read on the host before any
+    # upload (no GPU->CPU transition): from the file header, or the raw array's shape.
+    hw = None
+    if auto_augment is not None:
+        hw = (fn.peek_image_shape(images) if encoded else images.shape())[:-1]
     if encoded:
         # fancy upsampling: nvJPEG then upsamples chroma as libjpeg-turbo does, so a model trained
         # on GPU-decoded pixels is served the same pixels by the CPU pipeline (predict.py)
@@ -50,6 +60,8 @@ def image_pipeline(source, *, augment: bool, encoded: bool, prep: Preprocessing,
         # is; a GPU operator given them as positional inputs copies them to the host every batch.
         images = fn.slice(images, rel_start=shift, rel_shape=[1.0, 1.0], axis_names="WH",
                           out_of_bounds_policy="pad", fill_values=0)
+    if auto_augment is not None:
+        images = apply_auto_augment(images, auto_augment, hw)
     normalize = dict(mirror=mirror, dtype=_DTYPES[dtype], output_layout=layout,
                      mean=[255.0 * m for m in prep.mean], std=[255.0 * s for s in prep.std])
     if encoded:
@@ -69,3 +81,27 @@ def image_pipeline(source, *, augment: bool, encoded: bool, prep: Preprocessing,
     if device == "gpu":
         labels = labels.gpu()
     return images, labels
+
+
+def apply_auto_augment(images, policy: AutoAugment, shape):
+    """``policy`` on a batch of uint8 HWC images (CPU or GPU nodes alike). Translations are in
+    units of each image's own height and width (``shape``: a CPU node of (H, W) per sample), so
+    they mean the same at 32x32 CIFAR as on a large photo; magnitude ranges are DALI's defaults for
+    each scheme."""
+    from nvidia.dali.auto_aug import auto_augment, rand_augment, trivial_augment
+
+    policies = {
+        "rand_augment": lambda: rand_augment.rand_augment(images, n=policy.n, m=policy.m, shape=shape),
+        "trivial_augment": lambda: trivial_augment.trivial_augment_wide(images, shape=shape),
+        "auto_augment": lambda: auto_augment.auto_augment(images, policy_name="reduced_cifar10", shape=shape),
+    }
+    if policy.name not in policies:
+        raise ValueError(f"unknown auto-augment policy {policy.name!r}")
+    # DALI 2.4's auto_aug still calls fn.experimental.{filter,equalize}, whose deprecation notices it
+    # forces out at every build (each epoch here): dropped, anything else passed on.
+    with warnings.catch_warnings(record=True) as caught:
+        images = policies[policy.name]()
+    for w in caught:
+        if not (issubclass(w.category, DeprecationWarning) and "fn.experimental." in str(w.message)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return images

@@ -142,6 +142,12 @@ def epoch_augmentation(num_samples: int, seed: int, epoch: int) -> Augmentation:
     return Augmentation(shift=shift, flip=flip)
 
 
+def auto_augment_seed(seed: int, epoch: int, rank: int) -> int:
+    """The DALI pipeline seed of one rank's epoch when auto-augmenting (data.auto_augment): the
+    policy's random ops draw from it, so its draws are a function of (seed, epoch, rank)."""
+    return int(np.random.default_rng([seed, epoch, 2, rank]).integers(0, 2**31 - 1))
+
+
 class PlannedLoader:
     """What every loader shares (DaliLoader, TorchLoader, FeatureLoader): the epoch's ``plan``,
     ``len()`` (this rank's batches in a full epoch), ``set_epoch(epoch, start_sample)`` and the

@@ -24,6 +24,32 @@ class Preprocessing:
     std: tuple[float, float, float]
 
 
+# data.auto_augment's choices ("none" = off) and RandAugment's magnitude bins: DALI's
+# rand_augment takes m in [0, num_magnitude_bins - 1] with 31 bins by default, as torchvision does.
+AUTO_AUGMENT_POLICIES = ("none", "rand_augment", "trivial_augment", "auto_augment")
+RAND_AUGMENT_MAX_M = 30
+
+
+@dataclass(frozen=True)
+class AutoAugment:
+    """An automatic augmentation policy of training loaders (data.auto_augment): RandAugment with
+    ``n`` operations of magnitude bin ``m``, TrivialAugment Wide, or AutoAugment's (reduced)
+    CIFAR-10 policy; run by nvidia.dali.auto_aug on the uint8 images (dali_pipelines/pipelines.py)."""
+
+    name: str  # rand_augment | trivial_augment | auto_augment
+    n: int = 2  # rand_augment only
+    m: int = 9  # rand_augment only
+
+    @classmethod
+    def of(cls, name: str, n: int = 2, m: int = 9) -> "AutoAugment | None":
+        """The policy named by data.auto_augment, or None for "none"."""
+        if name not in AUTO_AUGMENT_POLICIES:
+            raise ValueError(f"auto_augment={name!r}; choose one of {', '.join(AUTO_AUGMENT_POLICIES)}")
+        if n < 1 or not 0 <= m <= RAND_AUGMENT_MAX_M:
+            raise ValueError(f"rand_augment n={n} must be >= 1 and m={m} in [0, {RAND_AUGMENT_MAX_M}]")
+        return None if name == "none" else cls(name, n, m)
+
+
 @dataclass(frozen=True)
 class LoaderSpec:
     """How to turn samples into model inputs; the same for every loader of a run (train,
@@ -37,15 +63,18 @@ class LoaderSpec:
     prefetch: int = 2  # batches DALI prepares ahead of the loop
     augment: bool = True  # random shifts and flips on training loaders (data.augment)
     backend: str = "dali"  # dali | torch (dali_pipelines/torch_loader.py): data.loader, resolved
+    # data.auto_augment on training loaders (None = off); evaluation and feature extraction never
+    auto_augment: AutoAugment | None = None
 
     @classmethod
-    def for_run(cls, prep: Preprocessing, *, num_threads: int, device: torch.device, precision: str = "no",
-                channels_last: bool = False, augment: bool = False, loader: str = "dali", say=print) -> "LoaderSpec":
+    def for_run(cls, prep: Preprocessing, *, num_threads: int, device: torch.device,  # noqa: PLR0913
+                precision: str = "no", channels_last: bool = False, augment: bool = False,
+                auto_augment: AutoAugment | None = None, loader: str = "dali", say=print) -> "LoaderSpec":
         """The spec of a run on ``device`` under ``precision`` (Accelerator.mixed_precision)."""
         return cls(prep, num_threads=num_threads,
                    dtype=INPUT_DTYPES[precision] if device.type == "cuda" else "float32",
                    channels_last=channels_last, device_id=dali_device_id(device), augment=augment,
-                   backend=resolve_backend(loader, say))
+                   backend=resolve_backend(loader, say), auto_augment=auto_augment)
 
 
 def dali_device_id(device: torch.device) -> int | None:

@@ -7,7 +7,8 @@ it in tests/test_torch_loader.py). Raw 32x32 images cross to the device as uint8
 the shift, flip, normalization and upscale run there, as in the DALI graph. Encoded files are
 decoded on the host (PIL, a thread pool one batch ahead), resized there one by one (their sizes
 differ), then normalized on the device. DALI stays the default and the faster path
-(docs/BENCHMARKS.md).
+(docs/BENCHMARKS.md). ``data.auto_augment`` uses torchvision's policies instead of DALI's, with
+draws of their own (``_AutoAugmenter``): the one place the two loaders' batches differ by design.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class TorchLoader(sampling.PlannedLoader):
             raise ValueError("give exactly one of images= or files=")
         super().__init__(len(labels), train=train, shard=shard, augment=spec.augment, batches=batches)
         self.spec = spec
+        self._auto = _AutoAugmenter(spec.auto_augment) if train and spec.auto_augment is not None else None
         self.device = torch.device("cpu") if spec.device_id is None else torch.device("cuda", spec.device_id)
         self._source = _BatchSource(images, [str(f) for f in files] if files is not None else None,
                                     np.asarray(labels), self.augment, io_threads=max(2, spec.num_threads))
@@ -65,15 +67,22 @@ class TorchLoader(sampling.PlannedLoader):
             return None
         images, labels = out[0], out[1]
         shift, flip = (out[2], out[3]) if self.augment else (None, None)
+        # Auto-augment draws per sample, keyed by its position in the epoch (like the shift and flip).
+        auto = None
+        if self._auto is not None:
+            positions = self._source.plan[self._source.cursor - 1]  # the batch just returned
+            auto = [np.random.default_rng([self.seed, self.epoch, 3, int(p)]) for p in positions]
         if self._decoder is not None:
             jobs = [self._decoder.submit(self._decode, data, None if shift is None else shift[i],
-                                         0 if flip is None else int(flip[i])) for i, data in enumerate(images)]
+                                         0 if flip is None else int(flip[i]), None if auto is None else auto[i])
+                    for i, data in enumerate(images)]
             images = np.stack([j.result() for j in jobs])
-            shift = flip = None  # applied per image before its resize, as DALI does
-        return images, labels, shift, flip
+            shift = flip = auto = None  # applied per image before its resize, as DALI does
+        return images, labels, shift, flip, auto
 
-    def _decode(self, data: np.ndarray, shift, flip: int) -> np.ndarray:
-        """One encoded image -> (size, size, 3) uint8: decode, translate, mirror, resize (antialiased)."""
+    def _decode(self, data: np.ndarray, shift, flip: int, auto_rng) -> np.ndarray:
+        """One encoded image -> (size, size, 3) uint8: decode, translate, auto-augment, mirror, resize
+        (antialiased)."""
         from PIL import Image
 
         with Image.open(io.BytesIO(data.tobytes())) as im:
@@ -81,6 +90,8 @@ class TorchLoader(sampling.PlannedLoader):
         x = torch.from_numpy(pixels).unsqueeze(0)  # (1, H, W, 3)
         if shift is not None:
             x = _translate(x, torch.from_numpy(np.asarray(shift)).view(1, 2))
+        if auto_rng is not None:
+            x = self._auto(x[0].permute(2, 0, 1), auto_rng).permute(1, 2, 0).unsqueeze(0)
         if flip:
             x = x.flip(2)
         size = self.spec.prep.image_size
@@ -89,11 +100,13 @@ class TorchLoader(sampling.PlannedLoader):
         return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)[0].numpy()
 
     # ------------------------------------------------------------------ device side
-    def _device_batch(self, images: np.ndarray, labels: np.ndarray, shift, flip):
+    def _device_batch(self, images: np.ndarray, labels: np.ndarray, shift, flip, auto):
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)  # uint8, once
         y = torch.from_numpy(labels).to(self.device, non_blocking=True)
         if shift is not None:
             x = _translate(x, torch.from_numpy(shift).to(self.device))
+        if auto is not None:  # one image at a time: every sample draws its own operations
+            x = torch.stack([self._auto(img.permute(2, 0, 1), rng).permute(1, 2, 0) for img, rng in zip(x, auto)])
         if flip is not None:
             mirror = torch.from_numpy(flip).to(self.device).bool().view(-1, 1, 1, 1)
             x = torch.where(mirror, x.flip(2), x)
@@ -120,3 +133,43 @@ def _translate(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     cols = torch.arange(w, device=images.device).view(1, w) + dx.view(b, 1) + pad
     batch = torch.arange(b, device=images.device).view(b, 1, 1)
     return padded[batch, rows.view(b, h, 1), cols.view(b, 1, w)]
+
+
+class _AutoAugmenter:
+    """data.auto_augment with torchvision's policies (v2 RandAugment(num_ops=n, magnitude=m),
+    TrivialAugmentWide, AutoAugment(CIFAR10)) on one (3, H, W) uint8 image. torchvision draws from
+    torch's global generator, which the training thread shares; here the same choices (operation,
+    magnitude bin, sign, sub-policy, probabilities) are drawn from a NumPy generator per sample,
+    seeded by (seed, epoch, position in the epoch): exact on resume and for any world size. The
+    draws, the magnitude ranges and some operations differ from DALI's auto_aug, so the two loaders
+    augment alike in distribution, not pixel for pixel."""
+
+    def __init__(self, policy):
+        from torchvision.transforms import v2
+
+        self.name = policy.name
+        self.t = {"rand_augment": lambda: v2.RandAugment(num_ops=policy.n, magnitude=policy.m),
+                  "trivial_augment": lambda: v2.TrivialAugmentWide(),
+                  "auto_augment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)}[policy.name]()
+
+    def _steps(self, rng: np.random.Generator) -> list[tuple[str, int | None, int]]:
+        """(operation, magnitude bin, number of bins) to apply, in order."""
+        t, ops = self.t, list(self.t._AUGMENTATION_SPACE)
+        if self.name == "rand_augment":
+            return [(ops[rng.integers(len(ops))], t.magnitude, t.num_magnitude_bins) for _ in range(t.num_ops)]
+        if self.name == "trivial_augment":
+            return [(ops[rng.integers(len(ops))], int(rng.integers(t.num_magnitude_bins)), t.num_magnitude_bins)]
+        sub_policy = t._policies[rng.integers(len(t._policies))]
+        return [(op, bin_, 10) for op, probability, bin_ in sub_policy if rng.random() <= probability]
+
+    def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        t = self.t
+        for op, bin_, bins in self._steps(rng):
+            magnitudes_fn, signed = t._AUGMENTATION_SPACE[op]
+            magnitudes = magnitudes_fn(bins, image.shape[-2], image.shape[-1])
+            magnitude = 0.0 if magnitudes is None or bin_ is None else float(magnitudes[bin_])
+            if magnitude and signed and rng.random() <= 0.5:
+                magnitude = -magnitude
+            image = t._apply_image_or_video_transform(image, op, magnitude, interpolation=t.interpolation,
+                                                      fill=t._fill)
+        return image

@@ -53,6 +53,11 @@ class DataConfig:
     num_threads: int = 4  # DALI CPU worker threads per process
     follow_symlinks: bool = False  # folder: follow symlinks leading outside root (refused by default)
     augment: bool = True  # training crops (zero-padded shifts) and flips; off when features are cached
+    # automatic augmentation of training images (DALI's auto_aug, after the shift; off when features
+    # are cached): auto_augment = AutoAugment's CIFAR-10 policy
+    auto_augment: Literal["none", "rand_augment", "trivial_augment", "auto_augment"] = "none"
+    rand_augment_n: int = 2  # rand_augment: operations per image
+    rand_augment_m: int = 9  # rand_augment: magnitude bin, 0 to 30
     synthetic_train: int = 5000  # images generated for source=synthetic (train + val)
     synthetic_test: int = 1000
     # Images per optimizer update over all processes; set, it replaces batch_size with
@@ -78,7 +83,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    strategy: Literal["feature_extraction", "finetune", "two_stage"] = "finetune"
+    # linear_probe: frozen backbone, cached features, a linear head solved by L-BFGS over an L2 grid
+    strategy: Literal["feature_extraction", "finetune", "two_stage", "linear_probe"] = "finetune"
     head_epochs: int = 1  # two_stage: epochs with the backbone frozen before everything trains
     epochs: int = 10
     # feature_extraction: compute the frozen backbone's features once (no augmentation) and
@@ -86,6 +92,13 @@ class TrainConfig:
     cache_features: Literal["auto", "true", "false"] = "auto"
     feature_dtype: Literal["float16", "float32"] = "float16"  # of the cached features
     feature_cache_dir: str | None = None  # None = {data.prepared_dir}/features
+    # linear_probe (job/linear_probe.py): the L2 strengths tried, in this order (each solve warm-starts
+    # from the previous), on loss = mean cross-entropy + l2/2 ||W||^2 over standardized features
+    # (bias unpenalised); the best on validation is kept. Default: 1 and 3 per decade, 1e1 to 1e-6
+    probe_l2_grid: list[float] = field(default_factory=lambda: [1e1, 3e0, 1e0, 3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3,
+                                                                3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6])
+    probe_tol: float = 1e-6  # linear_probe: stop when max |gradient| <= this x its value at zero weights
+    probe_max_iter: int = 1000  # linear_probe: L-BFGS iterations per l2 value at most
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA if it works; error if GPUs exist but it does not
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 on a GPU that has it natively
     seed: int = 0  # model init, dropout, shuffling and augmentation
@@ -120,6 +133,13 @@ class TrainConfig:
     # epoch ends and on SIGTERM: bounds the work lost with a node that vanishes without SIGTERM,
     # or whose grace period is too short for a save (spot on GKE: 15 s). 0 = off.
     checkpoint_every_minutes: float = 30.0
+    # Mixup / CutMix (timm's Mixup, per batch; job/mixing.py): the Beta(alpha, alpha) of each; with
+    # both on, each mixed batch picks one at even odds. 0 = off. Mixup works on cached features too
+    # (measured no gain on the demo's: docs/TRAINING.md)
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0  # CutMix's alpha, 0 = off; needs images (not with cached features)
+    mix_prob: float = 1.0  # probability that a batch is mixed
+    mix_off_epoch: int = 0  # from this 0-based epoch on, no mixing (timm's mixup_off_epoch); 0 = never
 
 
 @dataclass
@@ -350,6 +370,8 @@ def validate(cfg: Config) -> None:
                                             "split (a folder source's val/ folder, when present, replaces it)"),
         (cfg.data.split_seed >= 0 and cfg.train.seed >= 0, "data.split_seed and train.seed must be >= 0"),
         (cfg.data.num_threads >= 1, "data.num_threads must be >= 1"),
+        (cfg.data.rand_augment_n >= 1, "data.rand_augment_n must be >= 1 (operations per image)"),
+        (0 <= cfg.data.rand_augment_m <= 30, "data.rand_augment_m must be in [0, 30] (DALI's magnitude bins)"),
         (cfg.data.source != "folder" or cfg.data.root, "data.root is required for data.source=folder"),
         (not cfg.data.download or cfg.data.source == "cifar10", "data.download only applies to data.source=cifar10"),
         (all(h >= 1 for h in cfg.model.head_hidden), "model.head_hidden sizes must be >= 1"),
@@ -373,12 +395,29 @@ def validate(cfg: Config) -> None:
          "back to 1.0, or layer_decay to null)"),
         (0.0 <= cfg.optim.momentum < 1.0, "optim.momentum must be in [0, 1)"),
         (0.0 <= cfg.loss.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)"),
-        (cfg.train.cache_features != "true" or cfg.train.strategy == "feature_extraction",
-         "train.cache_features=true needs train.strategy=feature_extraction: features can be cached only while "
-         "the backbone is frozen for the whole run"),
+        (cfg.train.cache_features != "true" or cfg.train.strategy in ("feature_extraction", "linear_probe"),
+         "train.cache_features=true needs train.strategy=feature_extraction or linear_probe: features can be cached "
+         "only while the backbone is frozen for the whole run"),
+        (cfg.train.strategy != "linear_probe" or cfg.train.cache_features != "false",
+         "train.cache_features=false with train.strategy=linear_probe: the probe is solved on the cached features "
+         "of every image (no augmentation); set train.cache_features=auto, or use train.strategy=feature_extraction "
+         "to train a head on images every epoch"),
+        (cfg.train.strategy != "linear_probe" or not cfg.model.head_hidden,
+         f"model.head_hidden={cfg.model.head_hidden} with train.strategy=linear_probe: the probe is one linear layer; "
+         "set model.head_hidden=[] (or use train.strategy=feature_extraction for a deeper head)"),
+        (len(cfg.train.probe_l2_grid) >= 1 and all(v > 0 for v in cfg.train.probe_l2_grid),
+         "train.probe_l2_grid must be a non-empty list of L2 strengths > 0, e.g. [1.0, 0.1, 0.01]"),
+        (cfg.train.probe_tol > 0 and cfg.train.probe_max_iter >= 1,
+         "train.probe_tol must be > 0 and train.probe_max_iter >= 1"),
         (cfg.train.setup_timeout_minutes > 0 and cfg.train.step_timeout_minutes > 0,
          "train.setup_timeout_minutes and train.step_timeout_minutes must be > 0"),
         (cfg.train.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes must be >= 0 (0 = off)"),
+        (cfg.train.mixup_alpha >= 0 and cfg.train.cutmix_alpha >= 0,
+         "train.mixup_alpha and train.cutmix_alpha must be >= 0 (0 turns each off)"),
+        (0.0 <= cfg.train.mix_prob <= 1.0, "train.mix_prob must be in [0, 1]"),
+        (cfg.train.mix_off_epoch >= 0, "train.mix_off_epoch must be >= 0 (0 = mix every epoch)"),
+        (cfg.train.cutmix_alpha == 0 or cfg.train.strategy != "feature_extraction"
+         or cfg.train.cache_features == "false", cutmix_on_features_message(cfg.train.cutmix_alpha)),
         (cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs must be >= 0"),
         (cfg.schedule.min_lr >= 0 and cfg.schedule.warmup_lr >= 0, "schedule.min_lr and warmup_lr must be >= 0"),
         (cfg.schedule.decay_epochs > 0, "schedule.decay_epochs must be > 0"),
@@ -407,6 +446,13 @@ def validate(cfg: Config) -> None:
     if cfg.train.resume not in ("auto", "never") and not (Path(cfg.train.resume) / CHECKPOINT_MARKER).is_file():
         raise ConfigError(f"train.resume={cfg.train.resume!r}: not a checkpoint written by this job (no "
                           f"{CHECKPOINT_MARKER}); use auto, never, or an OUTPUT_DIR/checkpoints/epoch*-step* directory")
+
+
+def cutmix_on_features_message(cutmix_alpha: float) -> str:
+    return (f"train.cutmix_alpha={cutmix_alpha:g} with cached features (train.strategy=feature_extraction and "
+            "train.cache_features auto or true): CutMix pastes image boxes and is undefined on feature vectors. Set "
+            "train.cache_features=false (images through the frozen backbone every epoch), or train.cutmix_alpha=0 "
+            "(train.mixup_alpha works on cached features)")
 
 
 def _resolved(path: str | Path, key: str) -> Path:

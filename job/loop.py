@@ -93,6 +93,9 @@ class TrainParts:
     accelerator: Accelerator
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     ddp: torch.nn.Module | None = None
+    # Mixup / CutMix (job/mixing.py: BatchMixer), None = off. In the epochs it is active it mixes
+    # each batch, its soft-target loss replaces loss_fn and accuracy counts the dominant label.
+    mix: object | None = None
 
 
 @dataclass
@@ -184,6 +187,8 @@ def train_one_epoch(cfg: TrainConfig, parts: TrainParts, loader, state: TrainSta
     plan = loader.plan  # what this iteration yields: the rest of the epoch
     window, micro, consumed, remaining = ThroughputMeter(acc.num_processes, acc.device), 0, 0, len(plan.batches)
     batches = iter(loader)
+    mixing = parts.mix is not None and parts.mix.active(state.epoch)
+    loss_fn = parts.mix.loss_fn if mixing else parts.loss_fn
     while True:
         fetch_start = time.perf_counter()
         try:
@@ -193,6 +198,10 @@ def train_one_epoch(cfg: TrainConfig, parts: TrainParts, loader, state: TrainSta
         waited = time.perf_counter() - fetch_start
         micro += 1
         update = micro % cfg.grad_accum_steps == 0 or micro == remaining
+        targets = labels
+        if mixing:  # drawn from (seed, epoch, update, rank, micro-batch): a resumed run mixes alike
+            images, targets = parts.mix(images, labels, epoch=state.epoch, step=state.global_step, micro=micro)
+            labels = targets.argmax(1)  # training accuracy counts the dominant label
         # Skip DDP's gradient all-reduce on micro-batches that do not end in an update.
         sync = contextlib.nullcontext() if update or parts.ddp is None else parts.ddp.no_sync()
         if cfg.compile:
@@ -202,7 +211,7 @@ def train_one_epoch(cfg: TrainConfig, parts: TrainParts, loader, state: TrainSta
         with sync:
             with acc.autocast():
                 logits = parts.model(images)
-                loss = parts.loss_fn(logits.float(), labels)
+                loss = loss_fn(logits.float(), targets)
             # the epoch's last window may hold fewer micro-batches: average over those it has
             acc.backward(loss / min(cfg.grad_accum_steps, remaining))
         running.add(loss, logits, labels, waited)

@@ -82,10 +82,15 @@ class TransferModel(nn.Module):
         return self
 
 
+# The backbone never trains: feature_extraction (a head trained on its features) and linear_probe
+# (a linear head solved on its cached features, job/linear_probe.py).
+FROZEN_STRATEGIES = ("feature_extraction", "linear_probe")
+
+
 @dataclass(frozen=True)
 class Strategy:
-    """When the backbone trains: ``feature_extraction`` never, ``finetune`` always,
-    ``two_stage`` after ``head_epochs`` epochs of the head alone."""
+    """When the backbone trains: ``feature_extraction`` and ``linear_probe`` never, ``finetune``
+    always, ``two_stage`` after ``head_epochs`` epochs of the head alone."""
 
     name: str
     head_epochs: int = 0
@@ -95,12 +100,12 @@ class Strategy:
         return cls(cfg.strategy, cfg.head_epochs if cfg.strategy == "two_stage" else 0)
 
     def frozen_at(self, epoch: int) -> bool:
-        return self.name == "feature_extraction" or (self.name == "two_stage" and epoch < self.head_epochs)
+        return self.name in FROZEN_STRATEGIES or (self.name == "two_stage" and epoch < self.head_epochs)
 
     @property
     def trains_backbone(self) -> bool:
         """Whether the backbone trains at some epoch (then the optimizer needs its groups)."""
-        return self.name != "feature_extraction"
+        return self.name not in FROZEN_STRATEGIES
 
     @property
     def needs_unused_parameter_check(self) -> bool:

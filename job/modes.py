@@ -46,6 +46,7 @@ class ImageMode:
 
     augments = True
     cached = False
+    solves = False  # True: job/train.py's fit solves the head (job/linear_probe.py) instead of the epochs
     extraction_seconds: float | None = None
 
     def __init__(self, strategy: Strategy):
@@ -53,6 +54,10 @@ class ImageMode:
 
     def describe(self) -> str:
         return self.strategy.name
+
+    def summary_fields(self) -> dict:
+        """What this mode adds to metrics.json (job/records.py: RunSummary)."""
+        return {}
 
     def loaders(self, inputs: RunInputs) -> dict:
         return {split: make_loader(inputs.store, split, inputs.spec, train=split == "train", shard=inputs.shard)
@@ -94,10 +99,14 @@ class FeatureMode:
 
     augments = False
     cached = True
+    solves = False
 
     def __init__(self, strategy: Strategy):
         self.strategy = strategy
         self.features: FeatureSet | None = None
+
+    def summary_fields(self) -> dict:
+        return {}
 
     @property
     def extraction_seconds(self) -> float | None:
@@ -158,13 +167,32 @@ class FeatureMode:
         return test
 
 
-Mode = ImageMode | FeatureMode
+class LinearProbeMode(FeatureMode):
+    """``linear_probe``: the features cached as for ``feature_extraction``, and the linear head
+    solved on them over an L2 grid (job/linear_probe.py: fit_probe) instead of trained for epochs."""
+
+    solves = True
+
+    def __init__(self, strategy: Strategy):
+        super().__init__(strategy)
+        self.result: dict = {}  # set by fit_probe: the chosen l2, the solve's time and iterations
+
+    def describe(self) -> str:
+        return f"{self.strategy.name}, cached features, L-BFGS logistic regression"
+
+    def summary_fields(self) -> dict:
+        return dict(self.result)
+
+
+Mode = ImageMode | FeatureMode | LinearProbeMode
 
 
 def build_mode(cfg: Config) -> Mode:
     """The one place ``train.strategy`` and ``train.cache_features`` choose how the run trains:
     ``auto`` caches whenever the backbone is frozen for the whole run."""
     strategy = Strategy.from_config(cfg.train)
+    if strategy.name == "linear_probe":  # always cached (job/config.py refuses cache_features=false)
+        return LinearProbeMode(strategy)
     if strategy.name == "feature_extraction" and cfg.train.cache_features != "false":
         return FeatureMode(strategy)
     return ImageMode(strategy)

@@ -82,6 +82,12 @@ class RunSummary:
     test_accuracy_cached: float | None = None  # the head on cached test features; must match test_accuracy
     train_images_per_second_steady: float | None = None  # after each epoch's first log window (EpochRecord)
     test_accuracy_tta: float | None = None  # train.test_tta=flip: with test-time flips, beside test_accuracy
+    # train.strategy=linear_probe (job/linear_probe.py): the chosen L2 strength, the grid's solve time, its
+    # L-BFGS iterations, and whether every grid value converged within train.probe_max_iter
+    probe_l2: float | None = None
+    probe_solve_seconds: float | None = None
+    probe_iterations: int | None = None
+    probe_converged: bool | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

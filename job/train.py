@@ -35,15 +35,17 @@ import torch  # noqa: E402 - after the SIGTERM handler, on purpose
 from accelerate.utils import set_seed  # noqa: E402
 
 from dali_pipelines.loader import make_loader  # noqa: E402
-from dali_pipelines.spec import LoaderSpec  # noqa: E402
+from dali_pipelines.spec import AutoAugment, LoaderSpec  # noqa: E402
 from job.checkpoint import Checkpointer, check_output_dir, load_best_weights, save_best  # noqa: E402
 from job.config import Config, ConfigError, parse_args, per_process_batch  # noqa: E402
 from job.data import DataError, prepare_from_config  # noqa: E402
 from job.distributed import (all_ranks_or_none, build_accelerator, collective_timeout,  # noqa: E402
                              once_per_node_first, replicas_identical, setup_timeouts, training_timeouts)
 from job.early_stopping import EarlyStopping  # noqa: E402
+from job.linear_probe import fit_probe  # noqa: E402
 from job.ema import WeightEma  # noqa: E402
 from job.loop import StepHooks, StepLog, TrainParts, TrainState, evaluate, train_one_epoch  # noqa: E402
+from job.mixing import BatchMixer  # noqa: E402
 from job.model import ModelCard, WeightsError, create_model  # noqa: E402
 from dali_pipelines.sampling import Shard  # noqa: E402
 from job.modes import RunInputs, build_mode  # noqa: E402
@@ -61,18 +63,26 @@ def fit(cfg: Config) -> int:
     trainer = Trainer(cfg)
     try:
         trainer.setup()
-        for epoch in range(trainer.state.epoch, cfg.train.epochs):
-            if trainer.stopper.should_stop:  # resumed after the epoch that stopped it: straight to the test
-                break
-            trainer.train_and_validate_epoch(epoch)
-            if trainer.stopper.should_stop:
-                trainer.announce_early_stop()
-                break
+        if trainer.mode.solves:  # linear_probe: the head solved over an L2 grid, no epochs (job/linear_probe.py)
+            fit_probe(trainer)
+        else:
+            train_epochs(trainer)
         test = trainer.test_with_best()
         trainer.summarise_run(test)
         return 0
     except Preempted as stop:  # SIGTERM on some rank, noticed by every rank at the same step
         return trainer.exit_preempted(stop)
+
+
+def train_epochs(trainer: "Trainer") -> None:
+    """The epochs, until train.epochs or early stopping."""
+    for epoch in range(trainer.state.epoch, trainer.cfg.train.epochs):
+        if trainer.stopper.should_stop:  # resumed after the epoch that stopped it: straight to the test
+            break
+        trainer.train_and_validate_epoch(epoch)
+        if trainer.stopper.should_stop:
+            trainer.announce_early_stop()
+            break
 
 
 class Trainer:
@@ -108,6 +118,9 @@ class Trainer:
         self.spec = LoaderSpec.for_run(self.prep, num_threads=cfg.data.num_threads, device=acc.device,
                                        precision=acc.mixed_precision, channels_last=tc.channels_last,
                                        augment=cfg.data.augment and self.mode.augments, loader=cfg.data.loader,
+                                       auto_augment=AutoAugment.of(cfg.data.auto_augment if self.mode.augments
+                                                                   else "none", cfg.data.rand_augment_n,
+                                                                   cfg.data.rand_augment_m),
                                        say=acc.print)
         self.bare.to(acc.device)
         if tc.channels_last:
@@ -134,7 +147,8 @@ class Trainer:
                                     plateau_mode=self.stopper.mode)
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.loss.label_smoothing)
         self.parts = TrainParts(model=call, optimizer=optimizer, scheduler=scheduler, accelerator=acc,
-                                loss_fn=loss_fn, ddp=ddp)
+                                loss_fn=loss_fn, ddp=ddp, mix=BatchMixer.from_config(
+                                    cfg, self.num_classes, rank=acc.process_index, cached_features=self.mode.cached))
         self.ema = None  # train.ema_epochs: the averaged weights of what trains
         if tc.ema_epochs > 0:
             self.ema = WeightEma(self.mode.trainable(self.bare), tc.ema_epochs, updates_per_epoch)
@@ -202,7 +216,7 @@ class Trainer:
                              val_loss=val["loss"], val_accuracy=val["accuracy"], val_samples=val["samples"],
                              val_accuracy_ema=val_ema["accuracy"] if val_ema is not None else None)
         self.trackers.log_epoch(record)
-        acc.print(_epoch_line(record))
+        acc.print(_epoch_line(record, dominant=self.parts.mix is not None and self.parts.mix.active(epoch)))
         state.epoch, state.samples_in_epoch = epoch + 1, 0
         self.checkpointer.save(state.epoch, state.global_step)
         self.last_checkpoint = time.monotonic()
@@ -265,7 +279,8 @@ class Trainer:
             feature_extraction_seconds=self.mode.extraction_seconds,
             test_accuracy_cached=test.get("accuracy_cached"), test_accuracy_tta=test.get("accuracy_tta"),
             train_images_per_second_steady=_mean([h.steady_images_per_second for h in history
-                                                  if h.steady_images_per_second > 0]))
+                                                  if h.steady_images_per_second > 0]),
+            **self.mode.summary_fields())
         samples = []
         if acc.is_main_process:
             samples = sample_predictions(self.bare, self.store, self.spec, acc.device)
@@ -373,9 +388,10 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _epoch_line(r: EpochRecord) -> str:
+def _epoch_line(r: EpochRecord, dominant: bool = False) -> str:
     ema = f" (EMA {r.val_accuracy_ema:.4f})" if r.val_accuracy_ema is not None else ""
-    return (f"epoch {shown_epoch(r.epoch)}: train_loss {r.train_loss:.4f} acc {r.train_accuracy:.4f} | "
+    acc = "acc (dominant label)" if dominant else "acc"  # mixed batches: train accuracy (dominant label)
+    return (f"epoch {shown_epoch(r.epoch)}: train_loss {r.train_loss:.4f} {acc} {r.train_accuracy:.4f} | "
             f"val_loss {r.val_loss:.4f} acc {r.val_accuracy:.4f}{ema} | lr {r.lr:.2e} | "
             f"{r.images_per_second:.0f} img/s, data wait {r.data_wait_fraction:.0%}, {r.epoch_seconds:.1f}s")
 

@@ -1,0 +1,142 @@
+"""train.strategy=linear_probe (job/linear_probe.py): the solver against an independent reference,
+the grid's choice, a whole run in-process whose best/ job/evaluate.py reproduces, 1 process = 2
+processes exactly, and the refusals."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers.runs import REPO, accelerate_launch, run, small_run
+from job.config import ConfigError, load_config
+from job.linear_probe import fit_logistic, fold, grid_search, objective, scores, standardize
+from job.modes import LinearProbeMode, build_mode
+from job.run_dir import RunDir
+
+GRID = ["train.probe_l2_grid=[1.0,0.01,0.0001]"]
+PROBE = ["train.strategy=linear_probe", "model.head_hidden=[]", "model.head_dropout=0"]
+
+
+def tiny(tmp_path, *overrides):
+    return load_config(REPO / "tests" / "configs" / "small.yaml",
+                       [f"train.output_dir={tmp_path / 'run'}", f"data.prepared_dir={tmp_path / 'prep'}",
+                        "data.synthetic_train=200", "data.synthetic_test=50", "train.log_every=1000", *overrides])
+
+
+def problem(n=150, d=12, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return centers[y] + 1.5 * torch.randn(n, d, generator=g, dtype=torch.float64), y
+
+
+def test_the_solver_reaches_the_optimum_that_scikit_learn_finds():
+    z, y = problem()
+    l2 = 0.05
+    W, b, info = fit_logistic(z, y, l2, 4, tol=1e-10)
+    assert info.converged and info.iterations > 0
+    # KKT: the gradient of the penalised objective vanishes at the solution
+    Wg, bg = W.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    gW, gb = torch.autograd.grad(objective(z, y, Wg, bg, l2), (Wg, bg))
+    assert gW.abs().max() < 1e-8 and gb.abs().max() < 1e-8
+    # scikit-learn minimises C * sum(CE) + ||W||^2 / 2, i.e. ours times C * N with C = 1 / (l2 * N)
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    ref = linear_model.LogisticRegression(C=1 / (l2 * len(y)), tol=1e-12, max_iter=10_000)
+    ref.fit(z.numpy(), y.numpy())
+    torch.testing.assert_close(W, torch.from_numpy(ref.coef_), atol=1e-6, rtol=1e-6)
+    # the bias is unpenalised and softmax ignores a shift common to every class: compare centred
+    ref_b = torch.from_numpy(ref.intercept_)
+    torch.testing.assert_close(b - b.mean(), ref_b - ref_b.mean(), atol=1e-6, rtol=1e-6)
+    # warm-started from the answer, it stops at once on the same answer
+    W2, b2, again = fit_logistic(z, y, l2, 4, init=(W, b), tol=1e-10)
+    assert again.iterations <= 1 and torch.allclose(W2, W, atol=1e-10)
+
+
+def test_the_grid_keeps_the_best_validation_accuracy_and_the_fold_works_on_raw_features():
+    x, y = problem(n=200, d=30, seed=1)
+    x = x * torch.linspace(0.1, 50, 30, dtype=torch.float64) + 7  # scales that standardization undoes
+    mean, std = standardize(x[:120])
+    z = (x - mean) / std
+    grid = [10.0, 1.0, 0.1, 0.01, 1e-3, 1e-4]
+    seen = []
+    points, best = grid_search((z[:120], y[:120]), (z[120:], y[120:]), grid, 4,
+                               on_point=lambda i, p: seen.append(i))
+    assert seen == list(range(len(grid))) and [p.l2 for p in points] == grid
+    accuracies = [p.val_accuracy for p in points]
+    assert best == accuracies.index(max(accuracies))  # the argmax, the first of equals
+    assert all(p.info.converged for p in points)
+    W, b = fold(points[best].W, points[best].b, mean, std)
+    torch.testing.assert_close(x @ W.T + b, z @ points[best].W.T + points[best].b)
+    assert scores(x[120:], y[120:], W, b)[1] == pytest.approx(max(accuracies))
+
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory):
+    """One 1-process probe run in-process, shared by the tests below (the suite is long)."""
+    from job.train import fit
+
+    tmp = tmp_path_factory.mktemp("probe")
+    cfg = tiny(tmp, *PROBE, *GRID)
+    assert isinstance(build_mode(cfg), LinearProbeMode)
+    assert fit(cfg) == 0
+    return tmp
+
+
+def test_a_probe_run_writes_every_output_and_evaluate_reproduces_its_test(probe_run, capsys):
+    from job.evaluate import main as evaluate_main
+
+    out = RunDir(probe_run / "run")
+    history, summary = out.epochs(), out.summary()
+    assert [r.epoch for r in history] == [0, 1, 2] and [r.lr for r in history] == [1.0, 0.01, 0.0001]
+    accuracies = [r.val_accuracy for r in history]
+    best = accuracies.index(max(accuracies))
+    assert summary.best_epoch == best and summary.probe_l2 == history[best].lr
+    assert summary.best_val_accuracy == max(accuracies) and summary.epochs_completed == 3
+    assert summary.features_cached and summary.probe_solve_seconds > 0 and summary.probe_iterations > 0
+    assert abs(summary.test_accuracy - summary.test_accuracy_cached) <= 2 / summary.test_samples
+    card = out.card()
+    assert card.head_hidden == [] and card.epoch == best and card.val_accuracy == max(accuracies)
+    capsys.readouterr()
+    assert evaluate_main(["--run", str(out.path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["accuracy"] == summary.test_accuracy and result["samples"] == summary.test_samples
+
+
+def test_one_and_two_processes_give_the_same_probe(probe_run, tmp_path):
+    """Every rank solves the same problem on the same cached features; rank 0's layer is kept:
+    the 2-process run's model is the 1-process run's (probe_run), bit for bit. The features are
+    extracted anew by the 2 processes (another cache directory), from the same prepared store."""
+    two = tmp_path / "two"
+    args = small_run(two, probe_run / "prep", *PROBE, *GRID, "data.synthetic_train=200", "data.synthetic_test=50",
+                     "train.log_every=1000", f"train.feature_cache_dir={tmp_path / 'features'}")
+    out = run(accelerate_launch(2, "job/train.py", *args), timeout=300).stdout
+    assert "extracted features" in out
+    a, b = RunDir(probe_run / "run"), RunDir(two)
+    assert b.summary().world_size == 2 and b.summary().replicas_identical is True
+    assert a.summary().test_accuracy == b.summary().test_accuracy
+    assert a.summary().probe_l2 == b.summary().probe_l2
+    assert [r.val_accuracy for r in a.epochs()] == [r.val_accuracy for r in b.epochs()]
+    wa, wb = load_file(str(a.weights_file)), load_file(str(b.weights_file))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("model.head_hidden=[16]", ("model.head_hidden=[16]", "linear_probe", "model.head_hidden=[]")),
+    ("train.cache_features=false", ("train.cache_features=false", "linear_probe", "train.cache_features=auto")),
+    ("train.probe_l2_grid=[]", ("train.probe_l2_grid",)),
+    ("train.probe_l2_grid=[0.1,0]", ("train.probe_l2_grid",)),
+])
+def test_what_a_probe_cannot_be_is_refused(tmp_path, capsys, override, needles):
+    from job.train import main
+
+    base = ["model.head_hidden=[]", "train.strategy=linear_probe"]
+    with pytest.raises(ConfigError):
+        tiny(tmp_path, *base, override)
+    args = ["--config", str(REPO / "tests" / "configs" / "small.yaml"), f"train.output_dir={tmp_path / 'out'}",
+            *base, override]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert all(n in err for n in needles), err
+    assert not (tmp_path / "out").exists()
