@@ -217,8 +217,8 @@ def main() -> None:
     p.add_argument("--val", type=int, default=500)
     p.add_argument("--test", type=int, default=2000)
     p.add_argument("--only", choices=("ours", "timm"), help="one runner")
-    p.add_argument("--stages", default="plain,switches,recipe,timm",
-                   help="which groups of rows to run (kept rows always show): plain, switches, recipe, timm")
+    p.add_argument("--stages", default="plain,switches,recipe,timm,timm-recipe",
+                   help="which groups of rows to run: plain, switches, recipe, timm (plain), timm-recipe")
     p.add_argument("--plot", type=Path, default=REPO / "docs" / "benchmarks" / "recipe_curves.png")
     args = p.parse_args()
     if not WEIGHTS.is_file():
@@ -245,6 +245,7 @@ def main() -> None:
                 add(ours(args.work, data, "recipe", (), seed, args.epochs))
     if args.only != "ours" and args.timm_train is not None and "timm" in stages:
         add(timm(args.work, data, args.timm_train, "plain", PLAIN, 0, args.epochs, args.train))
+    if args.only != "ours" and args.timm_train is not None and "timm-recipe" in stages:
         for seed in seeds:
             add(timm(args.work, data, args.timm_train, "recipe", (), seed, args.epochs, args.train))
     print()
