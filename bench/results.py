@@ -37,7 +37,8 @@ DOC = REPO / "docs" / "RESULTS.md"
 FIGURES = REPO / "docs" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 PROBE = ("train.strategy=linear_probe", "model.head_hidden=[]", "model.head_dropout=0")
-# plain fine-tuning: bench/recipe.py's PLAIN (every recipe switch off)
+# plain fine-tuning and the recipe: bench/recipe.py's PLAIN (every recipe switch off) and RECIPE
+RECIPE = ("train.ema_epochs=0.5", "data.auto_augment=rand_augment", "data.rand_augment_n=2", "data.rand_augment_m=9")
 PLAIN = ("train.ema_epochs=0", "train.mixup_alpha=0", "train.cutmix_alpha=0", "data.auto_augment=none",
          "optim.layer_decay=null", "loss.label_smoothing=0", "train.test_tta=none")
 
@@ -62,7 +63,8 @@ def recipes(finetune_epochs: int) -> list[Recipe]:
         Recipe("probe-224", "frozen Lite0 224 px, linear probe (L-BFGS)", demo, ("data.image_size=224", *PROBE),
                "lite0-224"),
         Recipe("finetune-plain", f"Lite0 fine-tuned 96 px, plain, {finetune_epochs} ep", lite, (*PLAIN, *ft)),
-        Recipe("finetune-recipe", f"Lite0 fine-tuned 96 px, recipe, {finetune_epochs} ep", lite, ft),
+        Recipe("finetune-recipe", f"Lite0 fine-tuned 96 px, EMA + RandAugment, {finetune_epochs} ep", lite,
+               (*PLAIN, *RECIPE, "train.test_tta=flip", *ft)),
         Recipe("random-160", "random Lite0 160 px, recipe head (contrast)", demo,
                ("data.image_size=160", "model.pretrained=false"), "random-160"),
     ]
