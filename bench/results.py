@@ -34,6 +34,7 @@ from job.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "RESULTS.md"
+README = REPO / "README.md"
 FIGURES = REPO / "docs" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 PROBE = ("train.strategy=linear_probe", "model.head_hidden=[]", "model.head_dropout=0")
@@ -158,7 +159,10 @@ def _share(r: Result) -> str:
 
 
 def commands(all_recipes: list[Recipe], results: dict[str, Result]) -> str:
-    return "\n".join(f"- `{r.key}`: `{results[r.key].command}`" for r in all_recipes if r.key in results)
+    def shown(command: str) -> str:  # paths inside the repository as the reader's checkout has them
+        return command.replace(f"{REPO}/", "")
+
+    return "\n".join(f"- `{r.key}`: `{shown(results[r.key].command)}`" for r in all_recipes if r.key in results)
 
 
 def plot_cost(all_recipes: list[Recipe], results: dict[str, Result], path: Path) -> None:
@@ -184,6 +188,23 @@ def plot_cost(all_recipes: list[Recipe], results: dict[str, Result], path: Path)
     plt.close(fig)
 
 
+def short_table(all_recipes: list[Recipe], results: dict[str, Result]) -> str:
+    """The README's version: what each row reaches and what it cost."""
+    lines = ["| recipe (EfficientNet-Lite0, 2 CPU cores) | test accuracy | wall time |", "| --- | --- | --- |"]
+    for recipe in all_recipes:
+        r = results.get(recipe.key)
+        if r is not None:
+            lines.append(f"| {r.name} | {r.test_accuracy:.4f} | {r.wall_seconds / 60:.0f} min |")
+    return "\n".join(lines)
+
+
+def replace_between(path: Path, body: str) -> None:
+    text = path.read_text() if path.is_file() else f"{START}\n{END}\n"
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    path.write_text(head + START + "\n" + body + "\n" + END + tail)
+
+
 def write_doc(all_recipes: list[Recipe], results: dict[str, Result], work: Path) -> None:
     FIGURES.mkdir(parents=True, exist_ok=True)
     plot_cost(all_recipes, results, FIGURES / "accuracy_vs_time.png")
@@ -193,13 +214,13 @@ def write_doc(all_recipes: list[Recipe], results: dict[str, Result], work: Path)
             shutil.copyfile(work / best.key / name, FIGURES / f"best_{name}")
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU" if shutil.which("nvidia-smi") is None \
         else f"{platform.machine()}, {os.cpu_count()} CPU cores"
-    body = (f"{START}\nMeasured {date.today().isoformat()} on {machine} by `python bench/results.py` "
-            f"(best row: `{best.key}`).\n\n{table(all_recipes, results)}\n\nCommands (each row exactly):\n\n"
-            f"{commands(all_recipes, results)}\n{END}")
-    text = DOC.read_text() if DOC.is_file() else f"# Results on all of CIFAR-10\n\n{START}\n{END}\n"
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
-    DOC.write_text(head + body + tail)
+    replace_between(DOC, f"Measured {date.today().isoformat()} on {machine} by `python bench/results.py` "
+                         f"(best row: `{best.key}`).\n\n{table(all_recipes, results)}\n\n"
+                         f"Commands (each row exactly):\n\n{commands(all_recipes, results)}\n\n"
+                         "![test accuracy against wall-clock time](results/accuracy_vs_time.png)\n"
+                         "![the best row's test confusion matrix](results/best_confusion_matrix.png)\n"
+                         "![the best row's sample test predictions](results/best_test_samples.png)")
+    replace_between(README, short_table(all_recipes, results))
 
 
 def main() -> None:

@@ -20,7 +20,10 @@ def test_presets_settings_on_two_processes_run_to_the_end(tmp_path):
     last batch does not recompile."""
     out = tmp_path / "presets"
     args = small_run(out, tmp_path / "prep", "train.channels_last=true", "model.head_hidden=[32,16]",
-                     "train.grad_accum_steps=2", "train.compile=true", "train.epochs=1", "data.synthetic_train=500")
+                     "train.grad_accum_steps=2", "train.compile=true", "train.epochs=1", "data.synthetic_train=500",
+                     # and the GPU recipe's switches (finetune.yaml) on 2 processes, under compile
+                     "train.ema_epochs=0.5", "train.mixup_alpha=0.2", "optim.layer_decay=0.9",
+                     "data.auto_augment=rand_augment", "train.test_tta=flip")
     proc = run(accelerate_launch(2, "job/train.py", *args), env={"TORCH_LOGS": "recompiles"}, timeout=900)
     output = proc.stdout + proc.stderr
     m = RunDir(out).summary()
@@ -28,6 +31,8 @@ def test_presets_settings_on_two_processes_run_to_the_end(tmp_path):
     assert m.world_size == 2 and m.test_samples == 200
     assert RunDir(out).epochs()[0].train_samples == 450
     assert m.global_steps == 4  # 7 micro-batches per rank (6 of 32, then 33), 2 per update
+    assert RunDir(out).epochs()[0].val_accuracy_ema is not None and m.test_accuracy_tta is not None
+    assert "acc (dominant label)" in output
     assert "Recompiling function" not in output, output[-4000:]
     from safetensors.torch import load_file
 
@@ -46,7 +51,9 @@ def test_a_mid_epoch_checkpoint_resumes_on_another_world_size(tmp_path, before, 
     in samples, so the interrupted epoch continues at the first unseen sample and counts every
     training sample exactly once (sampling.EpochPlan; the property test covers every size)."""
     out = tmp_path / "run"
-    args = small_run(out, tmp_path / "prep", "train.epochs=2", "data.batch_size=16")
+    # with the recipe's stateful switches (EMA, seeded Mixup/CutMix) and auto-augmentation on
+    args = small_run(out, tmp_path / "prep", "train.epochs=2", "data.batch_size=16", "train.ema_epochs=0.5",
+                     "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0", "data.auto_augment=trivial_augment")
     # 540 training images; step 5 is mid epoch 1 on either world size
     code, _ = train_until_sigterm(accelerate_launch(before, "job/train.py", *args), at_line="step 5:")
     assert code == 143 or code != 0
