@@ -88,11 +88,13 @@ def _grad_max(z, y, W, b, l2) -> float:
 
 def fit_logistic(z: torch.Tensor, y: torch.Tensor, l2: float, num_classes: int, *,
                  init: tuple[torch.Tensor, torch.Tensor] | None = None, tol: float = 1e-6,
-                 max_iter: int = 1000) -> tuple[torch.Tensor, torch.Tensor, SolveInfo]:
+                 max_iter: int = 1000, on_evaluation=None) -> tuple[torch.Tensor, torch.Tensor, SolveInfo]:
     """Minimise ``objective`` over (W, b) for features ``z`` (N, D) and labels ``y`` (N,) with
     full-batch L-BFGS (strong Wolfe line search) in z's dtype (float64 for the probe), starting
     from ``init`` (a previous solution) or zeros. Stops when max |gradient| <= tol x its value at
-    zero, or after ``max_iter`` iterations. Deterministic for given inputs and device."""
+    zero, or after ``max_iter`` iterations. Deterministic for given inputs and device.
+    ``on_evaluation()`` is called before each objective evaluation (the preemption check: a solve
+    takes minutes on a large split, longer than a pod's grace period)."""
     start = time.perf_counter()
     dims = (num_classes, z.shape[1])
     W0, b0 = init if init is not None else (z.new_zeros(dims), z.new_zeros(num_classes))
@@ -103,6 +105,8 @@ def fit_logistic(z: torch.Tensor, y: torch.Tensor, l2: float, num_classes: int, 
                             tolerance_change=0.0, history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
+        if on_evaluation is not None:
+            on_evaluation()
         opt.zero_grad()
         loss = objective(z, y, W, b, l2)
         loss.backward()
@@ -212,9 +216,20 @@ def fit_probe(trainer) -> None:
         if trainer.preemption.poll(False) == "preempted":  # collective: every rank solves the same grid
             raise Preempted("SIGTERM")
 
+    evaluations = 0
+
+    def check_preemption() -> None:
+        """Every ``train.signal_check_every`` evaluations: every rank runs the same solve, so the
+        collective poll is reached at the same evaluation everywhere."""
+        nonlocal evaluations
+        evaluations += 1
+        if evaluations % cfg.train.signal_check_every == 0 and trainer.preemption.poll(False) == "preempted":
+            raise Preempted("SIGTERM")
+
     start = time.perf_counter()
     points, best = grid_search(train, val, grid, trainer.num_classes, metric=cfg.early_stopping.metric,
-                               on_point=on_point, tol=cfg.train.probe_tol, max_iter=cfg.train.probe_max_iter)
+                               on_point=on_point, tol=cfg.train.probe_tol, max_iter=cfg.train.probe_max_iter,
+                               on_evaluation=check_preemption)
     solve_seconds = time.perf_counter() - start
     chosen = points[best]
     W, b = fold(chosen.W, chosen.b, mean, std)

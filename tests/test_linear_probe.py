@@ -140,3 +140,19 @@ def test_what_a_probe_cannot_be_is_refused(tmp_path, capsys, override, needles):
     err = capsys.readouterr().err
     assert all(n in err for n in needles), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sigterm_stops_the_probe_inside_a_solve_not_after_the_grid(tmp_path):
+    """A solve takes minutes on a full split, longer than a pod's grace period: the preemption
+    check runs between L-BFGS evaluations, so the job exits 143 within one check of the signal."""
+    from job.linear_probe import fit_probe
+    from job.preemption import EXIT_PREEMPTED, Preempted
+    from job.train import Trainer
+
+    trainer = Trainer(tiny(tmp_path, *PROBE, *GRID, "train.signal_check_every=3"))
+    trainer.setup()
+    trainer.preemption.received = True  # what the SIGTERM handler sets
+    with pytest.raises(Preempted):
+        fit_probe(trainer)
+    assert not RunDir(trainer.out).history_file.exists() or not RunDir(trainer.out).epochs()  # stopped mid-solve
+    assert trainer.exit_preempted(Preempted("SIGTERM")) == EXIT_PREEMPTED
