@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml
 lint: install
 	$(BIN)/ruff check .
 
+# Two workers (pytest-xdist): much of the suite waits on the processes it launches, so two
+# overlap even on 2 cores. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
 
 test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow" tests
