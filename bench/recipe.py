@@ -161,11 +161,14 @@ def timm(work: Path, data: Path, timm_train: Path, name: str, extra: tuple[str, 
 
 
 def _run(command: list[str], out: Path) -> str:
-    out.mkdir(parents=True, exist_ok=True)
+    """The command's output, kept in OUT.log beside its run (not inside it: a run that failed before
+    it began must not leave a stray file that the job then refuses to overwrite on the retry)."""
+    log = out.parent / f"{out.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    (out / "log.txt").write_text(done.stdout + done.stderr)
+    log.write_text(done.stdout + done.stderr)
     if done.returncode != 0:
-        sys.exit(f"failed ({done.returncode}), log in {out / 'log.txt'}:\n{(done.stdout + done.stderr)[-3000:]}")
+        sys.exit(f"failed ({done.returncode}), log in {log}:\n{(done.stdout + done.stderr)[-3000:]}")
     return done.stdout + done.stderr
 
 

