@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import date
 from pathlib import Path
 
@@ -104,7 +104,7 @@ def run_recipe(recipe: Recipe, data: Path, work: Path) -> Result:
         return Result(**json.loads(kept.read_text()))
     args = ["job/train.py", "--config", recipe.config, "data.source=folder", f"data.root={data}",
             f"data.prepared_dir={work / 'prepared'}", "tracking.wandb=disabled", *recipe.overrides]
-    command = "python " + " ".join(args) + f" train.output_dir={out}"
+    command = _relative("python " + " ".join(args) + f" train.output_dir={out}")
     print(f"[{recipe.key}] {command}", flush=True)
     start, cpu_before = time.perf_counter(), _children_cpu()
     done = subprocess.run([sys.executable, *args, f"train.output_dir={out}"], cwd=REPO, capture_output=True, text=True)
@@ -126,9 +126,19 @@ def run_recipe(recipe: Recipe, data: Path, work: Path) -> Result:
                     summary.train_images_per_second, 60_000 if summary.features_cached else 0,
                     os.getloadavg()[0], command, cpu_share)
     kept.write_text(json.dumps(asdict(result)))
-    RECORDS.mkdir(parents=True, exist_ok=True)
-    (RECORDS / f"{recipe.key}.json").write_text(json.dumps(asdict(result), indent=1) + "\n")
+    record(result)
     return result
+
+
+def _relative(command: str) -> str:
+    """Paths inside the repository as any checkout has them (the rows run from its root)."""
+    return command.replace(f"{REPO}/", "")
+
+
+def record(result: Result) -> None:
+    RECORDS.mkdir(parents=True, exist_ok=True)
+    kept = replace(result, command=_relative(result.command))
+    (RECORDS / f"{result.key}.json").write_text(json.dumps(asdict(kept), indent=1) + "\n")
 
 
 def recorded(key: str, work: Path) -> Result | None:
@@ -179,10 +189,7 @@ def _share(r: Result) -> str:
 
 
 def commands(all_recipes: list[Recipe], results: dict[str, Result]) -> str:
-    def shown(command: str) -> str:  # paths inside the repository as the reader's checkout has them
-        return command.replace(f"{REPO}/", "")
-
-    return "\n".join(f"- `{r.key}`: `{shown(results[r.key].command)}`" for r in all_recipes if r.key in results)
+    return "\n".join(f"- `{r.key}`: `{_relative(results[r.key].command)}`" for r in all_recipes if r.key in results)
 
 
 def plot_cost(all_recipes: list[Recipe], results: dict[str, Result], path: Path) -> None:
@@ -265,6 +272,8 @@ def main() -> None:
             print(f"[{r.key}] test {r.test_accuracy:.4f}, wall {r.wall_seconds:.0f} s", flush=True)
         elif (r := recorded(recipe.key, args.work)) is not None:
             results[recipe.key] = r
+    for r in results.values():  # the committed records mirror every row the table shows
+        record(r)
     print(table(all_recipes, results))
     if not args.no_doc:
         write_doc(all_recipes, results, args.work)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,7 @@ def test_the_published_table_is_the_one_its_committed_records_build():
     assert results.table(results.recipes(1), records) in published
     assert results.short_table(results.recipes(1), records) in _readme_block()
     for key, r in records.items():  # each row's command is the one it ran, as the reader's checkout spells it
-        assert f"- `{key}`: `{r.command.replace(f'{results.REPO}/', '')}`" in published
+        assert f"- `{key}`: `{r.command}`" in published and str(results.REPO) not in r.command
         assert f"train.output_dir=runs/results/{key}" in published
 
 
@@ -90,3 +90,14 @@ def test_a_failed_row_leaves_its_log_beside_the_run_and_can_be_retried(tmp_path,
     with pytest.raises(SystemExit) as second:
         results.run_recipe(recipe, tmp_path / "cifar", tmp_path / "work")
     assert str(second.value) == str(first.value)
+
+
+def test_a_record_spells_the_command_as_any_checkout_runs_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "RECORDS", tmp_path / "rows")
+    measured = replace(_result("probe-224", 0.82, 0.0),
+                       command=f"python job/train.py train.output_dir={results.REPO}/runs/results/probe-224")
+    results.record(measured)
+    kept = json.loads((tmp_path / "rows" / "probe-224.json").read_text())
+    assert kept["command"] == "python job/train.py train.output_dir=runs/results/probe-224"
+    assert {k: v for k, v in kept.items() if k != "command"} == \
+        {k: v for k, v in json.loads(json.dumps(asdict(measured))).items() if k != "command"}
