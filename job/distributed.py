@@ -106,7 +106,24 @@ def setup_timeouts(accelerator: Accelerator, cfg: TrainConfig) -> None:
 
 def _set_timeout(accelerator: Accelerator, minutes: float) -> None:
     if accelerator.num_processes > 1 and torch.distributed.is_initialized():
-        torch.distributed.set_timeout(timedelta(minutes=minutes))
+        set_group_timeout(timedelta(minutes=minutes))
+
+
+def set_group_timeout(timeout: timedelta) -> None:
+    """The default process group's collective timeout, on every torch the project allows.
+
+    ``torch.distributed.set_timeout`` is public from torch 2.14 on. Before it (2.5 to 2.13) the
+    same change is each backend's ``_set_default_timeout``, which those versions'
+    ``distributed_c10d._set_pg_timeout`` calls for the group's gloo and NCCL backends; called
+    directly here because 2.14 deprecates ``_set_pg_timeout`` (tests/test_distributed_correctness.py
+    runs two processes through their first update with ``set_timeout`` removed)."""
+    public = getattr(torch.distributed, "set_timeout", None)
+    if public is not None:
+        public(timeout)
+        return
+    group = torch.distributed.group.WORLD
+    for device in group._device_types:
+        group._get_backend(device)._set_default_timeout(timeout)
 
 
 def collective_timeout() -> timedelta | None:
