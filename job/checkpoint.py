@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from job.atomic import ForeignDirectoryError, atomic_directory
 from job.config import CHECKPOINT_MARKER, Config, ConfigError
 from job.model import ModelCard
+from job.records import RunSummary
 from job.run_dir import RunDir
 
 _NAME = re.compile(r"^epoch(\d+)-step(\d+)$")
@@ -48,6 +49,7 @@ class Checkpointer:
         # parts whose state is tensors (a weight EMA): {name}.safetensors beside the JSON
         self.tensor_states = tensor_states or {}
         self.dir = RunDir(output_dir).checkpoints
+        self.changed_on_resume: dict[str, tuple] = {}  # set by load: {key: (checkpoint's value, this run's)}
 
     def save(self, epoch: int, global_step: int) -> Path:
         """All ranks call this. Written under a temporary name and renamed when complete, so a
@@ -138,36 +140,129 @@ class Checkpointer:
 
 
     def _refuse_another_experiment(self, path: Path) -> None:
-        """A checkpoint continues only the run that wrote it: resuming it under another model,
-        head, input size, data source, strategy, seed or batch size (say, ``make demo`` after
-        editing its config, with the same output_dir) would silently mix two experiments."""
-        saved_file = path / "config.yaml"
-        if self.config is None or not saved_file.is_file():
-            return
-        try:
-            saved = yaml.safe_load(saved_file.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            saved = e
-        if not isinstance(saved, dict) or not all(isinstance(saved.get(k.split(".")[0], {}), dict)
-                                                  for k in RESUME_MUST_MATCH):
-            raise ConfigError(f"{saved_file}: not a config this job wrote; resume from another checkpoint, or "
-                              "start over with train.resume=never")
-        current = self.config.to_dict()
-        # A global batch is the experiment's; its per-process share may change with the world size.
-        keys = [k for k in RESUME_MUST_MATCH if k != "data.batch_size" or current["data"]["global_batch_size"] is None]
-        for key in keys:
-            section, name = key.split(".")
-            before, now = saved.get(section, {}).get(name), current[section][name]
+        """A checkpoint continues only the run that wrote it (see ``refuse_changed_config``); what
+        changed within RESUME_MAY_CHANGE is kept for the run's record of resumes."""
+        if self.config is not None:
+            self.changed_on_resume = refuse_changed_config(path, self.config)
+
+
+# The keys a resume may change: how long the run trains (a larger train.epochs extends it), how it
+# is logged, tracked and checkpointed, how long collectives wait, loader threads, the device, and
+# where the same files are mounted (another pod sees the same data and weights at another path;
+# the prepared store and the feature cache check what they hold). Every other key is what the
+# checkpoint's weights, optimizer state and step counters mean: a resume that changes one is refused.
+RESUME_MAY_CHANGE = ("train.epochs", "train.resume", "train.output_dir", "train.log_every", "train.signal_check_every",
+                     "train.keep_checkpoints", "train.checkpoint_every_minutes", "train.setup_timeout_minutes",
+                     "train.step_timeout_minutes", "train.device", "data.num_threads", "tracking.*",
+                     "model.weights", "data.root", "data.download", "data.prepared_dir", "train.feature_cache_dir")
+
+
+def may_change_on_resume(key: str) -> bool:
+    section = key.split(".")[0]
+    return key in RESUME_MAY_CHANGE or f"{section}.*" in RESUME_MAY_CHANGE
+
+
+def config_differences(saved: dict, current: dict) -> dict[str, tuple]:
+    """``{section.key: (saved value, current value)}`` for every key outside RESUME_MAY_CHANGE that
+    differs (a key only one side has counts, with None on the other)."""
+    diffs = {}
+    for section in sorted(set(saved) | set(current)):
+        before_section, now_section = saved.get(section) or {}, current.get(section) or {}
+        for name in sorted(set(before_section) | set(now_section)):
+            key = f"{section}.{name}"
+            if may_change_on_resume(key):
+                continue
+            # A global batch is the experiment's; its per-process share may change with the world size.
+            if key == "data.batch_size" and (current.get("data") or {}).get("global_batch_size") is not None:
+                continue
+            before, now = before_section.get(name), now_section.get(name)
             if before != now:
-                raise ConfigError(f"{path} was written with {key}={before!r}, this run has {key}={now!r}: resuming "
-                                  "would continue another experiment. Use a new train.output_dir, start over with "
-                                  f"train.resume=never, or set {key} back")
+                diffs[key] = (before, now)
+    return diffs
 
 
-# What a checkpoint's weights and step counters mean (model.weights is left out: the same file may
-# be mounted at another path).
-RESUME_MUST_MATCH = ("model.name", "model.pretrained", "model.head_hidden", "data.source", "data.image_size",
-                     "data.batch_size", "data.global_batch_size", "train.strategy", "train.seed", "train.ema_epochs")
+def saved_config(path: Path) -> dict:
+    """The resolved config a checkpoint (or a run) was written with, as a mapping of sections."""
+    saved_file = path / "config.yaml"
+    try:
+        saved = yaml.safe_load(saved_file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
+        saved = e
+    if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+        raise ConfigError(f"{saved_file}: not a config this job wrote; resume from another checkpoint, or start "
+                          "over with train.resume=never")
+    return saved
+
+
+def refuse_changed_config(path: Path, config: Config) -> dict[str, tuple]:
+    """Exit 2 (a ConfigError listing every differing key with both values, and the ways out) when
+    ``config`` differs from the one ``path`` (a checkpoint or a run's output_dir) was written with
+    outside RESUME_MAY_CHANGE: a resume would otherwise continue another experiment (say, ``make
+    demo`` after editing its config, with the same output_dir), and its config.yaml would describe
+    weights that were not trained with it. Returns the allowed differences (those recorded in
+    resumes.jsonl)."""
+    if not (path / "config.yaml").is_file():
+        return {}
+    saved = saved_config(path)
+    current = config.to_dict()
+    diffs = config_differences(saved, current)
+    if diffs:
+        lines = "\n".join(f"  {key}={before!r} there, {key}={now!r} in this run"
+                          for key, (before, now) in diffs.items())
+        raise ConfigError(f"{path} was written with another config; resuming would continue another experiment "
+                          f"and describe its weights wrongly. {len(diffs)} key(s) differ:\n{lines}\nWays out: a new "
+                          "train.output_dir (a new run beside this one), train.resume=never (start over here, "
+                          "replacing it), or set the key(s) back. Only these may change on resume: "
+                          f"{', '.join(RESUME_MAY_CHANGE)}")
+    allowed = {}
+    for section, values in current.items():
+        for name, now in values.items():
+            before = (saved.get(section) or {}).get(name)
+            if before != now and name != "resume":
+                allowed[f"{section}.{name}"] = (before, now)
+    return allowed
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint this job wrote in ``output_dir`` (a plain listing, for the
+    checks made before the Accelerator exists; ``Checkpointer.resolve`` is the collective one)."""
+    directory = RunDir(output_dir).checkpoints
+    if not directory.is_dir():
+        return None
+    found = [p for p in directory.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / CHECKPOINT_MARKER).is_file()]
+    return max(found, key=lambda p: tuple(int(g) for g in _NAME.match(p.name).groups()), default=None)
+
+
+def check_resume(config: Config) -> RunSummary | None:
+    """Before anything is built: with ``train.resume`` auto (or a checkpoint), refuse a config that
+    differs from the one the checkpoint to resume (else the run's config.yaml) was written with,
+    outside RESUME_MAY_CHANGE. Returns the summary of a run that has already finished (the same
+    command again: nothing to do), None when the run is to start or go on (a larger train.epochs
+    extends a finished run that did not stop early)."""
+    tc = config.train
+    if tc.resume == "never":
+        return None
+    run = RunDir(tc.output_dir)
+    checkpoint = latest_checkpoint(run.path) if tc.resume == "auto" else Path(tc.resume)
+    if checkpoint is not None:
+        refuse_changed_config(checkpoint, config)
+    if tc.resume != "auto" or not run.summary_file.is_file() or not run.is_ours():
+        return None
+    if checkpoint is None:  # a linear probe keeps no checkpoint: its config.yaml is the record
+        refuse_changed_config(run.path, config)
+    summary = run.summary()
+    extends = tc.strategy != "linear_probe" and not summary.stopped_early and tc.epochs > summary.epochs_completed
+    return None if extends and checkpoint is not None else summary
+
+
+def finished_message(config: Config, summary: RunSummary) -> str:
+    out = Path(config.train.output_dir).resolve()
+    how = "stopped early" if summary.stopped_early else f"{summary.epochs_completed} epoch(s)"
+    more = ("" if summary.stopped_early or config.train.strategy == "linear_probe"
+            else f"; a larger train.epochs (> {summary.epochs_completed}) trains it on")
+    return (f"{out} holds a finished run ({how}, test accuracy {summary.test_accuracy:.4f} on {summary.test_samples} "
+            f"images): nothing to do, nothing touched. Outputs: {RunDir(out).summary_file}, {RunDir(out).best}/, "
+            f"{RunDir(out).config_file}{more}; a new train.output_dir, or train.resume=never, starts another run")
 
 
 def save_best(accelerator: Accelerator, weights: dict[str, torch.Tensor], output_dir: str | Path,

@@ -22,6 +22,28 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM: "terminated, restart me"
 EXIT_CODE_DIR_ENV = "JOB_EXIT_CODE_DIR"
 
 
+# What each code means, for the last line a failed job/train.py prints: `accelerate launch` (and
+# torchrun under it) reports every failure as exit 1, so the line is where a local user reads it.
+EXIT_MEANINGS = {
+    EXIT_BAD_INPUT: "bad config, data or weights; nothing was trained. Fix what the error above names: retrying "
+                    "cannot help",
+    EXIT_PREEMPTED: "preempted by SIGTERM; run the same command again to resume",
+    1: "a crash (the traceback above); retrying may help when the cause was transient (a GPU or storage error)",
+}
+
+
+def exit_line(code: int) -> str:
+    """The last line of a run that did not finish: what happened and the exit code it means (which
+    `accelerate launch` loses; docker/launch.sh maps the codes back for pods)."""
+    meaning = EXIT_MEANINGS.get(code, EXIT_MEANINGS[1])
+    return f"job/train.py: exit code {code}: {meaning}"
+
+
+def is_first_process() -> bool:
+    """Before the Accelerator exists: whether this process is the launch's rank 0 (or alone)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 class Preempted(Exception):
     """SIGTERM reached every rank: the one signal for it. Raised where the stop is noticed (the
     training loop's pause, feature extraction), caught once, in ``job/train.py: fit``, which

@@ -5,6 +5,7 @@
     config.yaml            the resolved config (job/config.py: Config.save)
     history.jsonl          one EpochRecord per epoch (job/records.py)
     metrics.json           the RunSummary, written when the run finishes
+    resumes.jsonl          one line per resume: time, world size, checkpoint, the keys changed
     best/model.safetensors the best epoch's bare weights; best/model.json its ModelCard
     checkpoints/           resumable states (job/checkpoint.py owns what is inside)
     curves.png, confusion_matrix.png, test_samples.png    the plots (job/reporting.py)
@@ -45,6 +46,10 @@ class RunDir:
         return self.path / "history.jsonl"
 
     @property
+    def resumes_file(self) -> Path:
+        return self.path / "resumes.jsonl"
+
+    @property
     def summary_file(self) -> Path:
         return self.path / "metrics.json"
 
@@ -79,6 +84,31 @@ class RunDir:
     @property
     def wandb(self) -> Path:
         return self.path / "wandb"
+
+    def record_resume(self, checkpoint: Path, world_size: int, changed: dict[str, tuple]) -> None:
+        """Append one line to ``resumes.jsonl``: config.yaml keeps describing the weights, this
+        says when the run was resumed, on how many processes, and which keys (those a resume may
+        change: job/checkpoint.py, RESUME_MAY_CHANGE) were overridden, with both values."""
+        import json
+        from datetime import datetime, timezone
+
+        entry = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "world_size": world_size,
+                 "checkpoint": Path(checkpoint).name,
+                 "overrides": {key: {"was": before, "now": now} for key, (before, now) in changed.items()}}
+        with open(self.resumes_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def resumes(self) -> list[dict]:
+        """``resumes.jsonl`` read back ([] for a run never resumed)."""
+        import json
+
+        if not self.resumes_file.is_file():
+            return []
+        try:
+            return [json.loads(line) for line in self.resumes_file.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ConfigError(f"{self.resumes_file} is not a record of resumes of this job ({shown(str(e))}); move "
+                              "it away") from None
 
     # ------------------------------------------------------------------------------ the readers
     def config(self) -> Config:

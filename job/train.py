@@ -36,7 +36,8 @@ from accelerate.utils import set_seed  # noqa: E402
 
 from dali_pipelines.loader import make_loader  # noqa: E402
 from dali_pipelines.spec import AutoAugment, LoaderSpec  # noqa: E402
-from job.checkpoint import Checkpointer, check_output_dir, load_best_weights, save_best  # noqa: E402
+from job.checkpoint import (Checkpointer, check_output_dir, check_resume, finished_message,  # noqa: E402
+                            load_best_weights, save_best)
 from job.config import Config, ConfigError, parse_args, per_process_batch  # noqa: E402
 from job.data import DataError, prepare_from_config  # noqa: E402
 from job.distributed import (all_ranks_or_none, build_accelerator, collective_timeout,  # noqa: E402
@@ -50,7 +51,8 @@ from job.model import ModelCard, WeightsError, create_model  # noqa: E402
 from dali_pipelines.sampling import Shard  # noqa: E402
 from job.modes import RunInputs, build_mode  # noqa: E402
 from job.optim import ScheduleState, build_optimizer, build_scheduler, current_lr  # noqa: E402
-from job.preemption import EXIT_BAD_INPUT, EXIT_PREEMPTED, Preempted, PreemptionSignal, record_exit_code  # noqa: E402
+from job.preemption import (EXIT_BAD_INPUT, EXIT_PREEMPTED, Preempted, PreemptionSignal, exit_line,  # noqa: E402
+                            is_first_process, record_exit_code)
 from job.records import EpochRecord, RunSummary, shown_epoch  # noqa: E402
 from job.reporting import sample_predictions  # noqa: E402
 from job.run_dir import RunDir  # noqa: E402
@@ -60,6 +62,11 @@ from job.tracking import Trackers, TrackingError, redact  # noqa: E402
 
 
 def fit(cfg: Config) -> int:
+    finished = check_resume(cfg)  # a changed config is refused here, before anything is built or written
+    if finished is not None:
+        if is_first_process():
+            print(finished_message(cfg, finished))
+        return 0
     trainer = Trainer(cfg)
     try:
         trainer.setup()
@@ -166,7 +173,11 @@ class Trainer:
                       f"sample {self.state.samples_in_epoch})")
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
+            # Resumed, the config differs from the checkpoint's only in RESUME_MAY_CHANGE keys
+            # (Checkpointer.load refused anything else): config.yaml still describes these weights.
             cfg.save(self.run.config_file)
+            if resume_from is not None:
+                self.run.record_resume(resume_from, acc.num_processes, self.checkpointer.changed_on_resume)
         self.trackers = all_ranks_or_none(acc, lambda: Trackers(acc, cfg, self.out, start_epoch=self.state.epoch,
                                                                  run_id=self.state.run_id))
         self.state.run_id = self.trackers.run_id  # saved with the checkpoints: a resumed job continues the W&B run
@@ -404,10 +415,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, WeightsError, TrackingError) as e:
         print(f"error: {redact(str(e))}", file=sys.stderr)
         code = EXIT_BAD_INPUT
+    except SystemExit as e:  # argparse: --help (0) or a bad option (2)
+        code = e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
+        raise
     finally:
         record_exit_code(code)
+        if code not in (0, 1):  # a crash says so after its traceback (below)
+            print(exit_line(code), file=sys.stderr)
     return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception:  # a crash: the traceback, then what it means (accelerate launch says only 1)
+        import traceback
+
+        traceback.print_exc()
+        print(exit_line(1), file=sys.stderr)
+        sys.exit(1)
