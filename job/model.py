@@ -18,7 +18,7 @@ from torch import nn
 from dali_pipelines.spec import Preprocessing
 from job.config import MAX_IMAGE_SIZE, ConfigError, ModelConfig, TrainConfig
 from job.run_dir import RunDir
-from job.weights import WeightsError, load_backbone_weights
+from job.weights import WeightsError, ensure_packaged, load_backbone_weights
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -265,6 +265,7 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
     if not cfg.pretrained or cfg.weights:
         backbone = timm.create_model(cfg.name, pretrained=False, **kwargs)
         if cfg.pretrained:
+            ensure_packaged(cfg.weights, cfg.name)  # the demo's weights file, converted on first use
             load_backbone_weights(backbone, cfg.weights, cfg.name)
         return backbone
     try:

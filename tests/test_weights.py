@@ -281,3 +281,35 @@ def test_convert_writes_only_safetensors(tmp_path, packaged):
     with pytest.raises(WeightsError, match=r"--out .*model\.pth must end in \.safetensors"):
         weights.convert(packaged, MODEL, tmp_path / "model.pth")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_demo_weights_file_is_converted_on_first_use_once(tmp_path, packaged, source, capsys):
+    """README's first command on a fresh clone names data/weights/tf_efficientnet_lite0.safetensors,
+    which only `make demo` used to write: model creation converts the packaged weights into it,
+    once (a second use reads the same file, untouched); another missing file is refused, naming
+    `make demo` and the convert command where it is the demo's file."""
+    from job.config import ModelConfig
+    from job.model import create_backbone
+    from job.weights import CONVERT_LITE0, ensure_packaged
+
+    out = tmp_path / "weights" / f"{MODEL}.safetensors"
+    model = create_backbone(ModelConfig(name=MODEL, pretrained=True, weights=str(out)))
+    assert "converting the packaged ImageNet weights" in capsys.readouterr().out
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temp file left behind
+    written = load_file(str(out))
+    assert len(written) == 296 and torch.equal(written["blocks.5.3.conv_dw.weight"],
+                                               source["_blocks.14._depthwise_conv.weight"])
+    torch.testing.assert_close(model.state_dict()["blocks.5.3.conv_dw.weight"], written["blocks.5.3.conv_dw.weight"])
+    stat = out.stat()
+    assert ensure_packaged(out, MODEL) is False and out.stat().st_mtime_ns == stat.st_mtime_ns
+    create_backbone(ModelConfig(name=MODEL, pretrained=True, weights=str(out)))
+    assert "converting" not in capsys.readouterr().out and out.stat().st_ino == stat.st_ino
+    # not the demo's file name, or another model: the refusal, nothing written
+    for name, model_name in (("other.safetensors", MODEL), (f"{MODEL}.safetensors", "resnet18")):
+        missing = tmp_path / "elsewhere" / name
+        assert ensure_packaged(missing, model_name) is False and not missing.parent.exists()
+    with pytest.raises(WeightsError, match="does not exist"):
+        read_state_dict(tmp_path / "elsewhere" / "other.safetensors")
+    with pytest.raises(WeightsError) as refused:
+        read_state_dict(tmp_path / "elsewhere" / f"{MODEL}.safetensors")
+    assert "`make demo`" in str(refused.value) and CONVERT_LITE0 in str(refused.value)
