@@ -32,11 +32,41 @@
 # reported 2 -> 2; every local process reported 143 -> 143; else the first other code a process
 # reported, else the launcher's (1 instead of 143: that one proves no checkpoint). A process killed
 # outright (out of memory, SIGKILL) reports nothing, so a preemption that did not save everywhere
-# reads as a crash.
+# reads as a crash. Except a SIGTERM that this script forwarded before the launcher had started any
+# training process (it spends seconds importing torch): nothing ran, the pod exits 143.
 set -euo pipefail
+
+# Signal handlers first of all: as PID 1 a SIGTERM that comes before `trap` runs is dropped by the
+# kernel, and the job would then run on until the kubelet's SIGKILL.
+child="" received="" early=""
+forward() {  # $1: TERM or INT
+  if [[ -z "$received" ]] && ! training_started; then
+    early=1  # the launcher had not started any training process yet: nothing ran, nothing to lose
+  fi
+  received="$1"
+  if [[ -n "$child" ]]; then
+    echo "launch.sh: SIG$1: forwarding it to the training processes (checkpoint, then exit 143)" >&2
+    kill -s "$1" -- "-$child" 2>/dev/null || true
+  fi
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 script="${TRAIN_SCRIPT:-$here/job/train.py}"
+
+training_started() {  # whether a child of the launcher runs the training script (accelerate's or torchrun's)
+  local stat fields ppid cmdline
+  [[ -n "$child" ]] || return 1
+  for stat in /proc/[0-9]*/stat; do
+    read -r fields 2>/dev/null <"$stat" || continue
+    read -r _ ppid _ <<<"${fields##*) }"  # after "(command name)", which may hold spaces
+    [[ "$ppid" == "$child" ]] || continue
+    cmdline="$(tr '\0' ' ' 2>/dev/null <"${stat%/stat}/cmdline")" || continue
+    [[ "$cmdline" == *"$script"* ]] && return 0
+  done
+  return 1
+}
 
 count_gpus() {
   if command -v nvidia-smi >/dev/null 2>&1; then
@@ -104,17 +134,6 @@ fi
 
 JOB_EXIT_CODE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/job-exit-codes.XXXXXX")"
 export JOB_EXIT_CODE_DIR
-child="" received=""
-
-forward() {  # $1: TERM or INT
-  received="$1"
-  if [[ -n "$child" ]]; then
-    echo "launch.sh: SIG$1: forwarding it to the training processes (checkpoint, then exit 143)" >&2
-    kill -s "$1" -- "-$child" 2>/dev/null || true
-  fi
-}
-trap 'forward TERM' TERM
-trap 'forward INT' INT
 
 saving=""
 (( total > 1 )) && saving=", ${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-30} s to save after SIGTERM"
@@ -151,6 +170,10 @@ rm -rf "$JOB_EXIT_CODE_DIR"
 exit_code() {
   local code preempted=0 done=0 other=""
   if (( status == 0 )); then echo 0; return; fi
+  # SIGTERM while the launcher was still starting (importing torch: seconds): no training process
+  # existed to save or lose anything, so this is a preemption, not a crash. Nothing reported by
+  # processes that had started stays a crash below (that one may hide a lost checkpoint).
+  if [[ -n "$early" ]] && (( ${#codes[@]} == 0 )); then echo 143; return; fi
   for code in "${codes[@]+"${codes[@]}"}"; do
     if (( code == 2 )); then echo 2; return; fi
     if (( code == 143 )); then preempted=$(( preempted + 1 ))
@@ -165,5 +188,6 @@ exit_code() {
   else echo "$status"; fi
 }
 result="$(exit_code)"
+[[ -z "$early" ]] || echo "launch.sh: the signal came before any training process had started" >&2
 echo "launch.sh: launcher exited $status; training processes reported: ${codes[*]:-nothing}; exit code $result" >&2
 exit "$result"

@@ -337,3 +337,66 @@ def test_torchrun_gives_the_workers_the_grace_period(tmp_path):
     pod.terminate()
     assert pod.wait(timeout=60) == 1, pod.text()[-3000:]
     assert "5 s to save after SIGTERM" in pod.text() and "reported: nothing" in pod.text()
+
+
+# A launcher that is still importing torch (seconds on a loaded node) when SIGTERM comes: the
+# launcher process (`accelerate`) sleeps before doing anything, so no training process can start.
+_SLOW_LAUNCHER = '''
+import os, sys, time
+if os.path.basename(sys.argv[0]) == "accelerate":
+    time.sleep(60)
+'''
+
+
+def _sigterm_handler_installed(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_before_any_training_process_started_exits_143(tmp_path, nproc):
+    """Sent to PID 1 at 0.2 s, 1 s and 3 s, while the launcher still starts: nothing ran, nothing
+    can be lost, so the pod says preempted (143), not crashed. (Nothing reported by processes that
+    had started stays a crash: test_launcher_exit_code_is_the_jobs, ..._grace_period.)"""
+    if reason := pid_namespaces():
+        pytest.skip(reason)
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(_SLOW_LAUNCHER)
+    for delay in (0.2, 1.0, 3.0):
+        env = pod_env(NPROC_PER_NODE=str(nproc), MASTER_PORT=str(free_port()), PYTHONPATH=str(shim),
+                      TRAIN_SCRIPT=str(REPO / "tests" / "helpers" / "exit_with.py"))
+        started = time.monotonic()
+        pod = Pod(["bash", str(REPO / "docker" / "launch.sh"), "3"], env, tmp_path / f"early-{nproc}-{delay}.log")
+        pid = pod.init_pid()
+        # the kernel drops a signal PID 1 has no handler for: wait for launch.sh's trap (its first
+        # statement), however long a loaded machine takes to start bash, then the rest of the delay
+        deadline = time.monotonic() + 60
+        while not _sigterm_handler_installed(pid):
+            assert time.monotonic() < deadline and pod.proc.poll() is None, pod.text()
+            time.sleep(0.01)
+        time.sleep(max(0.0, delay - (time.monotonic() - started)))
+        pod.terminate()
+        assert pod.wait(timeout=60) == EXIT_PREEMPTED, (delay, pod.text()[-3000:])
+        assert "before any training process had started" in pod.text()
+        assert "training processes reported: nothing; exit code 143" in pod.text()
+
+
+def test_sigterm_after_the_training_process_started_without_a_report_is_a_crash(tmp_path):
+    """The other side of the rule above: one training process had started (it prints, then dies
+    of the SIGTERM without reporting, as one that lost its checkpoint would): exit 1, not 143."""
+    if reason := pid_namespaces():
+        pytest.skip(reason)
+    script = tmp_path / "silent_train.py"
+    script.write_text("import time\nprint('waiting', flush=True)\ntime.sleep(60)\n")
+    env = pod_env(NPROC_PER_NODE="1", MASTER_PORT=str(free_port()), TRAIN_SCRIPT=str(script))
+    pod = Pod(["bash", str(REPO / "docker" / "launch.sh")], env, tmp_path / "silent.log")
+    pod.wait_for("waiting", timeout=120)
+    pod.terminate()
+    assert pod.wait(timeout=60) == 1, pod.text()[-3000:]
+    assert "training processes reported: nothing; exit code 1" in pod.text()
+    assert "before any training process had started" not in pod.text()
