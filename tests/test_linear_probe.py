@@ -72,6 +72,36 @@ def test_the_grid_keeps_the_best_validation_accuracy_and_the_fold_works_on_raw_f
     assert scores(x[120:], y[120:], W, b)[1] == pytest.approx(max(accuracies))
 
 
+@pytest.mark.parametrize("patience, min_delta, solved, best", [
+    (2, 0.0, [10.0, 3.0, 1.0, 0.3, 0.1], 2),  # peak at 1.0, two falls: 0.03 onwards never solved
+    (3, 0.0, [10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001], 5),  # a later, higher peak resets the count
+    (2, 0.05, [10.0, 3.0, 1.0, 0.3], 1),  # 1.0's +0.03 is within min_delta: not an improvement
+    (0, 0.0, [10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003], 5),  # patience 0: the whole grid
+])
+def test_the_grid_stops_after_patience_values_without_improvement(monkeypatch, patience, min_delta, solved, best):
+    """The grid runs strong to weak; past the validation peak the weak, slow solves only lose.
+    Validation accuracy is scripted per grid value (the solves are real): which strengths were
+    solved is exact."""
+    from job import linear_probe
+
+    grid = [10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003]
+    val_accuracy = [0.50, 0.60, 0.63, 0.61, 0.60, 0.70, 0.69, 0.68, 0.67, 0.66]
+    calls = []
+
+    def scripted(z, y, W, b):  # grid_search scores train, then val, for each point
+        calls.append(len(calls))
+        point = (len(calls) - 1) // 2
+        return 1.0, (val_accuracy[point] if len(calls) % 2 == 0 else 0.9)
+
+    monkeypatch.setattr(linear_probe, "scores", scripted)
+    x, y = problem()
+    seen = []
+    points, chosen = grid_search((x[:100], y[:100]), (x[100:], y[100:]), grid, 4, patience=patience,
+                                 min_delta=min_delta, on_point=lambda i, p: seen.append(p.l2))
+    assert [p.l2 for p in points] == seen == solved
+    assert chosen == best
+
+
 @pytest.fixture(scope="module")
 def probe_run(tmp_path_factory):
     """One 1-process probe run in-process, shared by the tests below (the suite is long)."""
@@ -156,3 +186,28 @@ def test_a_sigterm_stops_the_probe_inside_a_solve_not_after_the_grid(tmp_path):
         fit_probe(trainer)
     assert not RunDir(trainer.out).history_file.exists() or not RunDir(trainer.out).epochs()  # stopped mid-solve
     assert trainer.exit_preempted(Preempted("SIGTERM")) == EXIT_PREEMPTED
+
+
+def test_a_probe_run_that_stops_the_grid_says_so_and_records_only_what_it_solved(tmp_path, monkeypatch, capsys):
+    """The whole run in-process, validation scripted to fall after the first value: with
+    early_stopping.patience=2 only 3 of the 5 strengths are solved, the log names the rest,
+    history.jsonl has 3 rows and metrics.json says it stopped early."""
+    from job import linear_probe
+    from job.train import fit
+
+    real = linear_probe.scores
+    falling = iter([0.9, 0.8, 0.7, 0.6, 0.5])
+
+    def scripted(z, y, W, b):
+        loss, accuracy = real(z, y, W, b)
+        return (loss, next(falling)) if len(y) == 20 else (loss, accuracy)  # the 20 validation features
+
+    monkeypatch.setattr(linear_probe, "scores", scripted)
+    cfg = tiny(tmp_path, *PROBE, "train.probe_l2_grid=[1.0,0.1,0.01,0.001,0.0001]", "early_stopping.patience=2")
+    assert fit(cfg) == 0
+    out = capsys.readouterr().out
+    assert "stopped the grid after 3 of 5 l2 values" in out and "l2 0.001, 0.0001 not solved" in out, out
+    run_dir = RunDir(tmp_path / "run")
+    assert [r.lr for r in run_dir.epochs()] == [1.0, 0.1, 0.01]
+    summary = run_dir.summary()
+    assert summary.stopped_early and summary.epochs_completed == 3 and summary.probe_l2 == 1.0
