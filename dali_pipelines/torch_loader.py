@@ -78,7 +78,15 @@ class TorchLoader(sampling.PlannedLoader):
                     for i, data in enumerate(images)]
             images = np.stack([j.result() for j in jobs])
             shift = flip = auto = None  # applied per image before its resize, as DALI does
-        return images, labels, shift, flip, auto
+        # Everything the device side needs, as tensors ready to copy: the shift's gather indices are
+        # computed here, where the shift was drawn (reading them back from the GPU would wait for
+        # the previous step), and on a GPU they sit in pinned memory, so that the copies with
+        # non_blocking=True really are asynchronous (from pageable memory they are not).
+        pin = self.device.type == "cuda"
+        gather = None if shift is None else _shift_indices(np.asarray(shift), *images.shape[1:3])
+        return (_host_tensor(np.ascontiguousarray(images), pin), _host_tensor(labels, pin),
+                None if gather is None else (gather[0], _host_tensor(gather[1], pin), _host_tensor(gather[2], pin)),
+                None if flip is None else _host_tensor(np.asarray(flip, dtype=bool), pin), auto)
 
     def _decode(self, data: np.ndarray, shift, flip: int, auto_rng) -> np.ndarray:
         """One encoded image -> (size, size, 3) uint8: decode, translate, auto-augment, mirror, resize
@@ -89,7 +97,7 @@ class TorchLoader(sampling.PlannedLoader):
             pixels = np.array(im.convert("RGB"))  # writable: torch.from_numpy below
         x = torch.from_numpy(pixels).unsqueeze(0)  # (1, H, W, 3)
         if shift is not None:
-            x = _translate(x, torch.from_numpy(np.asarray(shift)).view(1, 2))
+            x = _translate(x, _shift_indices(np.asarray(shift).reshape(1, 2), *x.shape[1:3]))
         if auto_rng is not None:
             x = self._auto(x[0].permute(2, 0, 1), auto_rng).permute(1, 2, 0).unsqueeze(0)
         if flip:
@@ -100,15 +108,17 @@ class TorchLoader(sampling.PlannedLoader):
         return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)[0].numpy()
 
     # ------------------------------------------------------------------ device side
-    def _device_batch(self, images: np.ndarray, labels: np.ndarray, shift, flip, auto):
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)  # uint8, once
-        y = torch.from_numpy(labels).to(self.device, non_blocking=True)
+    def _device_batch(self, images: torch.Tensor, labels: torch.Tensor, shift, flip, auto):
+        """The device's work on one batch: no value is read back to the host (no sync per batch)."""
+        x = images.to(self.device, non_blocking=True)  # uint8, once
+        y = labels.to(self.device, non_blocking=True)
         if shift is not None:
-            x = _translate(x, torch.from_numpy(shift).to(self.device))
+            pad, rows, cols = shift
+            x = _translate(x, (pad, rows.to(self.device, non_blocking=True), cols.to(self.device, non_blocking=True)))
         if auto is not None:  # one image at a time: every sample draws its own operations
             x = torch.stack([self._auto(img.permute(2, 0, 1), rng).permute(1, 2, 0) for img, rng in zip(x, auto)])
         if flip is not None:
-            mirror = torch.from_numpy(flip).to(self.device).bool().view(-1, 1, 1, 1)
+            mirror = flip.to(self.device, non_blocking=True).view(-1, 1, 1, 1)
             x = torch.where(mirror, x.flip(2), x)
         x = (x.permute(0, 3, 1, 2).float() - self._mean) / self._std  # NCHW view of NHWC memory
         size = self.spec.prep.image_size
@@ -119,18 +129,34 @@ class TorchLoader(sampling.PlannedLoader):
         return x.to(dtype=getattr(torch, self.spec.dtype), memory_format=fmt), y
 
 
-def _translate(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, C) images moved by ``shift`` (B, 2) (x, y) fractions of the side, zero padded:
-    output pixel (y, x) = input (y + dy, x + dx), as DALI's slice with a relative start."""
-    b, h, w, _ = images.shape
-    dx = torch.round(shift[:, 0].float() * w).long()
-    dy = torch.round(shift[:, 1].float() * h).long()
-    pad = int(max(dx.abs().max(), dy.abs().max()))
+def _host_tensor(array: np.ndarray, pin: bool) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    return tensor.pin_memory() if pin else tensor
+
+
+def _shift_indices(shift: np.ndarray, h: int, w: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(pad, rows (B, H), cols (B, W))`` for ``_translate``: the (B, 2) (x, y) shift fractions
+    rounded to pixels on the host (float32 products, rounded half to even, as torch.round did)."""
+    shift = shift.astype(np.float32, copy=False)
+    dx = np.round(shift[:, 0] * np.float32(w)).astype(np.int64)
+    dy = np.round(shift[:, 1] * np.float32(h)).astype(np.int64)
+    pad = int(max(np.abs(dx).max(), np.abs(dy).max()))
+    rows = np.arange(h, dtype=np.int64)[None, :] + dy[:, None] + pad
+    cols = np.arange(w, dtype=np.int64)[None, :] + dx[:, None] + pad
+    return pad, rows, cols
+
+
+def _translate(images: torch.Tensor, indices) -> torch.Tensor:
+    """(B, H, W, C) images moved by a shift of (x, y) fractions of the side, zero padded: output
+    pixel (y, x) = input (y + dy, x + dx), as DALI's slice with a relative start. ``indices``:
+    ``_shift_indices``'s, with rows and cols as tensors on the images' device."""
+    pad, rows, cols = indices
     if pad == 0:
         return images
+    b, h, w, _ = images.shape
+    rows = torch.as_tensor(rows, device=images.device)
+    cols = torch.as_tensor(cols, device=images.device)
     padded = F.pad(images, (0, 0, pad, pad, pad, pad))  # zeros around H and W
-    rows = torch.arange(h, device=images.device).view(1, h) + dy.view(b, 1) + pad
-    cols = torch.arange(w, device=images.device).view(1, w) + dx.view(b, 1) + pad
     batch = torch.arange(b, device=images.device).view(b, 1, 1)
     return padded[batch, rows.view(b, h, 1), cols.view(b, 1, w)]
 

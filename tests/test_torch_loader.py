@@ -126,3 +126,41 @@ def test_gpu_batches_are_held_until_the_work_queued_after_them_has_run(monkeypat
     cpu = HeldOutputs(depth=2, new_event=_FakeEvent)
     cpu.hold((torch.zeros(1), torch.zeros(1)))
     assert not cpu.held  # CPU work is done when the next batch is asked for
+
+
+def test_steady_state_batches_read_nothing_back_from_the_device(cifar_store):
+    """Padding sizes and gather indices come from the host (where the shifts are drawn): a GPU
+    batch never waits for the previous step. ``aten._local_scalar_dense`` is what every
+    ``int(tensor)``/``.item()`` dispatches (on CPU tensors too, so CPU counts what a GPU would)."""
+    from helpers.aten_ops import AtenOps
+
+    data = cifar_store.split("train")
+    spec = LoaderSpec(Preprocessing(48, MEAN, STD), num_threads=1, backend="torch", augment=True)
+    loader = TorchLoader(labels=data.labels[:160], images=data.images[:160], train=True, spec=spec,
+                         shard=Shard(batch_size=32, seed=2))
+    loader.set_epoch(1, 0)
+    batches = iter(loader)
+    next(batches)  # the first batch: thread start-up
+    for _ in range(3):
+        with AtenOps() as ops:
+            x, y = next(batches)
+        assert ops.counts["_local_scalar_dense"] == 0, ops.counts
+        assert ops.counts["index"] == 1  # the shift's one gather: the augmentation did run
+        assert x.shape == (32, 3, 48, 48) and y.shape == (32,)
+
+
+def test_host_shift_indices_equal_the_device_rounding():
+    """The host computes what ``torch.round(shift * side)`` gave on the device, ties included."""
+    from dali_pipelines.torch_loader import _shift_indices
+
+    rng = np.random.default_rng(0)
+    shift = np.concatenate([rng.uniform(-0.125, 0.125, (500, 2)), [[0.5 / 32, -1.5 / 32], [2.5 / 32, 0.0]]])
+    shift = shift.astype(np.float32)
+    for h, w in ((32, 32), (299, 75)):
+        pad, rows, cols = _shift_indices(shift, h, w)
+        t = torch.from_numpy(shift)
+        dx = torch.round(t[:, 0].float() * w).long()
+        dy = torch.round(t[:, 1].float() * h).long()
+        assert pad == int(max(dx.abs().max(), dy.abs().max()))
+        assert np.array_equal(cols - pad - np.arange(w), dx.numpy()[:, None].repeat(w, 1))
+        assert np.array_equal(rows - pad - np.arange(h), dy.numpy()[:, None].repeat(h, 1))
