@@ -498,10 +498,13 @@ def keys_help() -> str:
                 choices = typing.get_args(hints[name]) if typing.get_origin(hints[name]) is Literal else ()
                 comment = " ".join([*above, match.group(2) or ""]).strip()
                 meaning = "; ".join(filter(None, [" | ".join(choices), comment]))
-                key = f"  {section.name}.{name}={yaml.safe_dump(defaults[name], default_flow_style=True)}"
-                key = key.replace("\n...", "").strip("\n")
+                shown_default = yaml.safe_dump(defaults[name], default_flow_style=True, width=math.inf)
+                key = f"  {section.name}.{name}={shown_default}".replace("\n...", "").strip("\n")
+                if len(key) >= 45:  # a long default (a list) gets its own line: words are never split
+                    out.append(key)
+                    key = ""
                 out += textwrap.wrap(meaning, width=118, initial_indent=key.ljust(45), subsequent_indent=" " * 45,
-                                     break_on_hyphens=False) or [key]
+                                     break_on_hyphens=False, break_long_words=False) or ([key] if key else [])
                 above = []
             else:
                 above = []
