@@ -58,7 +58,7 @@ def make_subset(source: Path, out: Path, train: int, val: int, test: int, seed: 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("source", type=Path, help="the JPEG copy: SOURCE/train/<class>/*.jpg, SOURCE/test/<class>/*.jpg")
     p.add_argument("out", type=Path)
     p.add_argument("--train", type=int, default=4500)

@@ -50,7 +50,7 @@ def run(out: Path, prepared: Path, base: list[str], extra: tuple[str, ...]) -> t
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scratch-epochs", type=int, default=5)
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--seeds", type=int, default=2, help="train.seed 0..N-1 for every row")

@@ -44,7 +44,7 @@ def train(out: Path, prepared: Path, args, *extra: str) -> tuple[list[EpochRecor
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=224, help="input size (Lite0's pretrained size: 224)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--images", type=int, default=500, help="training images (a subset of the JPEG sample)")

@@ -217,7 +217,7 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cifar-jpeg", type=Path, required=True, help="the JPEG copy: DIR/train, DIR/test")
     p.add_argument("--timm-train", type=Path, help="timm's train.py (a pytorch-image-models checkout)")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench-recipe")

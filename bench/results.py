@@ -252,7 +252,7 @@ def write_doc(all_recipes: list[Recipe], results: dict[str, Result], work: Path)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="CIFAR-10 folders: DIR/train/<class>, DIR/test/<class>")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "results")
     p.add_argument("--rows", help="comma-separated row keys to run (default: all); the table shows every kept row")
