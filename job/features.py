@@ -122,9 +122,10 @@ def _extract(acc: Accelerator, model: torch.nn.Module, store, spec: LoaderSpec, 
             loader = image_loader(spec, labels=data.labels, images=data.images, files=data.files, train=False,
                                   batches=extraction_batches(n, world, acc.process_index, batch_size),
                                   shard=sampling.Shard(batch_size=batch_size))
-            rows = np.zeros((n, width), dtype=dtype) if acc.is_local_main_process else None
             num_batches = -(-n // batch_size)
             steps = -(-num_batches // world)  # the most batches any rank has
+            rows = HostRows(steps, world * batch_size, width, torch_dtype, acc.device) \
+                if acc.is_local_main_process else None
             batches = iter(loader)
             for step in range(steps):
                 padded = torch.zeros(batch_size, width, dtype=torch_dtype, device=acc.device)
@@ -133,20 +134,37 @@ def _extract(acc: Accelerator, model: torch.nn.Module, store, spec: LoaderSpec, 
                     with acc.autocast():
                         feats = model.pooled_features(images)
                     padded[: feats.shape[0]] = feats.to(torch_dtype)
-                gathered = acc.gather(padded).cpu().view(world, batch_size, width)
+                gathered = acc.gather(padded)  # (world x batch, width): batch step*W + r came from rank r
                 if rows is not None:
-                    for r in range(world):
-                        start = (step * world + r) * batch_size  # batch step*W + r came from rank r
-                        stop = min(start + batch_size, n)
-                        if start < n:
-                            rows[start:stop] = gathered[r, : stop - start].numpy()
+                    rows.add(step, gathered)
                 if stop_requested():
                     # nothing kept: the next run extracts again
                     raise Preempted(f"SIGTERM during feature extraction ({split}, step {step + 1}/{steps})")
-            out[split] = rows
+            out[split] = rows.numpy(n) if rows is not None else None
     finally:
         model.train(was_training)
     return out if acc.is_local_main_process else None
+
+
+class HostRows:
+    """Each extraction step's gathered features, copied to the host as they come without waiting
+    for the GPU: into pinned memory with ``non_blocking=True`` (from pageable memory such a copy is
+    synchronous), read once, after the split's last step. Step s holds batches s*W .. s*W + W - 1 in
+    order, so the buffer seen flat is the rows in sample order, padding last."""
+
+    def __init__(self, steps: int, rows_per_step: int, width: int, dtype: torch.dtype, device: torch.device):
+        self.device = torch.device(device)
+        self.pinned = self.device.type == "cuda"
+        self.buffer = torch.empty((steps, rows_per_step, width), dtype=dtype, pin_memory=self.pinned)
+
+    def add(self, step: int, gathered: torch.Tensor) -> None:
+        self.buffer[step].copy_(gathered, non_blocking=True)
+
+    def numpy(self, n: int) -> np.ndarray:
+        """The first ``n`` rows (the samples), once every copy has landed."""
+        if self.pinned:
+            torch.cuda.current_stream(self.device).synchronize()
+        return self.buffer.view(-1, self.buffer.shape[-1])[:n].numpy()
 
 
 def _write(path: Path, key: FeatureKey, store, extracted: dict[str, np.ndarray], seconds: float) -> None:
@@ -183,5 +201,7 @@ class FeatureLoader(sampling.PlannedLoader):
         for positions in self.plan.batches:
             idx = order[positions] if order is not None else positions
             x = torch.from_numpy(np.asarray(self.features[idx]))
-            yield (x.to(self.device, torch.float32, non_blocking=True),
-                   torch.from_numpy(self.labels[idx]).to(self.device, non_blocking=True))
+            y = torch.from_numpy(self.labels[idx])
+            if torch.device(self.device).type == "cuda":  # non_blocking copies only from pinned memory
+                x, y = x.pin_memory(), y.pin_memory()
+            yield x.to(self.device, torch.float32, non_blocking=True), y.to(self.device, non_blocking=True)

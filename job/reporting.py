@@ -75,7 +75,7 @@ def plot_samples(samples: list[dict], path: Path, columns: int = 8) -> None:
     plt.close(fig)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd graph (about 3 GB for IRv2 at 299 px) and no version counters
 def sample_predictions(model, store, spec: LoaderSpec, device, count: int = 16) -> list[dict]:
     """The first ``count`` test images with the model's prediction (for the W&B / PNG grid)."""
     from PIL import Image
