@@ -4,6 +4,7 @@
 # NVIDIA container toolkit, or GKE's mount (below). So a slim Python base is enough.
 #   docker build -t REGISTRY/cifar-transfer:0.1.0 .
 #   docker build --build-arg PRETRAINED_MODEL=inception_resnet_v2 -t REGISTRY/cifar-transfer:0.1.0-irv2 .
+#   docker build --build-arg CUDA=12 -t REGISTRY/cifar-transfer:0.1.0-cu12 .   # drivers older than R580
 FROM python:3.11.11-slim-bookworm
 
 ENV PYTHONUNBUFFERED=1 \
@@ -40,8 +41,27 @@ WORKDIR /app
 
 # Dependencies in their own layer, pinned exactly (setuptools too: it builds the project below
 # without fetching anything): editing the code does not reinstall them.
+# CUDA=12: the same versions of everything, but torch and torchvision from PyTorch's CUDA 12 index
+# (TORCH_CUDA12_INDEX; triton and the CUDA 12 libraries come with them) and DALI's CUDA 12 wheel,
+# for nodes whose driver predates R580 (the CUDA 13 wheels need it). CUDA 12.8 builds run on R525
+# and newer through CUDA's minor-version compatibility (R570 and newer for Blackwell GPUs).
+ARG CUDA=13
+ARG TORCH_CUDA12_INDEX=https://download.pytorch.org/whl/cu128
 COPY docker/requirements.lock docker/requirements.lock
-RUN pip install --no-cache-dir --requirement docker/requirements.lock
+RUN if [ "${CUDA}" = "13" ]; then \
+      pip install --no-cache-dir --requirement docker/requirements.lock; \
+    elif [ "${CUDA}" = "12" ]; then \
+      grep -v -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]+)==' docker/requirements.lock > /tmp/cuda12.lock \
+      && torch="$(sed -n 's/^torch==//p' docker/requirements.lock)" \
+      && vision="$(sed -n 's/^torchvision==//p' docker/requirements.lock)" \
+      && dali="$(sed -n 's/^nvidia-dali-cuda130==//p' docker/requirements.lock)" \
+      && pip install --no-cache-dir --requirement /tmp/cuda12.lock \
+      && pip install --no-cache-dir --index-url "${TORCH_CUDA12_INDEX}" "torch==${torch}" "torchvision==${vision}" \
+      && pip install --no-cache-dir "nvidia-dali-cuda120==${dali}" \
+      && rm /tmp/cuda12.lock; \
+    else \
+      echo "--build-arg CUDA takes 13 (the default) or 12, got '${CUDA}'" >&2; exit 2; \
+    fi
 
 # Optional: bake ImageNet weights into HF_HOME for air-gapped clusters; pods then run with
 # HF_HUB_OFFLINE=1 (k8s/submit.sh --offline) and never touch the Hub. Without them, weights come

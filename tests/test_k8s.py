@@ -78,6 +78,13 @@ SUBMITTED = {
     "submit kubeflow": ["--name", "kf", "--kubeflow", "--nodes", "2", "--gpus", "8", "--queue", "team-a"],
     "submit kubeflow offline": ["--name", "kfo", "--kubeflow", "--offline", "--deadline", "12h", "--namespace",
                                 "ml-team", "--priority-class", "batch-high", "--max-restarts", "4"],
+    "submit sized": ["--name", "sized", "--gpus", "2", "--cpu-per-gpu", "7", "--mem-per-gpu", "30", "--ephemeral",
+                     "12Gi", "--service-account", "trainer", "--image-pull-secret", "regcred"],
+    "submit kubeflow gang": ["--name", "kfg", "--kubeflow", "--nodes", "2", "--gpus", "4", "--coscheduling",
+                             "--service-account", "trainer", "--image-pull-secret", "regcred", "--ephemeral", "none"],
+    "submit queue": ["--name", "q", "--nodes", "2", "--gpus", "8", "--queue", "gpu"],
+    "submit roce": ["--name", "roce", "--nodes", "2", "--gpus", "8", "--queue", "gpu", "--interconnect", "infiniband",
+                    "--network-attachment", "roce-net", "--topology", "topology.kubernetes.io/zone"],
 }
 
 
@@ -114,7 +121,10 @@ def jobset_of(docs: list[dict]) -> dict | None:
 
 # ---------------------------------------------------------------- schemas
 
-TRAINING_KINDS = {"Job": ["Job", "Service"], "JobSet": ["JobSet"], "TrainJob": ["TrainJob", "TrainingRuntime"]}
+POLICIES = ["NetworkPolicy", "PodDisruptionBudget"]  # k8s/run-policies: with every training run
+TRAINING_KINDS = {"Job": ["Job", "Service", *POLICIES], "JobSet": ["JobSet", *POLICIES],
+                  "TrainJob": ["TrainJob", "TrainingRuntime", *POLICIES]}
+NO_PDB = {"submit 1 node", "submit jobset"}  # spot on eks / karpenter: their drains must not be blocked
 
 
 def test_builtin_kinds_validate_strictly(manifests):
@@ -128,18 +138,20 @@ def test_builtin_kinds_validate_strictly(manifests):
                 child = jobset_of([doc])["spec"]["replicatedJobs"][0]["template"]
                 doc = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "child"}, **child}
                 doc["spec"]["template"]["spec"].setdefault("containers", [{"name": "node", "image": "x"}])
-            elif not doc["apiVersion"].startswith(("v1", "batch/")):
+            elif not doc["apiVersion"].startswith(("v1", "batch/", "policy/", "networking.k8s.io/")):
                 continue
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     job, jobset, trainjob = (sorted(TRAINING_KINDS[k]) for k in ("Job", "JobSet", "TrainJob"))
     data = ["Job", "PersistentVolumeClaim", "PersistentVolumeClaim"]
+    without_pdb = lambda kinds: [k for k in kinds if k != "PodDisruptionBudget"]  # noqa: E731
     # Several nodes are a JobSet (restarted together); one node stays an Indexed Job.
     assert kinds == {"overlays/1gpu": job, "overlays/8gpu": job, "overlays/multinode": job, "overlays/spot": jobset,
                      "jobset": jobset, "data": data, "kubeflow": trainjob, "submit 3x4 spot": jobset,
-                     "submit options": jobset, "submit 1 node": job, "submit jobset": jobset,
+                     "submit options": jobset, "submit 1 node": without_pdb(job), "submit jobset": without_pdb(jobset),
                      "submit spot aks": jobset, "submit kubeflow": trainjob, "submit kubeflow offline": trainjob,
-                     "submit tag allowed": job, "submit data": data, "submit data options": data,
-                     "secret example": ["Secret"]}
+                     "submit sized": job, "submit kubeflow gang": trainjob, "submit queue": jobset,
+                     "submit roce": jobset, "submit tag allowed": job, "submit data": data,
+                     "submit data options": data, "secret example": ["Secret"]}
 
 
 _NUMBER = r"(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
@@ -186,7 +198,7 @@ def _is_map(annotation) -> bool:
     return any(_is_map(a) for a in typing.get_args(annotation))
 
 
-@pytest.mark.parametrize("target", ["kubeflow", "submit kubeflow", "submit kubeflow offline"])
+@pytest.mark.parametrize("target", ["kubeflow", "submit kubeflow", "submit kubeflow offline", "submit kubeflow gang"])
 def test_trainjob_and_its_runtime_validate_against_the_trainer_api(manifests, target):
     from kubeflow_trainer_api.models import TrainerV1alpha1TrainingRuntime, TrainerV1alpha1TrainJob
 
@@ -225,8 +237,10 @@ def test_the_trainer_api_check_catches_mistakes(manifests):
 JOBSET_ACTIONS = {"FailJobSet", "RestartJobSet", "RestartJobSetAndIgnoreMaxRestarts"}  # the CRD's enum
 JOB_FAILURE_REASONS = {"BackoffLimitExceeded", "DeadlineExceeded", "FailedIndexes", "MaxFailedIndexesExceeded",
                        "PodFailurePolicy"}
-JOBSETS = ["overlays/spot", "jobset", "submit 3x4 spot", "submit options", "submit jobset", "submit spot aks"]
-GANGS = [*JOBSETS, "kubeflow", "submit kubeflow", "submit kubeflow offline"]  # restarted together
+JOBSETS = ["overlays/spot", "jobset", "submit 3x4 spot", "submit options", "submit jobset", "submit spot aks",
+           "submit queue", "submit roce"]
+# restarted together
+GANGS = [*JOBSETS, "kubeflow", "submit kubeflow", "submit kubeflow offline", "submit kubeflow gang"]
 
 
 @pytest.mark.parametrize("target", GANGS)
@@ -287,7 +301,11 @@ def workload_of(docs: list[dict]) -> dict:
 
 
 TRAINING = [*OVERLAYS, "jobset", "kubeflow", *SUBMITTED, "submit tag allowed"]
-INDEXED_JOBS = ["overlays/1gpu", "overlays/8gpu", "overlays/multinode", "submit 1 node", "submit tag allowed"]
+# where Triton, Inductor, the CUDA JIT, W&B and anything else honouring XDG_CACHE_HOME write
+CACHE_VARIABLES = ["XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "CUDA_CACHE_PATH",
+                   "WANDB_CACHE_DIR", "WANDB_DATA_DIR"]
+INDEXED_JOBS = ["overlays/1gpu", "overlays/8gpu", "overlays/multinode", "submit 1 node", "submit tag allowed",
+                "submit sized"]
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 AKS_GPU_TOLERATION = {"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}
 
@@ -325,8 +343,10 @@ def test_training_manifests_follow_policy(manifests, target):
     for c in [container, *spec["initContainers"]]:
         context = c["securityContext"]
         assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"]
-        assert context["capabilities"]["drop"] == ["ALL"]
-        assert set(context["capabilities"].get("add", [])) <= {"IPC_LOCK"}
+        # PodSecurity Baseline and Restricted forbid adding any capability (IPC_LOCK included)
+        assert context["capabilities"] == {"drop": ["ALL"]}, c["name"]
+        # `kubectl describe pod` shows why a container stopped, even without a termination message
+        assert c["terminationMessagePolicy"] == "FallbackToLogsOnError", c["name"]
     # scheduling on GPU nodes, whatever else was added to the tolerations (AKS's sku=gpu too)
     assert GPU_TOLERATION in spec["tolerations"] and AKS_GPU_TOLERATION in spec["tolerations"]
     # one build everywhere: a digest from submit.sh (a tag only with --allow-tag), never latest
@@ -344,6 +364,12 @@ def test_training_manifests_follow_policy(manifests, target):
         assert "/opt/hf-cache" not in mounts and "hf-cache" not in volumes
     else:
         assert "emptyDir" in volumes[mounts["/opt/hf-cache"]["name"]]
+    # compiler and W&B caches on the runs volume, per run, never in the small /tmp emptyDir
+    for name in CACHE_VARIABLES:
+        assert variables[name].startswith("/runs/.cache/$(RUN_NAME)"), (name, variables[name])
+    assert variables["HOME"] == "/tmp" and mounts["/tmp"]["name"] == "tmp"
+    # Karpenter neither consolidates nor drifts a node under a running training pod
+    assert metadata["annotations"]["karpenter.sh/do-not-disrupt"] == "true"
     # one run's pods, addressable by label
     instance = "app.kubernetes.io/instance"
     assert metadata["labels"][instance] == workload["metadata"]["labels"][instance]
@@ -355,7 +381,7 @@ def test_training_manifests_follow_policy(manifests, target):
         assert workload["spec"]["ttlSecondsAfterFinished"] >= 0
     # NCCL: fail fast on a dead peer, bootstrap over the pod network, nodes wait for each other long enough
     assert variables["NCCL_DEBUG"] == "WARN" and variables["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
-    assert variables["NCCL_SOCKET_IFNAME"] == "eth0" and int(variables["RENDEZVOUS_TIMEOUT_SECONDS"]) >= 1800
+    assert variables["NCCL_SOCKET_IFNAME"] == "eth0" and int(variables["RENDEZVOUS_TIMEOUT_SECONDS"]) >= 900
 
 
 @pytest.mark.parametrize("target", TRAINING)
@@ -364,16 +390,24 @@ def test_guaranteed_qos_and_ephemeral_storage(manifests, target):
     one, so the static CPU manager can pin them), and ephemeral-storage requests that cover the
     disk-backed emptyDirs (the scheduler then places the pod where they fit)."""
     ((_, spec, container),) = pod_specs(manifests[target])
+    # On a Kueue queue no container asks for ephemeral-storage (a typical ClusterQueue cannot cover
+    # it) unless --ephemeral says so; everywhere else every container does.
+    queued = "kueue.x-k8s.io/queue-name" in workload_of(manifests[target])["metadata"].get("labels", {})
+    disk_requested = not queued and target != "submit kubeflow gang"  # that one: --ephemeral none
     for c in [container, *spec["initContainers"]]:
         requests, limits = c["resources"]["requests"], c["resources"]["limits"]
         assert str(requests["cpu"]) == str(limits["cpu"]), c["name"]
         assert re.fullmatch(r"[1-9][0-9]*", str(limits["cpu"])), c["name"]
         assert requests["memory"] == limits["memory"], c["name"]
-        assert "ephemeral-storage" in requests, c["name"]
+        assert ("ephemeral-storage" in requests) == ("ephemeral-storage" in limits) == disk_requested, c["name"]
     gib = lambda q: int(q.removesuffix("Gi"))  # noqa: E731
     disk = sum(gib(v["emptyDir"]["sizeLimit"]) for v in spec["volumes"]
                if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory")
-    assert gib(container["resources"]["requests"]["ephemeral-storage"]) > disk
+    if disk_requested:
+        assert gib(container["resources"]["requests"]["ephemeral-storage"]) > disk
+    # /dev/shm is counted in the memory limit: at most a quarter of it
+    shm = next(gib(v["emptyDir"]["sizeLimit"]) for v in spec["volumes"] if v["name"] == "dshm")
+    assert 0 < shm * 4 <= gib(container["resources"]["limits"]["memory"])
 
 
 @pytest.mark.parametrize("target", INDEXED_JOBS)
@@ -397,7 +431,7 @@ def test_indexed_job_rendezvous(manifests, target):
 def test_jobset_rendezvous(manifests, target):
     """The JobSet's pod 0 is <jobset>-node-0-0 behind a Service named after the JobSet: MASTER_ADDR,
     built from the child Job's name (<jobset>-node-0), must resolve to it."""
-    (jobset,) = manifests[target]
+    (jobset,) = by_kind(manifests[target], "JobSet")
     name = jobset["metadata"]["name"]
     job = jobset["spec"]["replicatedJobs"][0]
     container_env = env(job["template"]["spec"]["template"]["spec"]["containers"][0])
@@ -413,11 +447,198 @@ def test_jobset_rendezvous(manifests, target):
 def test_several_nodes_are_a_jobset_one_node_an_indexed_job():
     """submit.sh --nodes N > 1 renders the JobSet (an Indexed Job would recreate a failed pod
     alone, into a rendezvous whose peers hang); the spot overlay is one too."""
-    (jobset,) = submit("--image", IMAGE, "--name", "two", "--nodes", "2")
-    assert jobset["kind"] == "JobSet" and jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["completions"] == 2
-    assert [d["kind"] for d in submit("--image", IMAGE, "--name", "one")] == ["Service", "Job"]
+    (jobset,) = by_kind(submit("--image", IMAGE, "--name", "two", "--nodes", "2", "--queue", "gpu"), "JobSet")
+    assert jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["completions"] == 2
+    assert sorted(d["kind"] for d in submit("--image", IMAGE, "--name", "one")) == sorted(TRAINING_KINDS["Job"])
     base = (REPO / "k8s" / "base" / "train-job.yaml").read_text()
     assert "retried up to backoffLimit times" not in base and "backoffLimit" not in yaml.safe_load(base)["spec"]
+
+
+def test_pdb_do_not_disrupt_and_network_policy_come_with_every_run(manifests):
+    """Voluntary disruption (drains, node upgrades, Karpenter consolidation or drift) would spend one
+    of the run's restarts per eviction: a PDB admits none and Karpenter is told not to. A namespace
+    with a default-deny ingress policy would leave the nodes hanging at rendezvous: every TCP port
+    between the run's own pods is allowed, and nothing else is opened."""
+    for target in TRAINING:
+        docs = manifests[target]
+        ((metadata, _, _),) = pod_specs(docs)
+        run = {"app.kubernetes.io/instance": metadata["labels"]["app.kubernetes.io/instance"]}
+        assert metadata["annotations"]["karpenter.sh/do-not-disrupt"] == "true", target
+        pdbs = by_kind(docs, "PodDisruptionBudget")
+        if target in NO_PDB:  # Node Termination Handler / Karpenter drain spot nodes by eviction
+            assert pdbs == [], target
+        else:
+            (pdb,) = pdbs
+            assert pdb["spec"]["maxUnavailable"] == 0 and pdb["spec"]["selector"] == {"matchLabels": run}, target
+        (policy,) = by_kind(docs, "NetworkPolicy")
+        assert policy["spec"]["podSelector"] == {"matchLabels": run}, target
+        assert policy["spec"]["policyTypes"] == ["Ingress"], target  # Egress would cut off DNS, the Hub, W&B
+        assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": run}}],
+                                              "ports": [{"protocol": "TCP"}]}], target
+        names = {d["metadata"]["name"] for d in [*pdbs, policy]}
+        assert names == {workload_of(docs)["metadata"]["name"]}, target  # one per run, named after it
+    runs = [by_kind(manifests[t], "NetworkPolicy")[0]["spec"]["podSelector"] for t in ("submit sized", "submit queue")]
+    assert runs[0] != runs[1]
+
+
+def test_sizing_flags_change_the_requests(manifests):
+    """--cpu-per-gpu, --mem-per-gpu and --ephemeral set what the pod asks for, Guaranteed QoS kept."""
+    def sized(docs):
+        ((_, spec, container),) = pod_specs(docs)
+        shm = next(v["emptyDir"]["sizeLimit"] for v in spec["volumes"] if v["name"] == "dshm")
+        return dict(container["resources"]["limits"]), shm
+    assert sized(manifests["submit sized"]) == ({"cpu": "14", "memory": "60Gi", "ephemeral-storage": "12Gi",
+                                                 "nvidia.com/gpu": 2}, "14Gi")
+    assert sized(manifests["submit tag allowed"]) == ({"cpu": "6", "memory": "24Gi", "ephemeral-storage": "8Gi",
+                                                       "nvidia.com/gpu": 1}, "6Gi")
+    assert sized(manifests["overlays/1gpu"]) == sized(manifests["submit tag allowed"])  # the base = the defaults
+    assert sized(manifests["overlays/8gpu"])[0] == {"cpu": "48", "memory": "192Gi", "ephemeral-storage": "8Gi",
+                                                    "nvidia.com/gpu": 8}
+    assert sized(manifests["submit kubeflow gang"]) == ({"cpu": "24", "memory": "96Gi", "nvidia.com/gpu": "4"},
+                                                        "24Gi")
+    ((_, _, container),) = pod_specs(manifests["submit sized"])
+    assert container["resources"]["requests"] == container["resources"]["limits"]
+    ((_, spec, _),) = pod_specs(manifests["submit sized"])
+    assert spec["serviceAccountName"] == "trainer" and spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert spec["automountServiceAccountToken"] is False  # the job still never talks to the API server
+    ((_, spec, _),) = pod_specs(manifests["submit kubeflow gang"])
+    assert spec["serviceAccountName"] == "trainer" and spec["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+# (name, vCPUs, memory in GiB, GPUs) of the GPU shapes the defaults must fit (docs/KUBERNETES.md)
+SHAPES = [("g5.2xlarge / g6.2xlarge", 8, 32, 1), ("g2-standard-8", 8, 32, 1), ("g4dn.2xlarge", 8, 32, 1),
+          ("g5.12xlarge / g6.12xlarge / g4dn.12xlarge", 48, 192, 4), ("g2-standard-48", 48, 192, 4),
+          ("p3.16xlarge", 64, 488, 8), ("p4d.24xlarge", 96, 1152, 8), ("a2-highgpu-8g", 96, 680, 8),
+          ("p5.48xlarge", 192, 2048, 8), ("Standard_ND96isr_H100_v5", 96, 1900, 8)]
+
+
+def allocatable(vcpus: int, memory_gib: float) -> tuple[float, float]:
+    """What the kubelet leaves to pods, by GKE's published reservations (the largest of the three
+    providers'): CPU 6% of the first core, 1% of the second, 0.5% of the next two, 0.25% above
+    four; memory 25% of the first 4 GiB, 20% of the next 4, 10% of the next 8, 6% of the next
+    112, 2% above 128; plus the 100 MiB eviction threshold."""
+    cores = [0.06, 0.01, 0.005, 0.005] + [0.0025] * (vcpus - 4)
+    steps = [(4, 0.25), (4, 0.20), (8, 0.10), (112, 0.06), (float("inf"), 0.02)]
+    reserved, left = 0.0, memory_gib
+    for size, share in steps:
+        reserved += min(left, size) * share
+        left = max(0.0, left - size)
+    return vcpus - sum(cores[:vcpus]), memory_gib - reserved - 100 / 1024
+
+
+@pytest.mark.parametrize("shape,vcpus,memory,gpus", SHAPES)
+def test_default_sizes_fit_the_common_gpu_shapes(manifests, shape, vcpus, memory, gpus):
+    """Per GPU 6 CPUs and 24 GiB: with a GPU node's DaemonSets (about 0.5 CPU, 1 GiB) the pod still
+    fits, one-GPU 8 vCPU / 32 GB shapes included; p3.16xlarge (64 vCPU) too, which 8 per GPU did not."""
+    ((_, _, container),) = pod_specs(submit("--image", IMAGE, "--name", "fit", "--gpus", str(gpus)))
+    limits = container["resources"]["limits"]
+    cpu, mem = allocatable(vcpus, memory)
+    assert int(limits["cpu"]) + 0.5 <= cpu, (shape, limits, cpu)
+    assert int(limits["memory"].removesuffix("Gi")) + 1 <= mem, (shape, limits, mem)
+    assert allocatable(64, 488)[0] < 64 * 1.0  # the old 8 CPUs per GPU could not fit a p3.16xlarge
+
+
+def kueue_pod_requests(docs: list[dict]) -> tuple[int, dict[str, float]]:
+    """(pods, one pod's requests) as Kueue counts a workload's PodSet: max(the containers' sum, the
+    largest init container), per resource."""
+    def quantity(q) -> float:
+        units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "m": 1e-3}
+        for suffix, factor in units.items():
+            if str(q).endswith(suffix):
+                return float(str(q).removesuffix(suffix)) * factor
+        return float(q)
+
+    ((_, spec, container),) = pod_specs(docs)
+    workload = workload_of(docs)
+    if workload["kind"] == "TrainJob":
+        pods = workload["spec"]["trainer"]["numNodes"]
+    else:
+        job = workload["spec"]["replicatedJobs"][0]["template"] if workload["kind"] == "JobSet" else workload
+        pods = job["spec"]["parallelism"]
+    total = {k: quantity(v) for k, v in container["resources"]["requests"].items()}
+    for init in spec["initContainers"]:
+        for k, v in init["resources"]["requests"].items():
+            total[k] = max(total.get(k, 0.0), quantity(v))
+    return pods, total
+
+
+QUEUED = ["submit 1 node", "submit jobset", "submit kubeflow", "submit queue", "submit roce"]
+
+
+@pytest.mark.parametrize("target", QUEUED)
+def test_a_queued_run_is_admissible_on_the_sample_cluster_queue(manifests, target):
+    """Kueue refuses a workload that asks for a resource its ClusterQueue does not cover, unless its
+    configuration's resources.excludeResourcePrefixes names it; and admits it only within quota."""
+    kueue = render("kueue")
+    (queue,) = by_kind(kueue, "ClusterQueue")
+    (local,) = by_kind(kueue, "LocalQueue")
+    assert local["spec"]["clusterQueue"] == queue["metadata"]["name"] and local["metadata"]["name"] == "gpu"
+    (group,) = queue["spec"]["resourceGroups"]
+    covered = set(group["coveredResources"])
+    assert covered == {"cpu", "memory", "nvidia.com/gpu"}  # a typical GPU queue, nothing more
+    (flavor,) = group["flavors"]
+    assert flavor["name"] == by_kind(kueue, "ResourceFlavor")[0]["metadata"]["name"]
+    quota = {r["name"]: r["nominalQuota"] for r in flavor["resources"]}
+    config = yaml.safe_load((REPO / "k8s" / "kueue" / "controller-config.yaml").read_text())
+    assert config["apiVersion"] == "config.kueue.x-k8s.io/v1beta1" and config["kind"] == "Configuration"
+    excluded = config["resources"]["excludeResourcePrefixes"]
+    pods, requests = kueue_pod_requests(manifests[target])
+    for resource in requests:
+        assert resource in covered or any(resource.startswith(p) for p in excluded), (target, resource)
+    for resource in covered:
+        limit = quota[resource]
+        limit = float(str(limit).removesuffix("Gi")) * 2**30 if str(limit).endswith("Gi") else float(limit)
+        assert pods * requests[resource] <= limit, (target, resource)
+    if "--interconnect" not in SUBMITTED[target]:
+        assert set(requests) <= covered, target  # without a fabric, no exclusion is even needed
+
+
+def test_the_admissibility_check_catches_an_uncovered_resource():
+    """The same run asking for ephemeral-storage (--ephemeral on a queue) would not be admitted."""
+    docs = submit("--image", IMAGE, "--name", "q", "--nodes", "2", "--queue", "gpu", "--ephemeral", "8Gi")
+    _, requests = kueue_pod_requests(docs)
+    (queue,) = by_kind(render("kueue"), "ClusterQueue")
+    assert "ephemeral-storage" in requests
+    assert "ephemeral-storage" not in queue["spec"]["resourceGroups"][0]["coveredResources"]
+
+
+def test_gang_without_a_queue(manifests):
+    """Several nodes without Kueue: Kubeflow's podGroupPolicy (scheduler-plugins Coscheduling) gangs
+    them; a JobSet without a queue cannot be, so its nodes wait 15 minutes for each other instead of
+    an hour (pods holding GPUs give them back sooner), and submit.sh says so, naming --queue."""
+    (runtime,) = by_kind(manifests["submit kubeflow gang"], "TrainingRuntime")
+    assert runtime["spec"]["podGroupPolicy"] == {"coscheduling": {"scheduleTimeoutSeconds": 300}}
+    timeouts = {t: env(pod_specs(manifests[t])[0][2])["RENDEZVOUS_TIMEOUT_SECONDS"] for t in GANGS}
+    for target, timeout in timeouts.items():
+        gang = target in ("submit jobset", "submit queue", "submit roce", "submit kubeflow", "submit kubeflow gang")
+        static = not target.startswith("submit")  # the overlays: see docs/KUBERNETES.md, Gang scheduling
+        one_node = target == "submit kubeflow offline"
+        assert timeout == ("3600" if gang or static or one_node else "900"), (target, timeout)
+    proc = submit_proc("--image", IMAGE, "--name", "x", "--nodes", "2")
+    assert proc.returncode == 0 and "without a gang" in proc.stderr and "--queue" in proc.stderr
+    longer = submit("--image", IMAGE, "--name", "x", "--nodes", "2", "--rendezvous-timeout", "30m")
+    assert env(pod_specs(longer)[0][2])["RENDEZVOUS_TIMEOUT_SECONDS"] == "1800"
+    assert "without a gang" not in submit_proc("--image", IMAGE, "--name", "x", "--nodes", "2", "--queue", "q").stderr
+
+
+def test_storage_evictions_count_as_failures(manifests):
+    """Nothing the trainer writes can fill the node's disk unbounded: the root filesystem is
+    read-only, every other writable path is a sized emptyDir or a volume. Exceeding a sizeLimit or
+    the ephemeral-storage limit is the kubelet's local-storage eviction, which sets no
+    DisruptionTarget condition (pkg/kubelet/eviction: localStorageEviction passes none; only
+    node-pressure evictions do) and SIGKILLs the pod: a counted failure, not a free retry."""
+    for target in TRAINING:
+        ((_, spec, container),) = pod_specs(manifests[target])
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for mount in container["volumeMounts"]:
+            volume = volumes[mount["name"]]
+            assert "persistentVolumeClaim" in volume or volume["emptyDir"].get("sizeLimit"), (target, mount)
+    for target in INDEXED_JOBS:
+        (job,) = by_kind(manifests[target], "Job")
+        assert indexed_job_outcome(job, 137, disrupted=False) == "retry counted", target
+    for target in GANGS:
+        assert jobset_outcome(jobset_of(manifests[target]), 137, disrupted=False) == "retry counted", target
 
 
 # ---------------------------------------------------------------- failure policies, evaluated
@@ -526,7 +747,7 @@ def test_gang_restarts_are_bounded(manifests, target):
 
 
 def test_with_kueue_the_jobsets_total_time_is_bounded(manifests):
-    (jobset,) = manifests["submit jobset"]
+    (jobset,) = by_kind(manifests["submit jobset"], "JobSet")
     labels = jobset["metadata"]["labels"]
     assert labels["kueue.x-k8s.io/queue-name"] == "team-a"
     assert labels["kueue.x-k8s.io/max-exec-time-seconds"] == str(3 * 86400)  # = --deadline, restarts included
@@ -567,17 +788,20 @@ def test_overlay_sizes(manifests):
     assert sizes == {"overlays/1gpu": (1, 1), "overlays/8gpu": (1, 8), "overlays/multinode": (2, 8),
                      "overlays/spot": (2, 8), "jobset": (2, 8), "submit 3x4 spot": (3, 4), "submit options": (2, 2),
                      "submit 1 node": (1, 8), "submit jobset": (4, 8), "submit spot aks": (2, 8),
-                     "submit tag allowed": (1, 1)}
-    (submitted,) = manifests["submit 3x4 spot"]
+                     "submit tag allowed": (1, 1), "submit sized": (1, 2), "submit queue": (2, 8),
+                     "submit roce": (2, 8)}
+    (submitted,) = by_kind(manifests["submit 3x4 spot"], "JobSet")
     assert submitted["metadata"]["name"] == "cifar-transfer-exp-7"
     ((_, _, container),) = pod_specs(manifests["submit 3x4 spot"])
     assert container["image"] == IMAGE and container["args"][-1] == "train.epochs=5"
-    (jobset,) = manifests["submit jobset"]
+    (jobset,) = by_kind(manifests["submit jobset"], "JobSet")
     child = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
     assert child["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
 
 
-SPOT = {"gke": ("cloud.google.com/gke-spot", "true", 15),  # provider: (node label, value, grace period)
+# provider: (node label, value, grace period). GKE keeps the general 300 s: the kubelet caps a node
+# shutdown at its own window anyway, and every other SIGTERM keeps its time to save.
+SPOT = {"gke": ("cloud.google.com/gke-spot", "true", 300),
         "aks": ("kubernetes.azure.com/scalesetpriority", "spot", 30),
         "eks": ("eks.amazonaws.com/capacityType", "SPOT", 110),
         "karpenter": ("karpenter.sh/capacity-type", "spot", 110)}
@@ -591,7 +815,7 @@ def test_spot_selects_the_providers_nodes_and_grace(manifests, target, provider)
     if provider:
         key, value, grace = SPOT[provider]
         assert spec["nodeSelector"][key] == value
-        # the provider's real notice, so that launch.sh gives torchrun the time there is
+        # the provider's notice where the pod's grace decides (AKS, EKS, Karpenter); GKE's 300
         assert spec["terminationGracePeriodSeconds"] == grace
     else:  # a label the user named: its taint is tolerated too; the grace period stays the default
         assert spec["nodeSelector"]["pool.example.com/lifecycle"] == "spot"
@@ -632,9 +856,15 @@ def test_gpu_type_selects_the_providers_gpu_nodes(gpu_type, label):
 
 @pytest.mark.parametrize("target,key", [("overlays/multinode", "topology.kubernetes.io/zone"),
                                         ("overlays/spot", "topology.kubernetes.io/zone"),
+                                        ("jobset", "topology.kubernetes.io/zone"),
                                         ("submit 3x4 spot", "topology.kubernetes.io/zone"),
+                                        ("submit roce", "topology.kubernetes.io/zone"),
+                                        ("submit queue", "topology.kubernetes.io/zone"),
                                         ("submit jobset", "cloud.google.com/gke-nodepool")])
 def test_several_nodes_are_placed_together(manifests, target, key):
+    """Every node in one domain of the key (pod affinity, any scheduler). JobSet's exclusive
+    placement only on a key narrower than a zone: on a zone its webhook would give the leader pod a
+    required anti-affinity to every other JobSet in that zone, in all namespaces."""
     ((metadata, spec, _),) = pod_specs(manifests[target])
     (term,) = spec["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert term["topologyKey"] == key
@@ -642,19 +872,28 @@ def test_several_nodes_are_placed_together(manifests, target, key):
         "app.kubernetes.io/instance": metadata["labels"]["app.kubernetes.io/instance"]}  # this run's pods only
     ((_, single, _),) = pod_specs(manifests["submit 1 node"])
     assert "affinity" not in single
-    jobsets = [d for d in manifests[target] if d["kind"] == "JobSet"]
-    assert all(d["metadata"]["annotations"]["alpha.jobset.sigs.k8s.io/exclusive-topology"] == key for d in jobsets)
+    exclusive = "alpha.jobset.sigs.k8s.io/exclusive-topology"
+    for jobset in by_kind(manifests[target], "JobSet"):
+        annotations = jobset["metadata"].get("annotations", {})
+        if key == "topology.kubernetes.io/zone":
+            assert exclusive not in annotations
+        else:
+            assert annotations[exclusive] == key
 
 
-@pytest.mark.parametrize("target,resource,variables", [
-    ("submit 1 node", "vpc.amazonaws.com/efa", {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1",
-                                                "NCCL_NET_PLUGIN": "ofi"}),
-    ("submit jobset", "rdma/rdma_shared_device_a", {"NCCL_IB_HCA": "mlx5"}),
+@pytest.mark.parametrize("target,resource,count,variables", [
+    ("submit 1 node", "vpc.amazonaws.com/efa", 32, {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1",
+                                                    "NCCL_NET_PLUGIN": "ofi"}),  # p5.48xlarge: 32 adapters
+    ("submit jobset", "rdma/rdma_shared_device_a", 1, {"NCCL_IB_HCA": "mlx5"}),
+    ("submit roce", "rdma/rdma_shared_device_a", 1, {"NCCL_IB_HCA": "mlx5"}),
 ])
-def test_interconnect_components(manifests, target, resource, variables):
-    ((_, _, container),) = pod_specs(manifests[target])
-    assert container["resources"]["limits"][resource] == container["resources"]["requests"][resource] >= 1
-    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+def test_interconnect_components(manifests, target, resource, count, variables):
+    ((metadata, _, container),) = pod_specs(manifests[target])
+    assert container["resources"]["limits"][resource] == container["resources"]["requests"][resource] == count
+    # no IPC_LOCK (PodSecurity Baseline forbids it; no effect for uid 1000): the nodes' memlock limit
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    networks = metadata["annotations"].get("k8s.v1.cni.cncf.io/networks")
+    assert networks == ("roce-net" if target == "submit roce" else None)
     assert variables.items() <= env(container).items() and env(container)["NCCL_SOCKET_IFNAME"] == "eth0"
     if resource.startswith("vpc"):  # the image's GKE driver paths survive the EFA library path
         assert env(container)["LD_LIBRARY_PATH"].endswith("/usr/local/nvidia/lib64:/usr/local/nvidia/lib")
@@ -664,9 +903,11 @@ def test_interconnect_components(manifests, target, resource, variables):
 
 def test_queue_label_on_every_kind_of_workload(manifests):
     """Kueue admits a run as one gang (the workload object carries the label, not the pods)."""
-    for target, kind in [("submit 1 node", "Job"), ("submit jobset", "JobSet"), ("submit kubeflow", "TrainJob")]:
+    for target, kind in [("submit 1 node", "Job"), ("submit jobset", "JobSet"), ("submit kubeflow", "TrainJob"),
+                         ("submit queue", "JobSet")]:
         (workload,) = by_kind(manifests[target], kind)
-        assert workload["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a", target
+        queue = SUBMITTED[target][SUBMITTED[target].index("--queue") + 1]
+        assert workload["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == queue, target
         ((metadata, _, _),) = pod_specs(manifests[target])
         assert "kueue.x-k8s.io/queue-name" not in metadata["labels"]
     for target in ("submit 3x4 spot", "submit kubeflow offline"):
@@ -807,6 +1048,20 @@ def test_secret_example_holds_no_real_key(manifests):
     (["--image", IMAGE, "--name", "x", "--kubeflow", "--spot", "gke"], "runtime.yaml"),
     (["--image", IMAGE, "--prepare-data", "--spot", "gke"], "--prepare-data takes"),
     (["--image", IMAGE, "--prepare-data", "--queue", "q", "--storage-class", "nfs"], "--prepare-data takes"),
+    (["--image", IMAGE, "--name", "x", "--cpu-per-gpu", "5.5"], "whole CPUs"),
+    (["--image", IMAGE, "--name", "x", "--mem-per-gpu", "24Gi"], "whole GiB per GPU"),
+    (["--image", IMAGE, "--name", "x", "--mem-per-gpu", "4"], "8 GiB or more"),
+    (["--image", IMAGE, "--name", "x", "--ephemeral", "6Gi"], "emptyDirs alone may hold 6 GiB"),
+    (["--image", IMAGE, "--name", "x", "--ephemeral", "lots"], "--ephemeral takes whole GiB"),
+    (["--image", IMAGE, "--name", "x", "--interconnect", "efa"], "--gpu-type eks:TYPE"),
+    (["--image", IMAGE, "--name", "x", "--interconnect", "efa", "--gpu-type", "eks:p6-b200.48xlarge"], "--efa N"),
+    (["--image", IMAGE, "--name", "x", "--efa", "4"], "--interconnect efa"),
+    (["--image", IMAGE, "--name", "x", "--nodes", "2", "--coscheduling"], "add --kubeflow"),
+    (["--image", IMAGE, "--name", "x", "--kubeflow", "--nodes", "2", "--coscheduling", "--queue", "q"], "pick one"),
+    (["--image", IMAGE, "--name", "x", "--service-account", "Bad_SA"], "ServiceAccount"),
+    (["--image", IMAGE, "--name", "x", "--image-pull-secret", "a b"], "Secret"),
+    (["--image", IMAGE, "--name", "x", "--network-attachment", "Net!"], "NetworkAttachmentDefinition"),
+    (["--image", IMAGE, "--name", "x", "--nodes", "2", "--rendezvous-timeout", "soon"], "90m, 36h, 3d"),
 ])
 def test_submit_rejects_bad_input(args, message):
     proc = submit_proc(*args)
@@ -878,7 +1133,7 @@ def test_submit_refuses_to_silently_resubmit_an_existing_run(cluster):
 
 
 def test_submit_replace_deletes_and_waits_then_applies(cluster):
-    proc = cluster.submit("--name", "exp", "--nodes", "2", "--replace", exists=True)
+    proc = cluster.submit("--name", "exp", "--nodes", "2", "--queue", "gpu", "--replace", exists=True)
     assert proc.returncode == 0, proc.stderr
     assert cluster.calls() == ["get jobset cifar-transfer-exp --ignore-not-found -o name",
                                "delete jobset cifar-transfer-exp --cascade=foreground --wait=true",
@@ -1055,6 +1310,10 @@ def test_dockerfile_passes_hadolint():
     assert "LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/nvidia/lib" in text
     assert "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in text
     assert not re.search(r"^\s*NVIDIA_VISIBLE_DEVICES=", text, re.M)
+    # the CUDA 12 variant for drivers older than R580: a build argument, the same pinned versions
+    assert "ARG CUDA=13" in text and "nvidia-dali-cuda120==${dali}" in text
+    assert '--index-url "${TORCH_CUDA12_INDEX}" "torch==${torch}" "torchvision==${vision}"' in text
+    assert "ARG TORCH_CUDA12_INDEX=https://download.pytorch.org/whl/cu128" in text
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {"data", "runs", "wandb", ".venv"} <= set(ignored) and "docker" not in ignored
 
