@@ -186,10 +186,77 @@ class WandbSink:
         run.log(payload)
         best = self.run_dir.best
         if best.is_dir() and sum(f.stat().st_size for f in best.iterdir()) < 2 * 1024**3:
-            artifact = wandb.Artifact(f"model-{run.id}", type="model",
-                                      metadata={"test_accuracy": m.test_accuracy, "best_epoch": m.best_epoch})
+            # once per run: finish() runs once, on the main process, when the run completes
+            step = best_step(self.run_dir, m)
+            artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=model_metadata(self.run_dir, m, step))
             artifact.add_dir(str(best))
-            run.log_artifact(artifact, aliases=["best", "latest"])
+            run.log_artifact(artifact, aliases=["best", f"step-{step}"])
+
+
+def best_step(run: RunDir, m: RunSummary) -> int:
+    """The optimizer step after which best/'s weights were saved (the end of the best epoch)."""
+    return next((r.step for r in run.epochs() if r.epoch == m.best_epoch), m.global_steps)
+
+
+def model_metadata(run: RunDir, m: RunSummary, step: int) -> dict:
+    """The model artifact's metadata: the test figures and best/model.json, the card."""
+    return {"test_accuracy": m.test_accuracy, "test_samples": m.test_samples, "best_epoch": m.best_epoch,
+            "step": step, "card": dataclasses.asdict(run.card())}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportTarget:
+    """The W&B run a finished run logged to, found again for ``python -m job.export --wandb``."""
+
+    run: RunDir
+    run_id: str
+    mode: str
+    cfg: Config
+
+
+def export_target(run: RunDir) -> ExportTarget:
+    """The W&B run of ``run`` (its id from the folders W&B wrote in ``run/wandb``); a TrackingError
+    when the run did not log to W&B."""
+    import re
+
+    cfg = run.config()
+    mode = resolve_mode(cfg.tracking.wandb)
+    pattern = re.compile(r"(?:offline-)?run-(\d{8}_\d{6})-([a-z0-9]+)")  # W&B's folder of each process start
+    found = sorted(m.groups() for m in (pattern.fullmatch(p.name) for p in
+                                        (run.wandb.iterdir() if run.wandb.is_dir() else [])) if m)
+    if mode == "disabled" or not found:
+        raise TrackingError(f"{run.path} has no W&B run to attach an export to (tracking.wandb="
+                            f"{cfg.tracking.wandb}, nothing in {run.wandb}); export without --wandb")
+    return ExportTarget(run, found[-1][1], mode, cfg)
+
+
+def log_export(target: ExportTarget, path: Path, fmt: str, result: dict, say=print) -> str:
+    """Log an export of the run's best model to its W&B run (resumed) as the model artifact
+    ``model-<run id>-<format>``, beside ``model-<run id>`` (best/); returns the artifact's name."""
+    import wandb
+
+    tc, run_dir = target.cfg.tracking, target.run
+    name = f"model-{target.run_id}-{fmt}"
+    summary = run_dir.summary()
+    step = best_step(run_dir, summary)
+    metadata = {**model_metadata(run_dir, summary, step), "format": fmt, "source_artifact": f"model-{target.run_id}",
+                "max_probability_difference": result.get("max_probability_difference")}
+    try:
+        run = wandb.init(project=tc.project, entity=tc.entity, id=target.run_id, resume="allow", mode=target.mode,
+                         dir=str(run_dir.path), settings=wandb.Settings(console="off", silent=True))
+        artifact = wandb.Artifact(name, type="model", metadata=metadata)
+        if path.is_dir():
+            artifact.add_dir(str(path))
+        else:
+            artifact.add_file(str(path))
+        run.log_artifact(artifact, aliases=["best", f"step-{step}"])
+        run.finish()
+    except Exception as e:  # noqa: BLE001 - wandb raises many types for auth/network/disk problems
+        raise TrackingError(redact(f"W&B could not log {path} to run {target.run_id} in {target.mode} mode "
+                                   f"({type(e).__name__}: {e}); the export itself is written")) from None
+    where = f"offline: `wandb sync {run_dir.wandb}` uploads it" if target.mode == "offline" else "uploaded"
+    say(f"W&B: {path} logged to run {target.run_id} as the model artifact {name} ({where})")
+    return name
 
 
 class Trackers:
