@@ -122,6 +122,10 @@ class TrainConfig:
     # evaluation gives every rank rank 0's)
     ddp_broadcast_buffers: bool = True
     ddp_comm_hook: Literal["none", "bf16"] = "none"  # bf16: gradients all-reduced in bfloat16 (half the bytes)
+    # Batch-norm statistics over every process's images (SyncBatchNorm) instead of each process's
+    # own: auto = on with more than one GPU process and a per-process batch below 32, where a BN
+    # batch of 16 on 16 GPUs would otherwise see 1/16 of the 256 images one GPU sees.
+    sync_batchnorm: Literal["auto", "true", "false"] = "auto"
     # flip: the test is also run averaging each image's and its mirror's softmax, reported beside
     # the plain accuracy (test_accuracy_tta), never instead of it
     test_tta: Literal["none", "flip"] = "none"

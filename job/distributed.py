@@ -150,6 +150,79 @@ def wrap_for_training(accelerator: Accelerator, module: torch.nn.Module, optimiz
     return (torch.compile(prepared) if compile else prepared), ddp, optimizer
 
 
+SYNC_BATCHNORM_BELOW = 32  # per-process batch under which auto synchronises batch-norm statistics
+
+
+def use_sync_batchnorm(choice: str, batch_size: int, num_processes: int, device_type: str) -> bool:
+    """``train.sync_batchnorm``: ``auto`` = more than one GPU process, each with fewer than 32
+    images per batch (BN statistics of 16 images on each of 16 GPUs, against 256 on one GPU). One
+    process has nothing to synchronise."""
+    if num_processes < 2 or choice == "false":
+        return False
+    if choice == "true":
+        return True
+    return device_type == "cuda" and batch_size < SYNC_BATCHNORM_BELOW
+
+
+def sync_batchnorm(accelerator: Accelerator, model: torch.nn.Module, choice: str, batch_size: int) -> int:
+    """Convert ``model``'s batch norms in place (before DDP wraps it) when ``use_sync_batchnorm``
+    says so; the number converted. The parameter and buffer objects stay the same (the optimizer
+    and the weight EMA keep theirs; state_dict keys do not change). GPUs: timm's
+    ``convert_sync_batchnorm`` (torch's SyncBatchNorm, timm's SyncBatchNormAct for its fused
+    BN + activation layers). CPU processes: torch's SyncBatchNorm refuses CPU tensors, so each
+    layer's training forward takes the same global statistics from an all-reduce over gloo
+    (``_all_reduce_batch_norm``): what tests/test_sync_batchnorm.py checks on two processes."""
+    device_type = accelerator.device.type
+    if not use_sync_batchnorm(choice, batch_size, accelerator.num_processes, device_type):
+        return 0
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if device_type == "cuda":
+        from timm.layers import convert_sync_batchnorm
+
+        if convert_sync_batchnorm(model) is not model:
+            raise ValueError("sync_batchnorm converts the children of a network, not a lone batch norm")
+    else:
+        from types import MethodType
+
+        for norm in norms:
+            norm.forward = MethodType(_all_reduce_batch_norm, norm)
+    accelerator.print(f"train.sync_batchnorm={choice}: {len(norms)} batch norms take their statistics over all "
+                      f"{accelerator.num_processes} processes ({batch_size} images each)")
+    return len(norms)
+
+
+def _all_reduce_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
+    """A batch norm's training forward with the statistics of the global batch (one all-reduce of
+    the per-channel sums, sums of squares and count; its backward all-reduces their gradients, as
+    SyncBatchNorm's does). Evaluation and single-process calls: the layer's own forward."""
+    if not (self.training and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return type(self).forward(self, x)
+    from torch.distributed.nn.functional import all_reduce
+
+    channels = x.shape[1]
+    dims = [0, *range(2, x.dim())]
+    shape = [1, channels] + [1] * (x.dim() - 2)
+    xf = x.float()
+    count = torch.full((1,), xf.numel() / channels, dtype=torch.float32, device=x.device)
+    sums = all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+    n = sums[-1]
+    mean = sums[:channels] / n
+    var = (sums[channels: 2 * channels] / n - mean * mean).clamp_min(0)  # biased, as BN normalises with
+    y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+    if self.affine:
+        y = y * self.weight.view(shape) + self.bias.view(shape)
+    if self.track_running_stats:
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            self.running_mean.lerp_(mean.detach(), momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1), momentum)  # unbiased, as BN stores
+    y = y.to(x.dtype)
+    if hasattr(self, "act"):  # timm's BatchNormAct2d: then its dropout and activation
+        y = self.act(self.drop(y))
+    return y
+
+
 class FrozenBackboneStep(torch.nn.Module):
     """``head(backbone.forward_features(x))`` with the backbone run without autograd and only
     the head in a DDP wrapper: two_stage's first stage synchronises the head's gradients alone,

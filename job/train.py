@@ -41,7 +41,8 @@ from job.checkpoint import (Checkpointer, check_output_dir, check_resume, finish
 from job.config import Config, ConfigError, parse_args, per_process_batch  # noqa: E402
 from job.data import DataError, prepare_from_config  # noqa: E402
 from job.distributed import (all_ranks_or_none, build_accelerator, collective_timeout,  # noqa: E402
-                             once_per_node_first, replicas_identical, setup_timeouts, training_timeouts)
+                             once_per_node_first, replicas_identical, setup_timeouts, sync_batchnorm,
+                             training_timeouts)
 from job.early_stopping import EarlyStopping  # noqa: E402
 from job.linear_probe import fit_probe  # noqa: E402
 from job.ema import WeightEma  # noqa: E402
@@ -132,6 +133,7 @@ class Trainer:
         self.bare.to(acc.device)
         if tc.channels_last:
             self.bare.to(memory_format=torch.channels_last)
+        sync_batchnorm(acc, self.bare, tc.sync_batchnorm, cfg.data.batch_size)  # before any DDP wrapper
         self.card = ModelCard.for_run(cfg.model, self.prep, self.store.classes)
         self.shard = Shard(batch_size=cfg.data.batch_size, rank=acc.process_index, world_size=acc.num_processes,
                            seed=tc.seed)
