@@ -641,6 +641,18 @@ def test_storage_evictions_count_as_failures(manifests):
         assert jobset_outcome(jobset_of(manifests[target]), 137, disrupted=False) == "retry counted", target
 
 
+def test_docs_explain_each_choice():
+    """docs/KUBERNETES.md gives the reason for each of these choices, per provider where it differs."""
+    text = (REPO / "docs" / "KUBERNETES.md").read_text()
+    for heading in ("### Sizing", "### Kueue", "### Gang scheduling", "### Disruptions", "### Network policy",
+                    "### Caches and storage evictions", "### Placement", "### CUDA 12 image", "## Watching GPU use"):
+        assert f"\n{heading}\n" in text, heading
+    for needle in ("excludeResourcePrefixes", "karpenter.sh/do-not-disrupt", "Why GKE keeps 300 s", "kubernetes#56374",
+                   "localStorageEviction", "podGroupPolicy.coscheduling", "DCGM", "| voluntary disruption |",
+                   "--build-arg CUDA=12", "p5en.48xlarge 16"):
+        assert needle in text, needle
+
+
 # ---------------------------------------------------------------- failure policies, evaluated
 
 def pod_failure_rule(policy: dict, exit_code: int, disrupted: bool,
