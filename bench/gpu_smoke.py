@@ -247,6 +247,8 @@ def model_throughput(gpu: bool) -> None:
             figures.append((f"{model} step alone, {line.split(':')[0]}", line.split(": ", 1)[1]))
         elif line.startswith("fastest batch"):
             figures.append(("fastest per-GPU batch", line.split("= ", 1)[1]))
+        elif line.startswith("MFU denominators: "):  # MFU above is "of peak" (datasheet) and "of measured matmul"
+            figures.append(("MFU denominators", line.split(": ", 1)[1]))
 
 
 @step("end-to-end throughput")

@@ -5,9 +5,14 @@ against the data pipeline's images/s, and the per-device batch that runs it fast
 
 For each batch size: images/s over steady-state steps (warm-up steps skipped, the device
 synchronised at the window's edges), model FLOPs per training image (forward + backward, counted
-by torch.utils.flop_counter), model FLOPs utilisation against the device's peak (``--peak-tflops``,
-else a measured large-matmul rate at the same precision) and peak memory. ``cudnn.benchmark`` is
-set as training sets it. The last line names the fastest batch: ``fastest batch = B``.
+by torch.utils.flop_counter), model FLOPs utilisation and peak memory. ``cudnn.benchmark`` is set
+as training sets it. The last line names the fastest batch: ``fastest batch = B``.
+
+MFU has two denominators, both printed: the card's datasheet dense peak at this precision
+(``DATASHEET_DENSE_TFLOPS``; ``--peak-tflops`` overrides it, and is needed for a card not in the
+table), the figure MFU is usually quoted against; and the measured rate of a warmed 8192^3 matmul
+(>= 1 s of matmuls first, so the SM clock has left its idle 345 MHz), what this card reaches here.
+A short 4096^3 timing after one warm-up, the old denominator, read low and made MFU 1.25-2x too kind.
 """
 from __future__ import annotations
 
@@ -24,17 +29,59 @@ from job.model import create_model
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 
+# Dense (no 2:4 sparsity) bf16 = fp16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets, matched
+# in this order against torch.cuda.get_device_name() (so "H100 PCIe" before "H100", "A100" before
+# "A10"). SXM parts unless named; "A10G" is AWS's A10 variant. fp32 runs ("no") have no entry: give
+# --peak-tflops.
+DATASHEET_DENSE_TFLOPS: list[tuple[str, float]] = [
+    ("GB200", 2500.0), ("B200", 2250.0), ("B100", 1750.0),
+    ("H200 NVL", 835.0), ("H200", 989.0), ("GH200", 989.0),
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H800 PCIe", 756.0), ("H800", 989.0), ("H20", 148.0),
+    ("A100", 312.0), ("A800", 312.0), ("A30", 165.0), ("A40", 150.0), ("A10G", 70.0), ("A10", 125.0),
+    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+    ("RTX 6000 Ada", 364.0), ("RTX 4090", 165.0), ("RTX A6000", 155.0),
+]
 
-def matmul_tflops(device: torch.device, dtype: torch.dtype | None, n: int = 4096, repeats: int = 10) -> float:
-    """A large matmul's rate: what this device reaches at this precision (the MFU denominator
-    when the card's datasheet peak is not given)."""
+
+def datasheet_tflops(device_name: str, precision: str) -> float | None:
+    """The datasheet dense peak of ``device_name`` at ``precision`` (bf16 or fp16), None if unknown."""
+    if precision not in ("bf16", "fp16"):
+        return None
+    for key, tflops in DATASHEET_DENSE_TFLOPS:
+        if key in device_name:
+            return tflops
+    return None
+
+
+def mfu(images_per_second: float, flops_per_image: float, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over ``peak_tflops`` (None without one)."""
+    if not peak_tflops:
+        return None
+    return images_per_second * flops_per_image / (peak_tflops * 1e12)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype | None, n: int = 8192, warmup_seconds: float = 1.0,
+                  seconds: float = 1.0) -> float:
+    """What this device reaches at this precision: an n^3 matmul timed over ``seconds`` after
+    ``warmup_seconds`` of the same matmuls (GPU clocks ramp up from idle under load)."""
     a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
     b = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
-    a @ b
     start = _now(device)
-    for _ in range(repeats):
-        a @ b
-    return 2 * n ** 3 * repeats / (_now(device) - start) / 1e12
+    while _now(device) - start < warmup_seconds:
+        for _ in range(4):
+            a @ b
+    repeats, start = 0, _now(device)
+    while True:
+        for _ in range(4):
+            a @ b
+        repeats += 4
+        elapsed = _now(device) - start
+        if elapsed >= seconds:
+            return 2 * n ** 3 * repeats / elapsed / 1e12
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def _now(device: torch.device) -> float:
@@ -84,7 +131,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="the device's dense peak at this precision (datasheet); default: a measured matmul rate")
+                   help="the device's dense peak at this precision (datasheet); default: DATASHEET_DENSE_TFLOPS")
+    p.add_argument("--matmul-size", type=int, default=None,
+                   help="side of the measured matmul (default 8192 on a GPU, 512 on CPU)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -95,10 +144,15 @@ def main() -> None:
     model = model.to(device).to(memory_format=memory_format).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     dtype = _DTYPES[args.precision]
-    peak = args.peak_tflops or matmul_tflops(device, dtype)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"{args.model} {args.size}px {args.precision} on {name}; peak {peak:.1f} TFLOP/s "
-          f"({'given' if args.peak_tflops else 'measured matmul'})")
+    datasheet = args.peak_tflops or datasheet_tflops(name, args.precision)
+    gpu = device.type == "cuda"
+    n = args.matmul_size or (8192 if gpu else 512)
+    measured = matmul_tflops(device, dtype, n=n, warmup_seconds=1.0 if gpu else 0.1, seconds=1.0 if gpu else 0.2)
+    sheet = (f"{datasheet:.1f} TFLOP/s ({'--peak-tflops' if args.peak_tflops else 'datasheet, dense'})"
+             if datasheet else f"unknown for {name} at {args.precision} (give --peak-tflops)")
+    denominators = f"peak {sheet}; measured {n}^3 matmul {measured:.3g} TFLOP/s"
+    print(f"{args.model} {args.size}px {args.precision} on {name}; {denominators}")
     best = None
     for batch in args.batch_size:
         try:
@@ -107,14 +161,17 @@ def main() -> None:
             print(f"batch {batch}: out of memory")
             torch.cuda.empty_cache()
             continue
-        mfu = r["images_per_second"] * r["flops_per_image"] / (peak * 1e12)
+        of_peak = mfu(r["images_per_second"], r["flops_per_image"], datasheet)
+        of_matmul = mfu(r["images_per_second"], r["flops_per_image"], measured)
         print(f"batch {batch}: model images/s = {r['images_per_second']:.1f}, "
-              f"{r['flops_per_image'] / 1e9:.2f} GFLOP/image, MFU {mfu:.1%}, peak memory "
+              f"{r['flops_per_image'] / 1e9:.2f} GFLOP/image, MFU {_percent(of_peak)} of peak "
+              f"({_percent(of_matmul)} of measured matmul), peak memory "
               f"{'n/a (CPU)' if r['peak_memory_gib'] is None else format(r['peak_memory_gib'], '.1f') + ' GiB'}")
         if best is None or r["images_per_second"] > best[1]:
             best = (batch, r["images_per_second"])
     if best is not None:
         print(f"fastest batch = {best[0]} ({best[1]:.1f} images/s)")
+    print(f"MFU denominators: {denominators}")
 
 
 if __name__ == "__main__":
