@@ -46,11 +46,15 @@ demo: install $(DEMO_WEIGHTS)
 		train.output_dir=runs/demo-random
 	$(BIN)/python -m job.reporting compare runs/demo runs/demo-random
 
-# The plumbing alone on generated data (no weights needed): a small network from scratch.
+# The plumbing alone on generated data (no weights, no dataset): a small network from scratch.
+# data.root=null: the generated batches go beside the store (demo.yaml's root is the sample tarball).
+# OVERRIDES adds section.key=value words (tests/test_make_targets.py runs it tiny).
+OVERRIDES ?=
 demo-synthetic: install
-	$(LAUNCH) job/train.py --config job/configs/demo.yaml data.source=synthetic data.image_size=32 \
-		model.name=resnet10t model.pretrained=false model.head_hidden=[256] train.strategy=finetune \
-		train.epochs=4 optim.name=sgd optim.lr=0.05 schedule.name=cosine train.output_dir=runs/demo-synthetic
+	$(LAUNCH) job/train.py --config job/configs/demo.yaml data.source=synthetic data.root=null data.image_size=32 \
+		model.name=resnet10t model.pretrained=false model.weights=null model.head_hidden=[256] \
+		train.strategy=finetune train.epochs=4 optim.name=sgd optim.lr=0.05 schedule.name=cosine \
+		train.output_dir=runs/demo-synthetic train.resume=never $(OVERRIDES)
 
 bench: install
 	$(BIN)/python bench/data_throughput.py
