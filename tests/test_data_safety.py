@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -155,7 +156,7 @@ def test_a_temporary_directory_left_by_a_killed_run_is_removed(tmp_path):
 
 def test_a_run_that_reuses_the_store_also_cleans_up_and_other_hosts_leftovers_expire(tmp_path, monkeypatch):
     """A rescheduled pod has a new hostname: its predecessor's temporaries cannot be matched by
-    PID, so they are removed once nothing in them changed for ABANDONED_AFTER_SECONDS (here 2 s).
+    PID, so they are removed once nothing in them changed for ABANDONED_AFTER_SECONDS.
     A fresh one, or an old version another node has just renamed aside (a rename keeps mtimes,
     not ctimes), is left alone: that node may be committing right now. A run that only reuses
     the store cleans up too."""
@@ -163,7 +164,6 @@ def test_a_run_that_reuses_the_store_also_cleans_up_and_other_hosts_leftovers_ex
 
     store = tmp_path / "store"
     prepare(DataConfig(source="synthetic", root=str(tmp_path / "src"), synthetic_train=100, synthetic_test=20), store)
-    monkeypatch.setattr(atomic, "ABANDONED_AFTER_SECONDS", 2)
     dead = tmp_path / f".store.tmp-{socket.gethostname()}-{2**22 + 7}"
     stale = tmp_path / ".store.tmp-old-pod-0-17"
     previous = tmp_path / "previous-version"
@@ -171,17 +171,30 @@ def test_a_run_that_reuses_the_store_also_cleans_up_and_other_hosts_leftovers_ex
         d.mkdir()
         (d / "meta.json").write_text("{}")
         (d / TEMPORARY_MARKER).write_text("")
-    time.sleep(2.5)
+    old = max(_newest_change(d) for d in (dead, stale, previous))
+    while time.time() < old + 0.05:  # what follows gets later timestamps (a poll, not a fixed sleep)
+        time.sleep(0.01)
     fresh = tmp_path / ".store.tmp-other-pod-1-17"
     fresh.mkdir()
     (fresh / TEMPORARY_MARKER).write_text("")
     renamed_aside = tmp_path / ".store.old-other-pod-1-17"
     previous.rename(renamed_aside)  # its files keep their old mtimes
+    young = min(_newest_change(d) for d in (fresh, renamed_aside))
+    assert young > old
+    # The clock job.atomic reads stands between the two groups: the first past the expiry, the
+    # second within it, however long a busy machine takes to get there (no wall-clock race).
+    monkeypatch.setattr(atomic, "ABANDONED_AFTER_SECONDS", 3600)
+    monkeypatch.setattr(atomic, "time", types.SimpleNamespace(time=lambda: old + 3600 + (young - old) / 2))
     _, reused = prepare(DataConfig(source="synthetic", root=str(tmp_path / "src"), synthetic_train=100,
                                    synthetic_test=20), store)
     assert reused
     assert not dead.exists() and not stale.exists()
     assert fresh.is_dir() and renamed_aside.is_dir()
+
+
+def _newest_change(path):
+    """What job.atomic ages a temporary by: its newest mtime or ctime, itself and everything inside."""
+    return max(max(st.st_mtime, st.st_ctime) for st in (p.lstat() for p in (path, *path.rglob("*"))))
 
 
 def test_sigterm_during_synthetic_generation_then_rerun_cleans_up(tmp_path):

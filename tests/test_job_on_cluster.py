@@ -60,7 +60,7 @@ def test_feature_cache_on_a_read_only_data_volume_is_refused_before_extraction(t
     train = [PYTHON, "job/train.py", *small_run(tmp_path / "out", prep, "train.strategy=feature_extraction",
                                                 data="cifar10")]
     script = 'mount --bind -o ro "$0" "$0" && exec "$@"'
-    proc = run(["unshare", "--mount", "bash", "-c", script, str(prep), *train], check=False, timeout=120)
+    proc = run(["unshare", "--mount", "bash", "-c", script, str(prep), *train], check=False, timeout=300)
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]
     assert f"train.feature_cache_dir={prep / 'features'}" in proc.stderr and "read-only file system" in proc.stderr
     assert "fsGroup" in proc.stderr and "Traceback" not in proc.stderr
@@ -74,7 +74,7 @@ def test_feature_cache_on_a_read_only_data_volume_is_refused_before_extraction(t
 def test_ranks_resume_from_the_main_process_choice(tmp_path):
     """Rank 1's listing of the checkpoints is older than rank 0's: both resume from rank 0's
     latest (without the broadcast, rank 1 would load epoch 1's)."""
-    run(accelerate_launch(2, "tests/helpers/resume_probe.py", str(tmp_path)), timeout=180)
+    run(accelerate_launch(2, "tests/helpers/resume_probe.py", str(tmp_path)), timeout=400)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[1]["listed"] == ["epoch0001-step0000017"]  # its own, stale view
     assert [r["chosen"] for r in ranks] == ["epoch0002-step0000034", "epoch0002-step0000034"]
