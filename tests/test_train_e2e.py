@@ -148,6 +148,23 @@ def test_bad_config_and_data_exit_2_with_a_message(tmp_path):
                 f"data.root={tmp_path / 'data'}", f"train.output_dir={tmp_path / 'o'}"], check=False)
     assert proc.returncode == 2 and "missing train/ folder" in proc.stderr
     assert not (tmp_path / "o").exists()
+    # accelerate launch loses the code (exit 1, CalledProcessError): job/train.py's last line says it
+    assert proc.stderr.strip().splitlines()[-1] == ("job/train.py: exit code 2: bad config, data or weights; nothing "
+                                                    "was trained. Fix what the error above names: retrying cannot help")
+
+
+def test_a_crash_ends_with_its_traceback_then_the_code_it_means(tmp_path):
+    """A crash (here: the first step of fit() raises) is exit 1: the traceback, then the last line
+    saying what 1 means."""
+    from job.preemption import exit_line
+
+    crash = ("import runpy, sys; import job.checkpoint; job.checkpoint.check_resume = lambda cfg: 1 / 0; "
+             f"sys.argv = ['job/train.py', '--config', 'tests/configs/small.yaml', 'train.output_dir={tmp_path}']; "
+             "runpy.run_path('job/train.py', run_name='__main__')")
+    proc = run([PYTHON, "-c", crash], check=False)
+    assert proc.returncode == 1 and "ZeroDivisionError" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == exit_line(1)
+    assert exit_line(143).startswith("job/train.py: exit code 143: preempted")
 
 
 def test_an_altered_checkpoint_is_refused_not_unpickled(tmp_path, prepared, trained):
