@@ -11,7 +11,9 @@ Layout of ``output_dir``::
 
 Loading is safe by construction: weights are safetensors, Accelerate reads the optimizer, scaler
 and RNG files with ``torch.load(weights_only=True)``, and our own state is JSON, so a checkpoint
-directory cannot run code. Only directories this job wrote (``trainer_state.json``) are resumed.
+directory cannot run code. Only directories this job wrote (``trainer_state.json``) are resumed,
+and only under the config they were written with, but for the keys RESUME_MAY_CHANGE names
+(``check_resume``, before anything is built; a finished run launched again is left untouched).
 """
 from __future__ import annotations
 
