@@ -41,6 +41,10 @@ def test_the_gpu_smoke_script_dry_run_passes_and_says_what_it_skipped(tmp_path):
                  "figures"):
         assert f"== {step}" in proc.stdout
     assert "fastest per-GPU batch" in proc.stdout and "GFLOP/image, MFU" in proc.stdout
+    assert "MFU denominators" in proc.stdout and "measured 512^3 matmul" in proc.stdout
+    # the dry run's Python start-ups: the script, train.py, evaluate.py, predict.py, model_throughput.py
+    (startups,) = [line for line in lines if line.startswith("Python start-ups, minutes in all")]
+    assert startups.split()[-2] == "5,", startups
     assert (tmp_path / "gpu_smoke.log").read_text() == proc.stdout  # the log file holds the same
 
 
