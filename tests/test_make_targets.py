@@ -95,3 +95,14 @@ def test_bench_help_descriptions_are_whole_sentences(script):
     doc = ast.get_docstring(ast.parse(source), clean=False).strip()
     shown = doc.split(match.group(2).replace("\\n", "\n"))[0]
     assert shown.strip().endswith((".", ")", ":", "?")), shown[-80:]
+
+
+def test_the_readme_submit_example_renders(tmp_path):
+    """README's k8s/submit.sh line, as written (DIGEST filled in), renders with --dry-run: exit 0."""
+    text = (REPO / "README.md").read_text()
+    (example,) = re.findall(r"`(k8s/submit\.sh\s[^`]*)`", text)
+    args = example.replace("DIGEST", "a" * 64).split()
+    assert "--name" in args and "--nodes" in args
+    proc = subprocess.run(["bash", *args, "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kind: JobSet" in proc.stdout and "irv2-ft4" in proc.stdout
