@@ -64,8 +64,36 @@ def test_offline_run_records_config_summary_and_model(offline_run):
     assert [h["epoch"] for h in epochs] == [1, 2]
     assert any("train/loss" in h and "train/images_per_second" in h for h in log["history"])
     assert summary["test/samples/count"] == 16 and "pred: " in summary["test/samples/captions"][0]
-    assert {"name": f"model-{files[0].stem[4:]}", "aliases": ["latest", "best"], "type": "model"} in \
-        [{**a, "aliases": sorted(a["aliases"], reverse=True)} for a in log["artifacts"]]
+    step = next(r.step for r in RunDir(offline_run).epochs() if r.epoch == metrics.best_epoch)
+    models = [a for a in log["artifacts"] if a["type"] == "model"]
+    assert models == [{"name": f"model-{files[0].stem[4:]}", "aliases": models[0]["aliases"], "type": "model"}]
+    assert {"best", f"step-{step}"} <= set(models[0]["aliases"])
+
+
+def test_an_export_is_attached_to_the_runs_wandb_run(offline_run, tmp_path):
+    """python -m job.export --wandb: the run's W&B run (resumed, same id) gets the export as the
+    model artifact model-<id>-onnx, beside best/'s, with the card and the verification figure."""
+    import shutil
+
+    from helpers.wandb_log import records
+
+    offline_run = Path(shutil.copytree(offline_run, tmp_path / "run"))  # the other tests' run stays as it was
+    run_id = wandb_runs(offline_run)[0].stem[4:]
+    out = tmp_path / "model.onnx"
+    proc = run([PYTHON, "-m", "job.export", "--run", str(offline_run), "--format", "onnx", "--out", str(out),
+                "--wandb"])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["wandb_artifact"] == f"model-{run_id}-onnx"
+    files = wandb_runs(offline_run)
+    assert len(files) == 2 and files[0].name == files[1].name  # a second process start of the same run
+    [artifact] = [r.artifact for r in records(files[1]) if r.WhichOneof("record_type") == "artifact"]
+    assert artifact.name == f"model-{run_id}-onnx" and artifact.type == "model" and "best" in artifact.aliases
+    assert [m.path for m in artifact.manifest.contents] == ["model.onnx"]
+    meta = json.loads(artifact.metadata)
+    assert meta["format"] == "onnx" and meta["source_artifact"] == f"model-{run_id}"
+    assert meta["max_probability_difference"] == result["max_probability_difference"] <= 1e-4
+    assert meta["card"] == json.loads(RunDir(offline_run).card_file.read_text())
+    assert meta["test_accuracy"] == RunDir(offline_run).summary().test_accuracy
 
 
 def test_pngs_and_confusion_counts(offline_run):
