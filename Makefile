@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lint test test-fast demo demo-synthetic bench recipe results lock clean
+.PHONY: install lint test test-fast demo demo-synthetic export bench recipe results lock clean
 
 install: $(STAMP)
 
@@ -55,6 +55,13 @@ demo-synthetic: install
 		model.name=resnet10t model.pretrained=false model.weights=null model.head_hidden=[256] \
 		train.strategy=finetune train.epochs=4 optim.name=sgd optim.lr=0.05 schedule.name=cosine \
 		train.output_dir=runs/demo-synthetic train.resume=never $(OVERRIDES)
+
+# A finished run's best model for use elsewhere: make export RUN=runs/demo [FORMAT=onnx|timm|torch]
+# [OUT=path] (default RUN/exports/...); verified against the run before it is written (README, "Use the model").
+FORMAT ?= onnx
+export: install
+	@test -n "$(RUN)" || { echo "usage: make export RUN=DIR [FORMAT=onnx|timm|torch] [OUT=PATH]" >&2; exit 2; }
+	$(BIN)/python -m job.export --run $(RUN) --format $(FORMAT) $(if $(OUT),--out $(OUT))
 
 bench: install
 	$(BIN)/python bench/data_throughput.py
