@@ -60,3 +60,25 @@ def test_the_policy_draws_from_the_host_numbers_not_a_random_operator():
     with pytest.raises(ValueError, match="more than 3 draws"):
         draws.used = 3
         draws(values=[0, 1])
+
+
+def test_the_same_sample_gets_the_same_augmentation_on_any_number_of_processes(cifar_store):
+    import numpy as np
+
+    data = cifar_store.split("train")
+    spec = LoaderSpec(Preprocessing(32, (0.5,) * 3, (0.5,) * 3), num_threads=2, augment=True,
+                      auto_augment=AutoAugment.of("rand_augment"))
+
+    def images_by_sample(world):
+        seen = {}
+        for rank in range(world):
+            loader = DaliLoader(labels=np.arange(96), images=data.images[:96], train=True, spec=spec,
+                                shard=Shard(batch_size=48 // world, seed=7, rank=rank, world_size=world))
+            loader.set_epoch(2, 0)
+            for x, y in loader:
+                seen.update({int(i): img.clone() for i, img in zip(y, x)})
+        return seen
+
+    one, two = images_by_sample(1), images_by_sample(2)
+    assert sorted(one) == sorted(two) == list(range(96))
+    assert all(torch.equal(one[i], two[i]) for i in range(96))
