@@ -257,7 +257,7 @@ def main() -> None:
         of_peak = mfu(r["images_per_second"], r["flops_per_image"], datasheet)
         of_matmul = mfu(r["images_per_second"], r["flops_per_image"], measured)
         print(f"batch {batch}: model images/s = {r['images_per_second']:.1f}, "
-              f"{r['flops_per_image'] / 1e9:.2f} GFLOP/image, MFU {_percent(of_peak)} of peak "
+              f"{r['flops_per_image'] / 1e9:.3g} GFLOP/image, MFU {_percent(of_peak)} of peak "
               f"({_percent(of_matmul)} of measured matmul), peak memory "
               f"{'n/a (CPU)' if r['peak_memory_gib'] is None else format(r['peak_memory_gib'], '.1f') + ' GiB'}")
         if best is None or r["images_per_second"] > best[1]:
