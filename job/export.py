@@ -354,6 +354,9 @@ def check_out(out: Path, fmt: str, force: bool) -> None:
                               "choose another --out")
         if fmt != "timm" and out.is_dir():
             raise ExportError(f"--out {out} is a directory; --format {fmt} writes one file: choose a file name")
+    if fmt == "torch" and out.suffix != ".pt2":
+        raise ExportError(f"--out {out}: --format torch writes a .pt2 archive, and torch.export.load reads only "
+                          "names ending in .pt2; choose one")
 
 
 def write_file(out: Path, fill) -> dict:

@@ -58,9 +58,10 @@ def reference(runs):
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    """A tiny finished run (timm's test_resnet, synthetic data): what the refusals are tried on."""
+    """A tiny finished run (timm's test_resnet, synthetic data, a linear head): what the refusals
+    are tried on."""
     out = tmp_path_factory.mktemp("export-small") / "run"
-    run([PYTHON, "job/train.py", *small_run(out, out.parent / "prepared", "train.epochs=1")])
+    run([PYTHON, "job/train.py", *small_run(out, out.parent / "prepared", "train.epochs=1", "model.head_hidden=[]")])
     return out
 
 
@@ -218,6 +219,7 @@ def test_refusals_exit_2_and_write_nothing(small, tmp_path):
     RunDir(damaged).card_file.write_text("{not json")
     assert_refused(export(damaged, "onnx", tmp_path / "a.onnx", check=False), "model.json", "not a model card")
     assert_refused(export(tmp_path / "nowhere", "onnx", tmp_path / "a.onnx", check=False), "no such directory")
+    assert_refused(export(small, "torch", tmp_path / "model.bin", check=False), "ending in .pt2")
     # --wandb for a run that did not log to W&B: refused before anything is written
     assert_refused(export(small, "onnx", tmp_path / "a.onnx", "--wandb", check=False), "no W&B run",
                    "without --wandb")
@@ -248,3 +250,44 @@ def test_predict_refuses_an_onnx_file_that_is_not_an_export(tmp_path):
     assert_refused(proc, str(bogus), "not a readable ONNX model")
     proc = run([PYTHON, "job/predict.py", TEST_IMAGES[0]], check=False)
     assert proc.returncode == 2 and "give --run DIR, --onnx FILE, or both" in proc.stderr
+
+
+def test_the_torchscript_exporter_takes_over_when_dynamo_fails(small, tmp_path, monkeypatch):
+    import onnx
+    import torch
+
+    from job import export as export_module
+
+    real = torch.onnx.export
+
+    def no_dynamo(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise RuntimeError("dynamo cannot trace this model")
+        return real(*args, dynamo=False, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_dynamo)
+    said = []
+    result = export_module.export(small, "onnx", tmp_path / "model.onnx", say=said.append)
+    assert result["exporter"] == "torchscript" and result["max_probability_difference"] <= 1e-4
+    assert "dynamo cannot trace this model" in said[0] and "TorchScript" in said[0]
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
+    assert meta["exporter"] == "torchscript" and json.loads(meta["classes"])[0] == "airplane"
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch", "timm"])
+def test_an_export_that_disagrees_with_pytorch_is_refused_and_not_written(small, tmp_path, monkeypatch, fmt):
+    from job import export as export_module
+
+    # timm: the head checks (before writing, and again inside) pass; the model loaded back disagrees
+    differences = iter([0.0, 0.0, 0.5] if fmt == "timm" else [0.5])
+    monkeypatch.setattr(export_module, "_max_difference", lambda pairs: next(differences))
+    out = tmp_path / "exports" / {"onnx": "model.onnx", "torch": "model.pt2", "timm": "timm"}[fmt]
+    with pytest.raises(export_module.ExportError, match="by 0.5 in probability"):
+        export_module.export(small, fmt, out, say=lambda line: None)
+    assert not (tmp_path / "exports").exists()
+
+
+def test_importing_the_export_module_loads_no_onnx_package():
+    proc = run([PYTHON, "-c", "import sys, job.export, job.predict; "
+                "print(sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime', 'onnxscript')))"])
+    assert proc.stdout.strip() == "[]"
