@@ -220,6 +220,7 @@ def export_target(run: RunDir) -> ExportTarget:
     import re
 
     cfg = run.config()
+    run.summary()  # the artifact's metadata: a ConfigError now, before the export is written, if it is missing
     mode = resolve_mode(cfg.tracking.wandb)
     pattern = re.compile(r"(?:offline-)?run-(\d{8}_\d{6})-([a-z0-9]+)")  # W&B's folder of each process start
     found = sorted(m.groups() for m in (pattern.fullmatch(p.name) for p in
@@ -250,11 +251,12 @@ def log_export(target: ExportTarget, path: Path, fmt: str, result: dict, say=pri
         else:
             artifact.add_file(str(path))
         run.log_artifact(artifact, aliases=["best", f"step-{step}"])
+        offline_dir = Path(run.dir).parent  # this process start's offline-run-* folder
         run.finish()
     except Exception as e:  # noqa: BLE001 - wandb raises many types for auth/network/disk problems
         raise TrackingError(redact(f"W&B could not log {path} to run {target.run_id} in {target.mode} mode "
                                    f"({type(e).__name__}: {e}); the export itself is written")) from None
-    where = f"offline: `wandb sync {run_dir.wandb}` uploads it" if target.mode == "offline" else "uploaded"
+    where = f"offline: `wandb sync {offline_dir}` uploads it" if target.mode == "offline" else "uploaded"
     say(f"W&B: {path} logged to run {target.run_id} as the model artifact {name} ({where})")
     return name
 
