@@ -276,7 +276,7 @@ def end_to_end(gpu: bool, work: Path, loader: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: check the script itself (CI)")
     args = parser.parse_args()
     import torch

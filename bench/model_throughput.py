@@ -208,7 +208,7 @@ def host_overhead(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="inception_resnet_v2")
     p.add_argument("--size", type=int, default=299)
     p.add_argument("--batch-size", type=int, nargs="+", default=[64])

@@ -76,14 +76,9 @@ def test_make_demo_runs_the_readme_commands():
     assert "train.output_dir=runs/demo-random" in proc.stdout and "job.reporting compare" in proc.stdout
 
 
-# bench/model_throughput.py is #28's (issue 33 lists it among the cut descriptions): until its
-# description is the docstring's first paragraph, its case is an expected failure.
-CUT_ELSEWHERE = {"model_throughput.py"}
 
 
-@pytest.mark.parametrize("script", [pytest.param(name, marks=pytest.mark.xfail(reason="owned by issue #28"))
-                                    if name in CUT_ELSEWHERE else name
-                                    for name in sorted(p.name for p in (REPO / "bench").glob("*.py"))])
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "bench").glob("*.py")))
 def test_bench_help_descriptions_are_whole_sentences(script):
     """What --help shows of the docstring (its first paragraph, or its first line) ends a sentence."""
     source = (REPO / "bench" / script).read_text()
