@@ -4,15 +4,12 @@ with its length per epoch, its sample counts, and ``set_epoch(epoch, start_sampl
 from __future__ import annotations
 
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
-import numpy as np
 import torch
 
-from dali_pipelines import sampling
 from dali_pipelines.sampling import Shard
+from dali_pipelines.source import ImageLoader
 from dali_pipelines.spec import LoaderSpec
 
 
@@ -31,61 +28,13 @@ def make_loader(store, split: str, spec: LoaderSpec, *, train: bool, shard: Shar
     return image_loader(spec, labels=data.labels, images=data.images, files=data.files, train=train, shard=shard)
 
 
-def _read_file(path: str) -> np.ndarray:
-    return np.fromfile(path, dtype=np.uint8)
-
-
-class _BatchSource:
-    """Callable for ``fn.external_source``: returns the next planned batch, then StopIteration.
-
-    Encoded files are read by a small thread pool (file reads release the GIL), one batch ahead,
-    so reading overlaps the training step instead of running on its thread.
-    """
-
-    def __init__(self, images, files, labels, augment: bool, io_threads: int):
-        self.images, self.files, self.labels, self.augment = images, files, labels, augment
-        self.plan: list[np.ndarray] = []
-        self.order: np.ndarray | None = None
-        self.aug: sampling.Augmentation | None = None
-        self.cursor = 0
-        self.pool = ThreadPoolExecutor(max_workers=io_threads) if files is not None else None
-        self.ahead: dict[int, list[Future]] = {}
-        self.auto_draws: tuple[int, int, int] | None = None  # (seed, epoch, count): auto-augment draws
-
-    def restart(self, plan: list[np.ndarray], order: np.ndarray | None, aug) -> None:
-        self.plan, self.order, self.aug, self.cursor = plan, order, aug, 0
-        self.ahead.clear()
-
-    def _indices(self, cursor: int) -> np.ndarray:
-        positions = self.plan[cursor]
-        return self.order[positions] if self.order is not None else positions
-
-    def _read(self, cursor: int) -> list[Future]:
-        return [self.pool.submit(_read_file, self.files[i]) for i in self._indices(cursor)]
-
-    def __call__(self):
-        if self.cursor >= len(self.plan):
-            raise StopIteration
-        cursor, positions = self.cursor, self.plan[self.cursor]
-        self.cursor += 1
-        idx = self._indices(cursor)
-        if self.images is not None:
-            # Sorted reads are friendlier to the page cache; the batch order is restored after.
-            sort = np.argsort(idx, kind="stable")
-            batch = np.empty((len(idx), *self.images.shape[1:]), dtype=self.images.dtype)
-            batch[sort] = self.images[idx[sort]]
-        else:
-            batch = [f.result() for f in self.ahead.pop(cursor, None) or self._read(cursor)]
-            if self.cursor < len(self.plan):
-                self.ahead[self.cursor] = self._read(self.cursor)
-        out = (batch, self.labels[idx].astype(np.int64))
-        if self.augment:
-            out += (self.aug.shift[positions], self.aug.flip[positions])
-        if self.auto_draws is not None:  # keyed by the sample's position in the epoch, like the shift
-            seed, epoch, count = self.auto_draws
-            out += (np.stack([np.random.default_rng([seed, epoch, 4, int(p)]).random(count, dtype=np.float32)
-                              for p in positions]),)
-        return out
+def dali_output_dtype(dtype: str) -> tuple[str, torch.dtype | None]:
+    """What the DALI graph emits for a model input ``dtype``, and the cast after it (None: none).
+    DALI has no bfloat16 output: bfloat16 is emitted as float16 (half the bytes of float32 through
+    the pipeline's buffers; normalized pixels lie well inside its range), then cast where it lives."""
+    if dtype == "bfloat16":
+        return "float16", torch.bfloat16
+    return dtype, None
 
 
 class HeldOutputs:
@@ -117,29 +66,17 @@ class HeldOutputs:
             self.held.popleft()[0].synchronize()
 
 
-class DaliLoader(sampling.PlannedLoader):
-    """Shards, shuffles and augments one split for one rank (rules in dali_pipelines/sampling.py).
+class DaliLoader(ImageLoader):
+    """An ``ImageLoader`` (dali_pipelines/source.py: the arguments and the sampling) whose batches
+    come out of the DALI graph of dali_pipelines/pipelines.py."""
 
-    Give it ``images`` (N, H, W, 3) uint8 (may be a memmap) or ``files`` (encoded JPEG/PNG paths),
-    plus ``labels``. Iterate after ``set_epoch(epoch, start_sample)``; ``len()`` is the number of
-    batches this rank yields in a full epoch, ``plan`` (a ``sampling.EpochPlan``) what the next
-    iteration yields. ``batches`` replaces the sharding rule with explicit batches of sample
-    indices (the feature cache's extraction order).
-    """
-
-    def __init__(self, *, labels: np.ndarray, spec: LoaderSpec, train: bool, shard: Shard,
-                 images: np.ndarray | None = None, files: Sequence[str | Path] | None = None,
-                 batches: list[np.ndarray] | None = None):
-        if (images is None) == (files is None):
-            raise ValueError("give exactly one of images= or files=")
-        super().__init__(len(labels), train=train, shard=shard, augment=spec.augment, batches=batches)
-        self.spec = spec
-        self.auto_augment = spec.auto_augment if train else None  # evaluation never augments
-        self._source = _BatchSource(images, [str(f) for f in files] if files is not None else None,
-                                    np.asarray(labels), self.augment, io_threads=max(2, spec.num_threads))
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.auto_augment = self.spec.auto_augment if self.train else None  # evaluation never augments
+        self._emit, self._cast = dali_output_dtype(self.spec.dtype)
         self._iterator = None
         self._exhausted = True
-        self._held = HeldOutputs(depth=spec.prefetch + 2)
+        self._held = HeldOutputs(depth=self.spec.prefetch + 2)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._source.restart(self.plan.batches, *self.epoch_draws())
@@ -158,8 +95,8 @@ class DaliLoader(sampling.PlannedLoader):
             previous = (data[0]["images"], data[0]["labels"])
             if self.spec.channels_last:  # NHWC memory seen as NCHW: channels_last, no copy
                 images = images.permute(0, 3, 1, 2)
-            if self.spec.dtype == "bfloat16":  # DALI has no bfloat16 output: float16, cast where it lives
-                images = images.to(torch.bfloat16)
+            if self._cast is not None:
+                images = images.to(self._cast)
             yield images, labels
         if previous is not None:
             self._held.hold(previous)
@@ -183,10 +120,7 @@ class DaliLoader(sampling.PlannedLoader):
         spec, prep = self.spec, self.spec.prep
         pipe = image_pipeline(
             self._source, augment=self.augment, encoded=self._source.files is not None,
-            prep=prep,
-            # bfloat16: DALI emits float16 (half the bytes of float32 through the pipeline's buffers;
-            # normalized pixels lie well inside its range) and the loop casts it on the device.
-            dtype="float16" if spec.dtype == "bfloat16" else spec.dtype,
+            prep=prep, dtype=self._emit,
             layout="HWC" if spec.channels_last else "CHW",
             device="cpu" if spec.device_id is None else "gpu",
             batch_size=self.plan.max_batch,

@@ -14,35 +14,28 @@ from __future__ import annotations
 
 import io
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dali_pipelines import sampling
-from dali_pipelines.loader import _BatchSource
-from dali_pipelines.spec import RESIZE_INTERPOLATION, LoaderSpec
+from dali_pipelines.source import ImageLoader
+from dali_pipelines.spec import RESIZE_INTERPOLATION
 
 _MODES = {"linear": "bilinear", "cubic": "bicubic"}
 
 
-class TorchLoader(sampling.PlannedLoader):
+class TorchLoader(ImageLoader):
     """``DaliLoader``'s interface and batches, built with torch operations (module docstring)."""
 
-    def __init__(self, *, labels: np.ndarray, spec: LoaderSpec, train: bool, shard: sampling.Shard,
-                 images: np.ndarray | None = None, files: Sequence[str | Path] | None = None,
-                 batches: list[np.ndarray] | None = None):
-        if (images is None) == (files is None):
-            raise ValueError("give exactly one of images= or files=")
-        super().__init__(len(labels), train=train, shard=shard, augment=spec.augment, batches=batches)
-        self.spec = spec
-        self._auto = _AutoAugmenter(spec.auto_augment) if train and spec.auto_augment is not None else None
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        spec = self.spec
+        self._auto = _AutoAugmenter(spec.auto_augment) if self.train and spec.auto_augment is not None else None
         self.device = torch.device("cpu") if spec.device_id is None else torch.device("cuda", spec.device_id)
-        self._source = _BatchSource(images, [str(f) for f in files] if files is not None else None,
-                                    np.asarray(labels), self.augment, io_threads=max(2, spec.num_threads))
-        self._decoder = ThreadPoolExecutor(max_workers=max(1, spec.num_threads)) if files is not None else None
+        encoded = self._source.files is not None
+        self._decoder = ThreadPoolExecutor(max_workers=max(1, spec.num_threads)) if encoded else None
         mean = torch.tensor(spec.prep.mean, dtype=torch.float32, device=self.device) * 255
         std = torch.tensor(spec.prep.std, dtype=torch.float32, device=self.device) * 255
         self._mean, self._std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)

@@ -130,3 +130,11 @@ def test_eval_loader_counts_every_sample_once_with_uneven_shards(cifar_store):
                             shard=Shard(batch_size=32, rank=rank, world_size=3))
         total += [int(i) for _, y in loader for i in y]
     assert total == list(range(200))
+
+
+def test_bfloat16_is_emitted_as_float16_then_cast_and_nothing_else_is_cast():
+    from dali_pipelines.loader import dali_output_dtype
+
+    assert dali_output_dtype("bfloat16") == ("float16", torch.bfloat16)
+    assert dali_output_dtype("float16") == ("float16", None)
+    assert dali_output_dtype("float32") == ("float32", None)
