@@ -17,15 +17,13 @@ if not __package__:  # run as a script: the repository root on sys.path (works f
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench.harness import log_beside, run_job
 from job.run_dir import RunDir
 
-REPO = Path(__file__).resolve().parent.parent
 OLD_HEAD = ("model.head_hidden=[512]", "model.head_dropout=0.3")
 
 
@@ -42,11 +40,10 @@ def variants() -> list[tuple[str, tuple[str, ...]]]:
 
 
 def run(out: Path, prepared: Path, base: list[str], extra: tuple[str, ...]) -> tuple[float, float]:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "job/train.py", "--config", "job/configs/demo.yaml", *base,
+    done = run_job([sys.executable, "job/train.py", "--config", "job/configs/demo.yaml", *base,
                     f"train.output_dir={out}", f"data.prepared_dir={prepared}", *extra],
-                   cwd=REPO, check=True, capture_output=True, text=True)
-    return RunDir(out).summary().test_accuracy, time.perf_counter() - start
+                   log=log_beside(out), label=f"[{out.name}]")
+    return RunDir(out).summary().test_accuracy, done.wall_seconds
 
 
 def main() -> None:

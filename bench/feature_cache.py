@@ -4,7 +4,7 @@
 
 Runs job/train.py twice on the real JPEG sample (data/samples/cifar10-folder-mini, the first
 ``--images`` training images per the store's split) with ImageNet-trained EfficientNet-Lite0
-frozen at its pretrained input size: once with ``train.cache_features=false`` (every epoch
+frozen at its pretrained input size: once with ``features.cache=false`` (every epoch
 pushes every image through the backbone; augmentation off so both runs see the same inputs),
 once cached (one backbone pass, then the head on stored features). Prints the per-epoch times
 and, last, ``speedup cached/uncached per epoch = X.X`` over the epochs after the first.
@@ -17,16 +17,14 @@ if not __package__:  # run as a script: the repository root on sys.path (works f
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench.harness import REPO, log_beside, run_job
 from job.records import EpochRecord, shown_epoch
 from job.run_dir import RunDir
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def train(out: Path, prepared: Path, args, *extra: str) -> tuple[list[EpochRecord], float]:
@@ -37,10 +35,8 @@ def train(out: Path, prepared: Path, args, *extra: str) -> tuple[list[EpochRecor
                "data.val_fraction=0.1", f"data.image_size={args.size}",
                f"model.weights={packaged_efficientnet_lite0()}",
                f"train.epochs={args.epochs}", "early_stopping.patience=0", "tracking.wandb=disabled", *extra]
-    start = time.perf_counter()
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    return RunDir(out).epochs(), wall
+    done = run_job(command, log=log_beside(out), label=f"[{out.name}]")
+    return RunDir(out).epochs(), done.wall_seconds
 
 
 def main() -> None:
@@ -59,7 +55,7 @@ def main() -> None:
             files = sorted((source / split / cls).iterdir())[: count // len(classes) + (i < count % len(classes))]
             for f in files:
                 shutil.copy(f, args.data / split / cls / f.name)
-    uncached, uncached_wall = train(work / "uncached", work / "prep", args, "train.cache_features=false",
+    uncached, uncached_wall = train(work / "uncached", work / "prep", args, "features.cache=false",
                                     "data.augment=false")
     cached, cached_wall = train(work / "cached", work / "prep", args)
     extraction = RunDir(work / "cached").summary().feature_extraction_seconds

@@ -34,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.harness import REPO, run_job
+
 SAMPLES = REPO / "data" / "samples"
 skipped: list[str] = []
 failed: list[str] = []
@@ -181,14 +182,16 @@ def train_args(out: Path, prep: Path, gpu: bool, *extra: str) -> list[str]:
             "tracking.wandb=disabled", *extra]
 
 
-def job(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def job(args: list[str], timeout: int = 300) -> str:
+    """The command's stdout; its exit code and last lines go to the log (a failure fails the step
+    and the script goes on to the next one)."""
     startups[0] += 1
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-4:])
-    say(f"$ {' '.join(args[:1])} ... -> exit {proc.returncode}\n{tail}")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{args[0]} exited {proc.returncode}")
-    return proc
+    done = run_job([sys.executable, *args], log=None, label=args[0], timeout=timeout, check=False)
+    tail = "\n".join(done.output.strip().splitlines()[-4:])
+    say(f"$ {' '.join(args[:1])} ... -> exit {done.returncode}\n{tail}")
+    if done.returncode != 0:
+        raise RuntimeError(f"{args[0]} exited {done.returncode}")
+    return done.stdout
 
 
 def loaders() -> list[str]:
@@ -216,7 +219,7 @@ def training(gpu: bool, work: Path, loader: str, full: bool = True) -> None:
                                      f"train.compile={'true' if gpu and full else 'false'}", *both)], timeout=600)
     if not gpu:
         skipped.append("train.compile (dry run; tests/test_presets_e2e.py compiles on CPU)")
-    result = json.loads(job(["job/evaluate.py", "--run", str(compiled)]).stdout.splitlines()[-1])
+    result = json.loads(job(["job/evaluate.py", "--run", str(compiled)]).splitlines()[-1])
     say(f"evaluate.py: accuracy {result['accuracy']:.4f} on {result['samples']} images")
     if full:
         image = sorted((SAMPLES / "cifar10-folder-mini" / "test" / "ship").iterdir())[0]
@@ -236,7 +239,7 @@ def training(gpu: bool, work: Path, loader: str, full: bool = True) -> None:
     say(f"SIGTERM at step 6 -> exit {code}")
     if code != 143:
         raise RuntimeError(f"expected exit 143 after SIGTERM, got {code}")
-    out = job(["job/train.py", *args]).stdout
+    out = job(["job/train.py", *args])
     if "resumed from" not in out:
         raise RuntimeError("the second run did not resume")
 
@@ -247,7 +250,7 @@ def model_throughput(gpu: bool) -> None:
     # 16 and 32 per GPU: finetune.yaml's batch on 16 and 8 GPUs (docs/SCALING.md, host time per step)
     size, batches, steps = ("299", ["16", "32", "64", "128", "256"], "20") if gpu else ("32", ["8", "16"], "3")
     out = job(["bench/model_throughput.py", "--model", model, "--size", size, "--batch-size", *batches,
-               "--precision", "bf16" if gpu else "no", "--channels-last", "--steps", steps]).stdout
+               "--precision", "bf16" if gpu else "no", "--channels-last", "--steps", steps])
     for line in out.splitlines():
         if line.startswith("batch "):
             figures.append((f"{model} step alone, {line.split(':')[0]}", line.split(": ", 1)[1]))

@@ -31,30 +31,28 @@ import json
 import math
 import re
 import statistics
-import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.cifar_folders import make_subset
+from bench.harness import REPO, keep_row, kept_row, log_beside, run_job
 from job.config import Config, load_config
 from job.run_dir import RunDir
 
-REPO = Path(__file__).resolve().parent.parent
 PRESET = REPO / "job" / "configs" / "finetune_lite0.yaml"
 WEIGHTS = REPO / "data" / "weights" / "tf_efficientnet_lite0.safetensors"
 
 # Every recipe switch off: plain fine-tuning.
-PLAIN = ("train.ema_epochs=0", "train.mixup_alpha=0", "train.cutmix_alpha=0", "data.auto_augment=none",
+PLAIN = ("ema.epochs=0", "mix.mixup_alpha=0", "mix.cutmix_alpha=0", "data.auto_augment=none",
          "optim.layer_decay=null", "loss.label_smoothing=0")
 # The recipe measured: the switches that were ahead of plain when alone (EMA, RandAugment), on
 # together; finetune_lite0.yaml keeps them off (together they did not pay: docs/BENCHMARKS.md).
-RECIPE = ("train.ema_epochs=0.5", "data.auto_augment=rand_augment", "data.rand_augment_n=2", "data.rand_augment_m=9")
+RECIPE = ("ema.epochs=0.5", "data.auto_augment=rand_augment", "data.rand_augment_n=2", "data.rand_augment_m=9")
 # Each switch alone, at the value tried.
 SWITCHES = {
-    "+ weight EMA (0.5 epoch)": ("train.ema_epochs=0.5",),
-    "+ Mixup 0.1": ("train.mixup_alpha=0.1",),
+    "+ weight EMA (0.5 epoch)": ("ema.epochs=0.5",),
+    "+ Mixup 0.1": ("mix.mixup_alpha=0.1",),
     "+ RandAugment n2 m9": ("data.auto_augment=rand_augment", "data.rand_augment_n=2", "data.rand_augment_m=9"),
     "+ layer decay 0.9": ("optim.layer_decay=0.9",),
     "+ label smoothing 0.1": ("loss.label_smoothing=0.1",),
@@ -86,34 +84,34 @@ def ours(work: Path, data: Path, name: str, extra: tuple[str, ...], seed: int, e
             f"data.prepared_dir={work / 'prepared'}", f"train.epochs={epochs}", f"train.seed={seed}",
             "tracking.wandb=disabled", "train.resume=never", *extra]
     out = run_dir_for(work, "ours", load_config(PRESET, args[3:]).to_dict())
-    cached = out / "row.json"
-    if cached.is_file():
-        return Row(**json.loads(cached.read_text()))
-    start = time.perf_counter()
-    _run([sys.executable, *args, f"train.output_dir={out}"], out)
-    wall = time.perf_counter() - start
+    kept = kept_row(out / "row.json", Row)
+    if kept is not None:
+        return kept
+    done = run_job([sys.executable, *args, f"train.output_dir={out}"], log=log_beside(out), label=f"[ours {name}]")
     run = RunDir(out)
     summary = run.summary()
-    row = Row(name, "ours", seed, summary.test_accuracy, summary.test_accuracy_tta, wall,
+    row = Row(name, "ours", seed, summary.test_accuracy, summary.test_accuracy_tta, done.wall_seconds,
               summary.train_images_per_second, [e.val_accuracy for e in run.epochs()],
               "python " + " ".join(args))
-    cached.write_text(json.dumps(asdict(row)))
+    keep_row(out / "row.json", row)
     return row
 
 
 def timm_flags(cfg: Config, updates_per_epoch: int) -> list[str]:
     """The recipe switches of one of our configs, as timm train.py flags."""
     flags = ["--smoothing", str(cfg.loss.label_smoothing)]
-    tc = cfg.train
-    if tc.ema_epochs > 0:
-        decay = 1 - 1 / (tc.ema_epochs * updates_per_epoch)
+    mix = cfg.mix
+    if cfg.ema.epochs > 0:
+        from job.ema import ema_decay  # torch and timm: only where timm's rows are built
+
+        decay = ema_decay(cfg.ema.epochs, updates_per_epoch)
         flags += ["--model-ema", "--model-ema-warmup", "--model-ema-decay", f"{decay:.6f}"]
-    if tc.mixup_alpha > 0:
-        flags += ["--mixup", str(tc.mixup_alpha)]
-    if tc.cutmix_alpha > 0:
-        flags += ["--cutmix", str(tc.cutmix_alpha)]
-    if tc.mixup_alpha > 0 or tc.cutmix_alpha > 0:
-        flags += ["--mixup-prob", str(tc.mix_prob)]
+    if mix.mixup_alpha > 0:
+        flags += ["--mixup", str(mix.mixup_alpha)]
+    if mix.cutmix_alpha > 0:
+        flags += ["--cutmix", str(mix.cutmix_alpha)]
+    if mix.mixup_alpha > 0 or mix.cutmix_alpha > 0:
+        flags += ["--mixup-prob", str(mix.prob)]
     if cfg.data.auto_augment == "rand_augment":
         flags += ["--aa", f"rand-m{cfg.data.rand_augment_m}-n{cfg.data.rand_augment_n}"]
     elif cfg.data.auto_augment == "trivial_augment":  # timm has none: refuse rather than pretend
@@ -143,33 +141,20 @@ def timm(work: Path, data: Path, timm_train: Path, name: str, extra: tuple[str, 
             "--log-interval", "20", "--checkpoint-hist", "1", *(["--channels-last"] if cfg.train.channels_last else []),
             *timm_flags(cfg, updates)]
     out = run_dir_for(work, "timm", args)
-    cached = out / "row.json"
-    if cached.is_file():
-        return Row(**json.loads(cached.read_text()))
-    start = time.perf_counter()
-    log = _run([sys.executable, *args, "--output", str(out), "--experiment", "run"], out)
-    wall = time.perf_counter() - start
+    kept = kept_row(out / "row.json", Row)
+    if kept is not None:
+        return kept
+    done = run_job([sys.executable, *args, "--output", str(out), "--experiment", "run"], log=log_beside(out),
+                   label=f"[timm {name}]")
     with open(out / "run" / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     # "(0.420s,  152.19/s)": the running mean of each epoch's last log line
-    rates = [float(r) for r in re.findall(r"\(\d+\.\d+s,\s+(\d+\.\d+)/s\)", log)]
-    row = Row(name, "timm", seed, float(rows[-1]["eval_top1"]) / 100, None, wall,
+    rates = [float(r) for r in re.findall(r"\(\d+\.\d+s,\s+(\d+\.\d+)/s\)", done.output)]
+    row = Row(name, "timm", seed, float(rows[-1]["eval_top1"]) / 100, None, done.wall_seconds,
               statistics.median(rates) if rates else float("nan"),
               [float(r["eval_top1"]) / 100 for r in rows], "python " + " ".join(args))
-    cached.write_text(json.dumps(asdict(row)))
+    keep_row(out / "row.json", row)
     return row
-
-
-def _run(command: list[str], out: Path) -> str:
-    """The command's output, kept in OUT.log beside its run (not inside it: a run that failed before
-    it began must not leave a stray file that the job then refuses to overwrite on the retry)."""
-    log = out.parent / f"{out.name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    log.write_text(done.stdout + done.stderr)
-    if done.returncode != 0:
-        sys.exit(f"failed ({done.returncode}), log in {log}:\n{(done.stdout + done.stderr)[-3000:]}")
-    return done.stdout + done.stderr
 
 
 def table(rows: list[Row]) -> str:

@@ -20,21 +20,18 @@ if not __package__:  # run as a script: the repository root on sys.path (works f
     import _repo  # noqa: F401
 
 import argparse
-import json
 import os
 import platform
-import resource
 import shutil
-import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 
+from bench import recipe as recipe_bench
+from bench.harness import REPO, keep_row, kept_row, log_beside, run_job
 from job.run_dir import RunDir
 
-REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "RESULTS.md"
 README = REPO / "README.md"
 FIGURES = REPO / "docs" / "results"
@@ -44,11 +41,10 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 # falls from there, while each weaker strength costs more L-BFGS iterations (up to the 1,000 cap,
 # ~3 min each at N=45,000 on 2 cores); the job's default grid goes on to 1e-6.
 PROBE = ("train.strategy=linear_probe", "model.head_hidden=[]", "model.head_dropout=0",
-         "train.probe_l2_grid=[10,3,1,0.3,0.1,0.03,0.01,0.003,0.001]")
-# plain fine-tuning and the recipe: bench/recipe.py's PLAIN (every recipe switch off) and RECIPE
-RECIPE = ("train.ema_epochs=0.5", "data.auto_augment=rand_augment", "data.rand_augment_n=2", "data.rand_augment_m=9")
-PLAIN = ("train.ema_epochs=0", "train.mixup_alpha=0", "train.cutmix_alpha=0", "data.auto_augment=none",
-         "optim.layer_decay=null", "loss.label_smoothing=0", "train.test_tta=none")
+         "probe.l2_grid=[10,3,1,0.3,0.1,0.03,0.01,0.003,0.001]")
+# plain fine-tuning and the recipe: bench/recipe.py's switches; the plain row tests without flips
+RECIPE = recipe_bench.RECIPE
+PLAIN = (*recipe_bench.PLAIN, "tta.test=none")
 
 
 @dataclass(frozen=True)
@@ -72,7 +68,7 @@ def recipes(finetune_epochs: int) -> list[Recipe]:
                "lite0-224"),
         Recipe("finetune-plain", f"Lite0 fine-tuned 96 px, plain, {finetune_epochs} ep", lite, (*PLAIN, *ft)),
         Recipe("finetune-recipe", f"Lite0 fine-tuned 96 px, EMA + RandAugment, {finetune_epochs} ep", lite,
-               (*PLAIN, *RECIPE, "train.test_tta=flip", *ft)),
+               (*PLAIN, *RECIPE, "tta.test=flip", *ft)),
         Recipe("random-160", "random Lite0 160 px, recipe head (contrast)", demo,
                ("data.image_size=160", "model.pretrained=false"), "random-160"),
     ]
@@ -99,33 +95,22 @@ class Result:
 
 def run_recipe(recipe: Recipe, data: Path, work: Path) -> Result:
     out = work / recipe.key
-    kept = out / "result.json"
-    if kept.is_file():
-        return Result(**json.loads(kept.read_text()))
+    kept = kept_row(out / "result.json", Result)
+    if kept is not None:
+        return kept
     args = ["job/train.py", "--config", recipe.config, "data.source=folder", f"data.root={data}",
             f"data.prepared_dir={work / 'prepared'}", "tracking.wandb=disabled", *recipe.overrides]
     command = _relative("python " + " ".join(args) + f" train.output_dir={out}")
     print(f"[{recipe.key}] {command}", flush=True)
-    start, cpu_before = time.perf_counter(), _children_cpu()
-    done = subprocess.run([sys.executable, *args, f"train.output_dir={out}"], cwd=REPO, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    cpu_share = (_children_cpu() - cpu_before) / (wall * (os.cpu_count() or 1))
-    # the log beside the run, not in it: a row that failed before its run began (no weights, say)
-    # must not leave a stray file that the job then refuses to overwrite when the row is retried
-    log = work / f"{recipe.key}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(done.stdout + done.stderr)
-    if done.returncode != 0:
-        tail = (done.stdout + done.stderr)[-3000:]
-        sys.exit(f"[{recipe.key}] exit {done.returncode}; log in {log}:\n{tail}")
+    done = run_job([sys.executable, *args, f"train.output_dir={out}"], log=log_beside(out), label=f"[{recipe.key}]")
     run = RunDir(out)
     summary = run.summary()
     per_class = sorted(summary.test_per_class_accuracy.items(), key=lambda kv: kv[1])
     result = Result(recipe.key, recipe.name, summary.test_accuracy, summary.test_samples, per_class[:2],
-                    summary.feature_extraction_seconds, sum(e.epoch_seconds for e in run.epochs()), wall,
-                    summary.train_images_per_second, 60_000 if summary.features_cached else 0,
-                    os.getloadavg()[0], command, cpu_share)
-    kept.write_text(json.dumps(asdict(result)))
+                    summary.feature_extraction_seconds, sum(e.epoch_seconds for e in run.epochs()),
+                    done.wall_seconds, summary.train_images_per_second,
+                    60_000 if summary.features_cached else 0, os.getloadavg()[0], command, done.cpu_share)
+    keep_row(out / "result.json", result)
     record(result)
     return result
 
@@ -136,22 +121,12 @@ def _relative(command: str) -> str:
 
 
 def record(result: Result) -> None:
-    RECORDS.mkdir(parents=True, exist_ok=True)
-    kept = replace(result, command=_relative(result.command))
-    (RECORDS / f"{result.key}.json").write_text(json.dumps(asdict(kept), indent=1) + "\n")
+    keep_row(RECORDS / f"{result.key}.json", replace(result, command=_relative(result.command)), indent=1)
 
 
 def recorded(key: str, work: Path) -> Result | None:
     """A row measured before: kept under --work on this machine, else its committed record."""
-    for path in (work / key / "result.json", RECORDS / f"{key}.json"):
-        if path.is_file():
-            return Result(**json.loads(path.read_text()))
-    return None
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    return kept_row(work / key / "result.json", Result) or kept_row(RECORDS / f"{key}.json", Result)
 
 
 def extraction_of(recipe: Recipe, results: dict[str, Result], all_recipes: list[Recipe]) -> str:

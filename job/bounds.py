@@ -39,3 +39,9 @@ _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 80, 80, 40
 def shown(value: object) -> str:
     """``repr(value)`` cut to about a line: for error messages that quote user input."""
     return _SHORT.repr(value)
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to one line (torch's run to paragraphs) for a one-line error."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else ""

@@ -16,7 +16,6 @@ import os
 import signal
 from pathlib import Path
 
-EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: "terminated, restart me"
 EXIT_CODE_DIR_ENV = "JOB_EXIT_CODE_DIR"

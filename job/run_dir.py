@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from job.bounds import shown
+from job.card import ModelCard
 from job.config import CONFIG_HEADER, Config, ConfigError, config_from_dict, read_yaml_mapping
 from job.records import EpochRecord, RunSummary
 
 if TYPE_CHECKING:
-    from job.model import ModelCard
+    from job.model import TransferModel
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class RunDir:
 
     def card(self) -> ModelCard:
         """``best/model.json``, checked field by field: a WeightsError names the file otherwise."""
-        from job.model import ModelCard, WeightsError
+        from job.weights import WeightsError
 
         path = self.card_file
         try:
@@ -169,16 +170,48 @@ class RunDir:
 
     def is_ours(self) -> bool:
         """Whether this folder is an output_dir this job wrote: its config.yaml starts with
-        CONFIG_HEADER, or (runs from before the header) holds every section of a resolved config
-        and nothing else."""
-        path = self.config_file
-        if not path.is_file():
+        CONFIG_HEADER."""
+        if not self.config_file.is_file():  # a FIFO would block the read
             return False
         try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                if f.readline().rstrip("\n") == CONFIG_HEADER:
-                    return True
-            saved = read_yaml_mapping(path, path.name)
-        except (OSError, ConfigError):
+            with open(self.config_file, encoding="utf-8", errors="replace") as f:
+                return f.readline().rstrip("\n") == CONFIG_HEADER
+        except OSError:
             return False
-        return set(saved) == set(Config().to_dict()) and all(isinstance(v, dict) for v in saved.values())
+
+
+def load_trained(run_dir: RunDir | str | Path) -> tuple[TransferModel, ModelCard]:
+    """The best model of a finished run (``run_dir/best``) and its model card. The card and the
+    weights file are checked against each other (shapes from the file's header, the model built
+    on the meta device) before anything is allocated: an edited card cannot ask for a huge head."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    from job.model import create_model
+    from job.weights import WeightsError
+
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    weights = run.weights_file
+    if not weights.is_file() or not run.card_file.is_file():
+        raise WeightsError(f"{weights} or {run.card_file.name} not found: is {run.path} the output_dir of a "
+                           "run that finished at least one epoch?")
+    card = run.card()
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            in_file = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        with torch.device("meta"):
+            skeleton, _ = create_model(card.model_config(), card.num_classes)
+        expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        if in_file != expected:
+            differ = sorted(k for k in expected.keys() | in_file.keys() if expected.get(k) != in_file.get(k))
+            raise WeightsError(f"{weights} does not fit the model {run.card_file} describes ({card.model}, head "
+                               f"{card.head_hidden}, {card.num_classes} classes): {len(differ)} tensor(s) differ "
+                               f"(first: {differ[0]} {in_file.get(differ[0])} vs {expected.get(differ[0])}); "
+                               "was model.json edited?")
+        model, _ = create_model(card.model_config(), card.num_classes)
+        model.load_state_dict(load_file(str(weights)))
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"{weights} is not a readable safetensors file ({str(e)[:200]}): damaged or truncated; "
+                           "copy the run again or train anew") from None
+    return model.eval(), card

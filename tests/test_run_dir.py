@@ -12,9 +12,10 @@ from helpers.runs import REPO
 from job.checkpoint import save_best
 from job.config import ConfigError, load_config
 from job.loop import EpochSums
-from job.model import ModelCard, WeightsError, create_model, load_trained
+from job.card import ModelCard
+from job.model import WeightsError, create_model
 from job.records import EpochRecord, RunSummary
-from job.run_dir import RunDir
+from job.run_dir import RunDir, load_trained
 from job.tracking import Trackers, summary_scalars
 
 CLASSES = ["cat", "ship"]
@@ -116,3 +117,24 @@ def test_compare_reads_finished_runs_through_run_dir(written):
 
     run, _, _ = written
     assert compare_runs([run.path]).splitlines()[-1].split()[1:] == ["test_resnet", "(random)", "0.750", "on", "8"]
+
+
+def test_only_what_this_job_writes_is_read_as_ours(written, tmp_path):
+    """No compatibility paths for files never released: a card with a key this job does not
+    write, a head this job does not build, a config.yaml without the job's header."""
+    import json
+    import shutil
+
+    run = RunDir(tmp_path / "copy")
+    shutil.copytree(written[0].path, run.path)
+    fields = json.loads(run.card_file.read_text())
+    run.card_file.write_text(json.dumps({**fields, "top5": 0.9}))
+    with pytest.raises(WeightsError, match="is not a model card of this job.*top5"):
+        run.card()
+    run.card_file.write_text(json.dumps({**fields, "head_activation": "gelu"}))
+    with pytest.raises(WeightsError, match="head_activation 'gelu' is not 'relu'"):
+        run.card()
+    run.card_file.write_text(json.dumps(fields))
+    assert run.card() == written[2] and run.is_ours()
+    run.config_file.write_text(run.config_file.read_text().split("\n", 1)[1])  # all of it but the header
+    assert run.is_ours() is False
