@@ -310,3 +310,15 @@ def test_bad_input_via_cli_exits_nonzero_with_the_file_named(tmp_path):
     assert proc.returncode == 2
     assert str(root / "data_batch_4") in proc.stderr and "out of range" in proc.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_only_a_store_this_job_marked_is_ours(tmp_path):
+    """No path for stores from before the writer mark (never released): only meta.json's mark counts."""
+    import json
+
+    from job.data.store import WRITER, _read_meta
+
+    (tmp_path / "meta.json").write_text(json.dumps({"version": 1, "format": "raw", "fingerprint": "f"}))
+    assert _read_meta(tmp_path) is None
+    (tmp_path / "meta.json").write_text(json.dumps({"writer": WRITER, "version": 2}))
+    assert _read_meta(tmp_path) == {"writer": WRITER, "version": 2}

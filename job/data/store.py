@@ -228,8 +228,7 @@ def _read_meta(path: Path) -> dict | None:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
         return None
-    legacy = isinstance(meta, dict) and meta.get("version") == 1 and {"format", "fingerprint"} <= meta.keys()
-    return meta if isinstance(meta, dict) and (meta.get("writer") == WRITER or legacy) else None
+    return meta if isinstance(meta, dict) and meta.get("writer") == WRITER else None
 
 
 def _refuse_unwritable(out: Path) -> None:
