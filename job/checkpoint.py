@@ -18,11 +18,12 @@ and only under the config they were written with, but for the keys RESUME_MAY_CH
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import shutil
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -31,8 +32,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from job.atomic import ForeignDirectoryError, atomic_directory
-from job.config import CHECKPOINT_MARKER, Config, ConfigError
-from job.model import ModelCard
+from job.bounds import first_line
+from job.components import Component
+from job.config import CHECKPOINT_MARKER, BadInput, CheckpointConfig, Config, ConfigError
+from job.card import ModelCard
 from job.records import RunSummary
 from job.run_dir import RunDir
 
@@ -106,12 +109,12 @@ class Checkpointer:
         try:
             trainer_state = json.loads((path / CHECKPOINT_MARKER).read_text())
         except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
-            raise ConfigError(f"{path}: not a readable checkpoint of this job ({e}); set train.resume=never "
-                              "to start over or point it at another checkpoint") from None
+            raise CheckpointError(f"{path}: not a readable checkpoint of this job ({e}); set train.resume=never "
+                                  "to start over or point it at another checkpoint") from None
         if not isinstance(trainer_state, dict) or not self.states.keys() <= trainer_state.keys():
-            raise ConfigError(f"{path / CHECKPOINT_MARKER}: not the trainer state this job writes (it needs "
-                              f"{', '.join(self.states)}); resume from another checkpoint, or start over with "
-                              "train.resume=never")
+            raise CheckpointError(f"{path / CHECKPOINT_MARKER}: not the trainer state this job writes (it needs "
+                                  f"{', '.join(self.states)}); resume from another checkpoint, or start over with "
+                                  "train.resume=never")
         self._refuse_another_experiment(path)
         from safetensors import SafetensorError
 
@@ -120,25 +123,25 @@ class Checkpointer:
         except (pickle.UnpicklingError, OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
             # weights_only loading refuses anything but tensors and plain containers; a model whose
             # shapes differ from the checkpoint's (another config) fails here too.
-            raise ConfigError(f"{path}: cannot restore this checkpoint ({type(e).__name__}: {_first_line(e)}). Its "
-                              "files were not written by this job for this config, or were altered: resume from "
-                              "another checkpoint, or start over with train.resume=never") from None
+            raise CheckpointError(f"{path}: cannot restore this checkpoint ({type(e).__name__}: {first_line(e)}). Its "
+                                  "files were not written by this job for this config, or were altered: resume from "
+                                  "another checkpoint, or start over with train.resume=never") from None
         for name, part in self.tensor_states.items():
             try:
                 part.load_state_dict(load_file(str(path / f"{name}.safetensors")))
             except (OSError, RuntimeError, SafetensorError) as e:
-                raise ConfigError(f"{path / (name + '.safetensors')}: cannot restore the run's {name} "
-                                  f"({type(e).__name__}: {_first_line(e)[:200]}); resume from another checkpoint, "
-                                  "or start over with train.resume=never") from None
+                raise CheckpointError(f"{path / (name + '.safetensors')}: cannot restore the run's {name} "
+                                      f"({type(e).__name__}: {first_line(e)[:200]}); resume from another checkpoint, "
+                                      "or start over with train.resume=never") from None
         for name, part in self.states.items():
             try:
                 part.load_state_dict(trainer_state[name])
-            except ConfigError:
+            except BadInput:
                 raise
             except (KeyError, TypeError, ValueError, AttributeError) as e:  # an edited or foreign state
-                raise ConfigError(f"{path / CHECKPOINT_MARKER}: not the trainer state this job writes (its {name!r}: "
-                                  f"{type(e).__name__}: {_first_line(e)[:200]}); resume from another checkpoint, "
-                                  "or start over with train.resume=never") from None
+                raise CheckpointError(f"{path / CHECKPOINT_MARKER}: not the trainer state this job writes "
+                                      f"(its {name!r}: {type(e).__name__}: {first_line(e)[:200]}); resume from "
+                                      "another checkpoint, or start over with train.resume=never") from None
 
 
     def _refuse_another_experiment(self, path: Path) -> None:
@@ -148,15 +151,18 @@ class Checkpointer:
             self.changed_on_resume = refuse_changed_config(path, self.config)
 
 
+class CheckpointError(BadInput):
+    """A checkpoint that cannot be restored (damaged, altered, or not this job's): exit 2."""
+
+
 # The keys a resume may change: how long the run trains (a larger train.epochs extends it), how it
 # is logged, tracked and checkpointed, how long collectives wait, loader threads, the device, and
 # where the same files are mounted (another pod sees the same data and weights at another path;
 # the prepared store and the feature cache check what they hold). Every other key is what the
 # checkpoint's weights, optimizer state and step counters mean: a resume that changes one is refused.
 RESUME_MAY_CHANGE = ("train.epochs", "train.resume", "train.output_dir", "train.log_every", "train.signal_check_every",
-                     "train.keep_checkpoints", "train.checkpoint_every_minutes", "train.setup_timeout_minutes",
-                     "train.step_timeout_minutes", "train.device", "data.num_threads", "tracking.*",
-                     "model.weights", "data.root", "data.download", "data.prepared_dir", "train.feature_cache_dir")
+                     "checkpoint.*", "timeouts.*", "train.device", "data.num_threads", "tracking.*",
+                     "model.weights", "data.root", "data.download", "data.prepared_dir", "features.cache_dir")
 
 
 def may_change_on_resume(key: str) -> bool:
@@ -191,8 +197,8 @@ def saved_config(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
         saved = e
     if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
-        raise ConfigError(f"{saved_file}: not a config this job wrote; resume from another checkpoint, or start "
-                          "over with train.resume=never")
+        raise CheckpointError(f"{saved_file}: not a config this job wrote; resume from another checkpoint, or start "
+                              "over with train.resume=never")
     return saved
 
 
@@ -287,27 +293,26 @@ def load_best_weights(model: torch.nn.Module, output_dir: str | Path) -> None:
     model.load_state_dict(load_file(str(RunDir(output_dir).weights_file)))
 
 
-def check_output_dir(out: Path) -> None:
-    """Refuse an unusable output directory before any data or model is built (and create nothing:
-    a refused run leaves no trace)."""
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        what = "exists and is not a directory" if existing == out else f"is inside {existing}, which is a file"
-        raise ConfigError(f"train.output_dir={out} {what}; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"train.output_dir={out}: {existing} is not writable; choose a writable path")
-    run = RunDir(out)
-    best = run.best
-    if best.exists() and not run.card_file.is_file() and (not best.is_dir() or any(best.iterdir())):
-        raise ConfigError(f"{best} exists and was not written by this job (no model.json); it would be replaced "
-                          "by the best model: choose another train.output_dir")
-    if out.is_dir() and any(out.iterdir()) and not run.is_ours():
-        raise ConfigError(f"train.output_dir={out} is a non-empty folder that no run of this job wrote (no "
-                          "config.yaml of ours): its config.yaml, history.jsonl, best/ would be overwritten. "
-                          "Nothing was written; choose a new or empty train.output_dir")
+class TimedCheckpoint(Component):
+    """``checkpoint.every_minutes``: a mid-epoch checkpoint (the SIGTERM one, resumable) at least
+    this often, besides those at epoch ends: it bounds the work a node lost without warning costs,
+    and what a spot grace period too short for a full save (GKE: 15 s) costs. The main process's
+    clock decides (PreemptionSignal.poll), so the ranks agree."""
 
+    name = "timed_checkpoint"
 
-def _first_line(e: BaseException) -> str:
-    """An exception's message cut to one line (torch's run to paragraphs) for a one-line error."""
-    lines = str(e).strip().splitlines()
-    return lines[0][:300] if lines else ""
+    def __init__(self, every_minutes: float, say: Callable[[str], None] = print):
+        self.every_minutes, self.say = every_minutes, say
+        self.last = time.monotonic()  # counts from the end of setup
+
+    @classmethod
+    def build(cls, cfg: CheckpointConfig, say: Callable[[str], None]) -> "TimedCheckpoint | None":
+        return cls(cfg.every_minutes, say) if cfg.every_minutes > 0 else None
+
+    def checkpoint_due(self) -> bool:
+        return time.monotonic() - self.last >= self.every_minutes * 60
+
+    def on_checkpoint(self, path: Path, timed: bool = False) -> None:
+        self.last = time.monotonic()
+        if timed:
+            self.say(f"saved {path} (checkpoint.every_minutes={self.every_minutes:g})")

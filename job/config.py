@@ -33,7 +33,33 @@ MAX_CONFIG_VALUES = 10_000
 MAX_IMAGE_SIZE = 1024
 
 
-class ConfigError(ValueError):
+# Keys that moved to their component's section (issue #29): an old config gets the new name.
+MOVED_KEYS = {
+    "features.cache": "features.cache", "features.dtype": "features.dtype",
+    "features.cache_dir": "features.cache_dir", "probe.l2_grid": "probe.l2_grid",
+    "ema.epochs": "ema.epochs", "mix.mixup_alpha": "mix.mixup_alpha", "mix.cutmix_alpha": "mix.cutmix_alpha",
+    "mix.prob": "mix.prob", "mix.off_epoch": "mix.off_epoch", "tta.test": "tta.test",
+    "checkpoint.keep": "checkpoint.keep", "checkpoint.every_minutes": "checkpoint.every_minutes",
+    "timeouts.setup_minutes": "timeouts.setup_minutes", "timeouts.step_minutes": "timeouts.step_minutes",
+    "ddp.sync_batchnorm": "ddp.sync_batchnorm",
+}
+# Keys no run ever changed, now constants where they act (STYLE.md: a key only with a run that changes it).
+REMOVED_KEYS = {
+    "model.head_activation": "the head's activation is ReLU (job/model.py HEAD_ACTIVATION)",
+    "train.probe_tol": "the probe's tolerance is job/linear_probe.py PROBE_TOL = 1e-6",
+    "train.probe_max_iter": "the probe's iterations are job/linear_probe.py PROBE_MAX_ITER = 1000",
+    "train.ddp_gradient_as_bucket_view": "DDP keeps its defaults until a cluster measures otherwise",
+    "train.ddp_broadcast_buffers": "DDP keeps its defaults until a cluster measures otherwise",
+    "train.ddp_comm_hook": "DDP keeps its defaults until a cluster measures otherwise",
+}
+
+
+class BadInput(Exception):
+    """Input the run cannot use (a config, a checkpoint, a diverging recipe): the message says what
+    happened and the way out; job/train.py turns every kind into exit 2."""
+
+
+class ConfigError(BadInput, ValueError):
     """A config file or override that cannot be used; the message says what is valid."""
 
 
@@ -68,6 +94,23 @@ class DataConfig:
     # without DALI; auto: DALI where it imports, else torch, said in the log
     loader: Literal["dali", "torch", "auto"] = "dali"
 
+    def problems(self) -> list[tuple[bool, str]]:
+        return [
+            (self.image_size is None or 16 <= self.image_size <= MAX_IMAGE_SIZE,
+             f"data.image_size must be in [16, {MAX_IMAGE_SIZE}] (MAX_IMAGE_SIZE), or null for the model's size"),
+            (self.batch_size >= 1, "data.batch_size must be >= 1"),
+            (self.global_batch_size is None or self.global_batch_size >= 1,
+             "data.global_batch_size must be >= 1, or null to use data.batch_size per process"),
+            (0.0 < self.val_fraction < 1.0, "data.val_fraction must be in (0, 1): training needs a validation "
+                                            "split (a folder source's val/ folder, when present, replaces it)"),
+            (self.split_seed >= 0, "data.split_seed must be >= 0"),
+            (self.num_threads >= 1, "data.num_threads must be >= 1"),
+            (self.rand_augment_n >= 1, "data.rand_augment_n must be >= 1 (operations per image)"),
+            (0 <= self.rand_augment_m <= 30, "data.rand_augment_m must be in [0, 30] (DALI's magnitude bins)"),
+            (self.source != "folder" or self.root, "data.root is required for data.source=folder"),
+            (not self.download or self.source == "cifar10", "data.download only applies to data.source=cifar10"),
+        ]
+
 
 @dataclass
 class ModelConfig:
@@ -78,7 +121,10 @@ class ModelConfig:
     # docs/BENCHMARKS.md); the presets use the recipe's deeper heads
     head_hidden: list[int] = field(default_factory=list)
     head_dropout: float = 0.0  # after pooling and after each hidden block
-    head_activation: Literal["relu", "gelu", "silu"] = "relu"
+
+    def problems(self) -> list[tuple[bool, str]]:
+        return [(all(h >= 1 for h in self.head_hidden), "model.head_hidden sizes must be >= 1"),
+                (0.0 <= self.head_dropout < 1.0, "model.head_dropout must be in [0, 1)")]
 
 
 @dataclass
@@ -87,18 +133,6 @@ class TrainConfig:
     strategy: Literal["feature_extraction", "finetune", "two_stage", "linear_probe"] = "finetune"
     head_epochs: int = 1  # two_stage: epochs with the backbone frozen before everything trains
     epochs: int = 10
-    # feature_extraction: compute the frozen backbone's features once (no augmentation) and
-    # train the head on them; auto = on for feature_extraction, false = images every epoch.
-    cache_features: Literal["auto", "true", "false"] = "auto"
-    feature_dtype: Literal["float16", "float32"] = "float16"  # of the cached features
-    feature_cache_dir: str | None = None  # None = {data.prepared_dir}/features
-    # linear_probe (job/linear_probe.py): the L2 strengths tried, in this order (each solve warm-starts
-    # from the previous), on loss = mean cross-entropy + l2/2 ||W||^2 over standardized features
-    # (bias unpenalised); the best on validation is kept. Default: 1 and 3 per decade, 1e1 to 1e-6
-    probe_l2_grid: list[float] = field(default_factory=lambda: [1e1, 3e0, 1e0, 3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3,
-                                                                3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6])
-    probe_tol: float = 1e-6  # linear_probe: stop when max |gradient| <= this x its value at zero weights
-    probe_max_iter: int = 1000  # linear_probe: L-BFGS iterations per l2 value at most
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA if it works; error if GPUs exist but it does not
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 on a GPU that has it natively
     seed: int = 0  # model init, dropout, shuffling and augmentation
@@ -108,42 +142,122 @@ class TrainConfig:
     grad_clip: float = 0.0  # max global gradient L2 norm; 0 disables clipping (timm's default)
     compile: bool = False  # torch.compile the model (GPU runs; minutes of warm-up)
     channels_last: bool = False  # NHWC memory format end to end (faster convolutions on GPUs)
-    keep_checkpoints: int = 2  # most recent checkpoints kept in output_dir/checkpoints
     log_every: int = 20  # optimizer steps between step-level logs (each costs one host sync)
     signal_check_every: int = 10  # steps between cross-rank checks for SIGTERM (one sync each)
-    # Collective timeouts (minutes): generous while ranks wait for data preparation, Hub
-    # downloads and compilation; short once training runs, so ranks whose peer vanished stop
-    # (and the job restarts from its checkpoint) instead of hanging.
-    setup_timeout_minutes: float = 60.0
-    step_timeout_minutes: float = 5.0
-    # DDP options for multi-node runs: off until measured on a cluster (docs/BENCHMARKS.md).
-    ddp_gradient_as_bucket_view: bool = False  # gradients live in the all-reduce buckets (no copy)
-    # false: no buffer broadcast before each forward (batch-norm statistics drift per rank until
-    # evaluation gives every rank rank 0's)
-    ddp_broadcast_buffers: bool = True
-    ddp_comm_hook: Literal["none", "bf16"] = "none"  # bf16: gradients all-reduced in bfloat16 (half the bytes)
-    # Batch-norm statistics over every process's images (SyncBatchNorm) instead of each process's
-    # own: auto = on with more than one GPU process and a per-process batch below 32, where a BN
-    # batch of 16 on 16 GPUs would otherwise see 1/16 of the 256 images one GPU sees.
-    sync_batchnorm: Literal["auto", "true", "false"] = "auto"
-    # flip: the test is also run averaging each image's and its mirror's softmax, reported beside
-    # the plain accuracy (test_accuracy_tta), never instead of it
-    test_tta: Literal["none", "flip"] = "none"
-    # Weight EMA: the averaging horizon in epochs (decay per update = 1 - 1/(epochs x updates per
-    # epoch), with timm's warm-up); each epoch validates the raw and the averaged weights and
-    # best/ keeps whichever validation picks. 0 = off
-    ema_epochs: float = 0.0
-    # A mid-epoch checkpoint (the SIGTERM one, resumable) at least this often, besides those at
-    # epoch ends and on SIGTERM: bounds the work lost with a node that vanishes without SIGTERM,
-    # or whose grace period is too short for a save (spot on GKE: 15 s). 0 = off.
-    checkpoint_every_minutes: float = 30.0
+
+    def problems(self) -> list[tuple[bool, str]]:
+        return [
+            (self.epochs >= 1, "train.epochs must be >= 1"),
+            (self.strategy != "two_stage" or 1 <= self.head_epochs < self.epochs,
+             "train.head_epochs must be in [1, train.epochs) for train.strategy=two_stage"),
+            (self.seed >= 0, "train.seed must be >= 0"),
+            (self.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
+            (self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)"),
+            (self.log_every >= 1 and self.signal_check_every >= 1,
+             "train.log_every and train.signal_check_every must be >= 1"),
+        ]
+
+
+@dataclass
+class FeaturesConfig:
+    # The frozen backbone's features computed once (no augmentation), the head trained on them
+    # (job/features.py): auto = on for feature_extraction and linear_probe, false = images every epoch.
+    cache: Literal["auto", "true", "false"] = "auto"
+    dtype: Literal["float16", "float32"] = "float16"  # of the cached features
+    cache_dir: str | None = None  # None = {data.prepared_dir}/features
+
+    def problems(self) -> list[tuple[bool, str]]:
+        return []
+
+
+@dataclass
+class ProbeConfig:
+    # linear_probe (job/linear_probe.py): the L2 strengths tried, in this order (each solve warm-starts
+    # from the previous), on loss = mean cross-entropy + l2/2 ||W||^2 over standardized features
+    # (bias unpenalised); the best on validation is kept. Default: 1 and 3 per decade, 1e1 to 1e-6
+    l2_grid: list[float] = field(default_factory=lambda: [1e1, 3e0, 1e0, 3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3,
+                                                          3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6])
+
+    def problems(self) -> list[tuple[bool, str]]:
+        return [(len(self.l2_grid) >= 1 and all(v > 0 for v in self.l2_grid),
+                 "probe.l2_grid must be a non-empty list of L2 strengths > 0, e.g. [1.0, 0.1, 0.01]")]
+
+
+@dataclass
+class EmaConfig:
+    # Weight EMA (job/ema.py): the averaging horizon in epochs (decay per update = 1 - 1/(epochs x
+    # updates per epoch), with timm's warm-up); each epoch validates the raw and the averaged weights
+    # and best/ keeps whichever validation picks. 0 = off
+    epochs: float = 0.0
+
+    def problems(self) -> list[tuple[bool, str]]:
+        return [(self.epochs >= 0, "ema.epochs must be >= 0 (0 turns the weight EMA off)")]
+
+
+@dataclass
+class MixConfig:
     # Mixup / CutMix (timm's Mixup, per batch; job/mixing.py): the Beta(alpha, alpha) of each; with
     # both on, each mixed batch picks one at even odds. 0 = off. Mixup works on cached features too
     # (measured no gain on the demo's: docs/TRAINING.md)
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0  # CutMix's alpha, 0 = off; needs images (not with cached features)
-    mix_prob: float = 1.0  # probability that a batch is mixed
-    mix_off_epoch: int = 0  # from this 0-based epoch on, no mixing (timm's mixup_off_epoch); 0 = never
+    prob: float = 1.0  # probability that a batch is mixed
+    off_epoch: int = 0  # from this 0-based epoch on, no mixing (timm's mixup_off_epoch); 0 = never
+
+    def problems(self) -> list[tuple[bool, str]]:
+        return [
+            (self.mixup_alpha >= 0 and self.cutmix_alpha >= 0,
+             "mix.mixup_alpha and mix.cutmix_alpha must be >= 0 (0 turns each off)"),
+            (0.0 <= self.prob <= 1.0, "mix.prob must be in [0, 1]"),
+            (self.off_epoch >= 0, "mix.off_epoch must be >= 0 (0 = mix every epoch)"),
+        ]
+
+
+@dataclass
+class TtaConfig:
+    # flip: the test is also run averaging each image's and its mirror's softmax, reported beside
+    # the plain accuracy (test_accuracy_tta), never instead of it (job/tta.py)
+    test: Literal["none", "flip"] = "none"
+
+    def problems(self) -> list[tuple[bool, str]]:
+        return []
+
+
+@dataclass
+class CheckpointConfig:
+    keep: int = 2  # most recent checkpoints kept in output_dir/checkpoints
+    # A mid-epoch checkpoint (the SIGTERM one, resumable) at least this often, besides those at
+    # epoch ends and on SIGTERM: bounds the work lost with a node that vanishes without SIGTERM,
+    # or whose grace period is too short for a save (spot on GKE: 15 s). 0 = off.
+    every_minutes: float = 30.0
+
+    def problems(self) -> list[tuple[bool, str]]:
+        return [(self.keep >= 1, "checkpoint.keep must be >= 1"),
+                (self.every_minutes >= 0, "checkpoint.every_minutes must be >= 0 (0 = off)")]
+
+
+@dataclass
+class TimeoutsConfig:
+    # Collective timeouts (minutes): generous while ranks wait for data preparation, Hub
+    # downloads and compilation; short once training runs, so ranks whose peer vanished stop
+    # (and the job restarts from its checkpoint) instead of hanging.
+    setup_minutes: float = 60.0
+    step_minutes: float = 5.0
+
+    def problems(self) -> list[tuple[bool, str]]:
+        return [(self.setup_minutes > 0 and self.step_minutes > 0,
+                 "timeouts.setup_minutes and timeouts.step_minutes must be > 0")]
+
+
+@dataclass
+class DdpConfig:
+    # Batch-norm statistics over every process's images (SyncBatchNorm) instead of each process's
+    # own: auto = on with more than one GPU process and a per-process batch below 32, where a BN
+    # batch of 16 on 16 GPUs would otherwise see 1/16 of the 256 images one GPU sees.
+    sync_batchnorm: Literal["auto", "true", "false"] = "auto"
+
+    def problems(self) -> list[tuple[bool, str]]:
+        return []
 
 
 @dataclass
@@ -160,10 +274,26 @@ class OptimConfig:
     # Instead of backbone_lr_scale, not with it.
     layer_decay: float | None = None
 
+    def problems(self) -> list[tuple[bool, str]]:
+        return [
+            (self.lr > 0, "optim.lr must be > 0"),
+            (self.backbone_lr_scale >= 0, "optim.backbone_lr_scale must be >= 0"),
+            (self.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+            (self.layer_decay is None or 0 < self.layer_decay <= 1, "optim.layer_decay must be in (0, 1], "
+                                                                    "or null for no layer-wise LR decay"),
+            (self.layer_decay is None or self.backbone_lr_scale == 1.0,
+             "optim.layer_decay and optim.backbone_lr_scale both scale the backbone's LR: set one (backbone_lr_scale "
+             "back to 1.0, or layer_decay to null)"),
+            (0.0 <= self.momentum < 1.0, "optim.momentum must be in [0, 1)"),
+        ]
+
 
 @dataclass
 class LossConfig:
     label_smoothing: float = 0.0  # cross-entropy target smoothing; 0 = plain cross-entropy
+
+    def problems(self) -> list[tuple[bool, str]]:
+        return [(0.0 <= self.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)")]
 
 
 @dataclass
@@ -176,12 +306,24 @@ class ScheduleConfig:
     decay_rate: float = 0.1  # step and plateau: LR multiplier at each decay
     plateau_patience: int = 2  # plateau: epochs without val improvement before a decay
 
+    def problems(self) -> list[tuple[bool, str]]:
+        return [
+            (self.warmup_epochs >= 0, "schedule.warmup_epochs must be >= 0"),
+            (self.min_lr >= 0 and self.warmup_lr >= 0, "schedule.min_lr and warmup_lr must be >= 0"),
+            (self.decay_epochs > 0, "schedule.decay_epochs must be > 0"),
+            (0 < self.decay_rate < 1, "schedule.decay_rate must be in (0, 1)"),
+        ]
+
 
 @dataclass
 class EarlyStoppingConfig:
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     patience: int = 5  # epochs without improvement before stopping; 0 disables early stopping
     min_delta: float = 0.0  # smallest change that counts as an improvement
+
+    def problems(self) -> list[tuple[bool, str]]:
+        return [(self.patience >= 0, "early_stopping.patience must be >= 0 (0 disables it)"),
+                (self.min_delta >= 0, "early_stopping.min_delta must be >= 0")]
 
 
 @dataclass
@@ -193,6 +335,9 @@ class TrackingConfig:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
 
+    def problems(self) -> list[tuple[bool, str]]:
+        return []
+
 
 @dataclass
 class Config:
@@ -203,6 +348,14 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    tta: TtaConfig = field(default_factory=TtaConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    ddp: DdpConfig = field(default_factory=DdpConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -288,6 +441,11 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 def _build(cls, raw: dict[str, Any], prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
+    for old in (prefix + u for u in unknown):
+        if old in MOVED_KEYS:
+            raise ConfigError(f"{old} is now {MOVED_KEYS[old]}: rename it in the config file or override")
+        if old in REMOVED_KEYS:
+            raise ConfigError(f"{old} is no longer a key ({REMOVED_KEYS[old]}); remove it")
     if unknown:
         where = f"section {prefix.rstrip('.')!r}" if prefix else "the config"
         raise ConfigError(f"unknown key(s) {', '.join(prefix + u for u in unknown)} in {where}; "
@@ -363,75 +521,36 @@ def per_process_batch(data: DataConfig, world_size: int, grad_accum_steps: int) 
 
 
 def validate(cfg: Config) -> None:
-    """Range checks that types cannot express."""
-    checks = [
-        (cfg.data.image_size is None or 16 <= cfg.data.image_size <= MAX_IMAGE_SIZE,
-         f"data.image_size must be in [16, {MAX_IMAGE_SIZE}] (MAX_IMAGE_SIZE), or null for the model's size"),
-        (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
-        (cfg.data.global_batch_size is None or cfg.data.global_batch_size >= 1,
-         "data.global_batch_size must be >= 1, or null to use data.batch_size per process"),
-        (0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction must be in (0, 1): training needs a validation "
-                                            "split (a folder source's val/ folder, when present, replaces it)"),
-        (cfg.data.split_seed >= 0 and cfg.train.seed >= 0, "data.split_seed and train.seed must be >= 0"),
-        (cfg.data.num_threads >= 1, "data.num_threads must be >= 1"),
-        (cfg.data.rand_augment_n >= 1, "data.rand_augment_n must be >= 1 (operations per image)"),
-        (0 <= cfg.data.rand_augment_m <= 30, "data.rand_augment_m must be in [0, 30] (DALI's magnitude bins)"),
-        (cfg.data.source != "folder" or cfg.data.root, "data.root is required for data.source=folder"),
-        (not cfg.data.download or cfg.data.source == "cifar10", "data.download only applies to data.source=cifar10"),
-        (all(h >= 1 for h in cfg.model.head_hidden), "model.head_hidden sizes must be >= 1"),
-        (0.0 <= cfg.model.head_dropout < 1.0, "model.head_dropout must be in [0, 1)"),
-        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
-        (cfg.train.strategy != "two_stage" or 1 <= cfg.train.head_epochs < cfg.train.epochs,
-         "train.head_epochs must be in [1, train.epochs) for train.strategy=two_stage"),
-        (cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
-        (cfg.train.ema_epochs >= 0, "train.ema_epochs must be >= 0 (0 turns the weight EMA off)"),
-        (cfg.train.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)"),
-        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
-        (cfg.train.log_every >= 1 and cfg.train.signal_check_every >= 1,
-         "train.log_every and train.signal_check_every must be >= 1"),
-        (cfg.optim.lr > 0, "optim.lr must be > 0"),
-        (cfg.optim.backbone_lr_scale >= 0, "optim.backbone_lr_scale must be >= 0"),
-        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
-        (cfg.optim.layer_decay is None or 0 < cfg.optim.layer_decay <= 1, "optim.layer_decay must be in (0, 1], "
-                                                                          "or null for no layer-wise LR decay"),
-        (cfg.optim.layer_decay is None or cfg.optim.backbone_lr_scale == 1.0,
-         "optim.layer_decay and optim.backbone_lr_scale both scale the backbone's LR: set one (backbone_lr_scale "
-         "back to 1.0, or layer_decay to null)"),
-        (0.0 <= cfg.optim.momentum < 1.0, "optim.momentum must be in [0, 1)"),
-        (0.0 <= cfg.loss.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)"),
-        (cfg.train.cache_features != "true" or cfg.train.strategy in ("feature_extraction", "linear_probe"),
-         "train.cache_features=true needs train.strategy=feature_extraction or linear_probe: features can be cached "
-         "only while the backbone is frozen for the whole run"),
-        (cfg.train.strategy != "linear_probe" or cfg.train.cache_features != "false",
-         "train.cache_features=false with train.strategy=linear_probe: the probe is solved on the cached features "
-         "of every image (no augmentation); set train.cache_features=auto, or use train.strategy=feature_extraction "
-         "to train a head on images every epoch"),
-        (cfg.train.strategy != "linear_probe" or not cfg.model.head_hidden,
-         f"model.head_hidden={cfg.model.head_hidden} with train.strategy=linear_probe: the probe is one linear layer; "
-         "set model.head_hidden=[] (or use train.strategy=feature_extraction for a deeper head)"),
-        (len(cfg.train.probe_l2_grid) >= 1 and all(v > 0 for v in cfg.train.probe_l2_grid),
-         "train.probe_l2_grid must be a non-empty list of L2 strengths > 0, e.g. [1.0, 0.1, 0.01]"),
-        (cfg.train.probe_tol > 0 and cfg.train.probe_max_iter >= 1,
-         "train.probe_tol must be > 0 and train.probe_max_iter >= 1"),
-        (cfg.train.setup_timeout_minutes > 0 and cfg.train.step_timeout_minutes > 0,
-         "train.setup_timeout_minutes and train.step_timeout_minutes must be > 0"),
-        (cfg.train.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes must be >= 0 (0 = off)"),
-        (cfg.train.mixup_alpha >= 0 and cfg.train.cutmix_alpha >= 0,
-         "train.mixup_alpha and train.cutmix_alpha must be >= 0 (0 turns each off)"),
-        (0.0 <= cfg.train.mix_prob <= 1.0, "train.mix_prob must be in [0, 1]"),
-        (cfg.train.mix_off_epoch >= 0, "train.mix_off_epoch must be >= 0 (0 = mix every epoch)"),
-        (cfg.train.cutmix_alpha == 0 or cfg.train.strategy != "feature_extraction"
-         or cfg.train.cache_features == "false", cutmix_on_features_message(cfg.train.cutmix_alpha)),
-        (cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs must be >= 0"),
-        (cfg.schedule.min_lr >= 0 and cfg.schedule.warmup_lr >= 0, "schedule.min_lr and warmup_lr must be >= 0"),
-        (cfg.schedule.decay_epochs > 0, "schedule.decay_epochs must be > 0"),
-        (0 < cfg.schedule.decay_rate < 1, "schedule.decay_rate must be in (0, 1)"),
-        (cfg.early_stopping.patience >= 0, "early_stopping.patience must be >= 0 (0 disables it)"),
-        (cfg.early_stopping.min_delta >= 0, "early_stopping.min_delta must be >= 0"),
-    ]
-    for ok, message in checks:
+    """Each section's own range checks (its ``problems()``, beside its fields), then the rules
+    that span sections, then the paths."""
+    checks = [check for section in dataclasses.fields(cfg) for check in getattr(cfg, section.name).problems()]
+    for ok, message in checks + cross_section_problems(cfg):
         if not ok:
             raise ConfigError(message)
+    _check_paths(cfg)
+
+
+def cross_section_problems(cfg: Config) -> list[tuple[bool, str]]:
+    """The rules between sections: what the strategy allows of the feature cache, the head and mixing."""
+    strategy, cache = cfg.train.strategy, cfg.features.cache
+    return [
+        (cache != "true" or strategy in ("feature_extraction", "linear_probe"),
+         "features.cache=true needs train.strategy=feature_extraction or linear_probe: features can be cached "
+         "only while the backbone is frozen for the whole run"),
+        (strategy != "linear_probe" or cache != "false",
+         "features.cache=false with train.strategy=linear_probe: the probe is solved on the cached features "
+         "of every image (no augmentation); set features.cache=auto, or use train.strategy=feature_extraction "
+         "to train a head on images every epoch"),
+        (strategy != "linear_probe" or not cfg.model.head_hidden,
+         f"model.head_hidden={cfg.model.head_hidden} with train.strategy=linear_probe: the probe is one linear layer; "
+         "set model.head_hidden=[] (or use train.strategy=feature_extraction for a deeper head)"),
+        (cfg.mix.cutmix_alpha == 0 or strategy != "feature_extraction" or cache == "false",
+         cutmix_on_features_message(cfg.mix.cutmix_alpha)),
+    ]
+
+
+def _check_paths(cfg: Config) -> None:
+    """What the run writes stays out of the dataset, and a named checkpoint to resume is one of ours."""
     if cfg.data.root:
         root, store = _resolved(cfg.data.root, "data.root"), _resolved(Path(cfg.data.prepared_dir) / cfg.data.source,
                                                                      "data.prepared_dir")
@@ -442,7 +561,7 @@ def validate(cfg: Config) -> None:
         # What the run writes may not land in the dataset either (the next prepare would list it as
         # images) nor around it (replacing best/ or checkpoints/ there would touch the data).
         for key, value in (("train.output_dir", cfg.train.output_dir),
-                           ("train.feature_cache_dir", cfg.train.feature_cache_dir)):
+                           ("features.cache_dir", cfg.features.cache_dir)):
             written = _resolved(value, key) if value else None
             if written is not None and (written.is_relative_to(root) or root.is_relative_to(written)):
                 raise ConfigError(f"{key}={value} overlaps data.root={cfg.data.root} (one is inside the other): the "
@@ -453,10 +572,10 @@ def validate(cfg: Config) -> None:
 
 
 def cutmix_on_features_message(cutmix_alpha: float) -> str:
-    return (f"train.cutmix_alpha={cutmix_alpha:g} with cached features (train.strategy=feature_extraction and "
-            "train.cache_features auto or true): CutMix pastes image boxes and is undefined on feature vectors. Set "
-            "train.cache_features=false (images through the frozen backbone every epoch), or train.cutmix_alpha=0 "
-            "(train.mixup_alpha works on cached features)")
+    return (f"mix.cutmix_alpha={cutmix_alpha:g} with cached features (train.strategy=feature_extraction and "
+            "features.cache auto or true): CutMix pastes image boxes and is undefined on feature vectors. Set "
+            "features.cache=false (images through the frozen backbone every epoch), or mix.cutmix_alpha=0 "
+            "(mix.mixup_alpha works on cached features)")
 
 
 def _resolved(path: str | Path, key: str) -> Path:

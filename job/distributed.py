@@ -12,9 +12,10 @@ from typing import Callable, TypeVar
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-from job.config import ConfigError, TrainConfig
+from job.components import Component
+from job.config import ConfigError, TimeoutsConfig, TrainConfig
 
 T = TypeVar("T")
 DRIVER_HINT = ("the CUDA 13 builds of PyTorch and DALI need NVIDIA driver R580 or newer (check `nvidia-smi`); "
@@ -66,14 +67,13 @@ def resolve_precision(choice: str, device: str) -> str:
     return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "no"
 
 
-def ddp_options(cfg: TrainConfig) -> dict:
-    """DistributedDataParallel's options for this run (train.ddp_*); never the unused-parameter
-    walk: two_stage runs its frozen stage through a head-only wrapper instead (head_only_step)."""
-    return {"gradient_as_bucket_view": cfg.ddp_gradient_as_bucket_view,
-            "broadcast_buffers": cfg.ddp_broadcast_buffers}
+# DistributedDataParallel's options: its defaults (buffers broadcast, gradients copied into the
+# buckets, all-reduced in their own dtype) until a cluster run measures a better choice; never the
+# unused-parameter walk: two_stage runs its frozen stage through a head-only wrapper (head_only_step).
+DDP_OPTIONS = {"gradient_as_bucket_view": False, "broadcast_buffers": True}
 
 
-def build_accelerator(cfg: TrainConfig) -> Accelerator:
+def build_accelerator(cfg: TrainConfig, timeouts: TimeoutsConfig) -> Accelerator:
     device = resolve_device(cfg.device)
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
@@ -81,27 +81,26 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         cpu=device == "cpu",  # also what makes N CPU processes use gloo instead of each running alone
         mixed_precision=resolve_precision(cfg.mixed_precision, device),
         kwargs_handlers=[
-            DistributedDataParallelKwargs(**ddp_options(cfg), comm_hook=DDPCommunicationHookType(
-                "bf16" if cfg.ddp_comm_hook == "bf16" else "no")),
+            DistributedDataParallelKwargs(**DDP_OPTIONS),
             # Long enough for the other ranks to wait while the main process prepares data,
             # downloads weights or compiles; shortened by training_timeouts() once training runs.
-            InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.setup_timeout_minutes)),
+            InitProcessGroupKwargs(timeout=timedelta(minutes=timeouts.setup_minutes)),
         ],
     )
 
 
-def training_timeouts(accelerator: Accelerator, cfg: TrainConfig) -> None:
-    """From now on a collective that waits longer than ``step_timeout_minutes`` fails the rank (a
+def training_timeouts(accelerator: Accelerator, timeouts: TimeoutsConfig) -> None:
+    """From now on a collective that waits longer than ``timeouts.step_minutes`` fails the rank (a
     peer died or its pod was lost): the job exits and restarts from its checkpoint. Called after
     the first optimizer update, so that compilation (``torch.compile`` compiles in the first
     step) and cuDNN autotuning still run under the setup timeout."""
-    _set_timeout(accelerator, cfg.step_timeout_minutes)
+    _set_timeout(accelerator, timeouts.step_minutes)
 
 
-def setup_timeouts(accelerator: Accelerator, cfg: TrainConfig) -> None:
+def setup_timeouts(accelerator: Accelerator, timeouts: TimeoutsConfig) -> None:
     """Back to the generous setup timeout, for a step that may compile again (the ``two_stage``
     unfreeze changes what needs gradients: a compiled model recompiles in its first step)."""
-    _set_timeout(accelerator, cfg.setup_timeout_minutes)
+    _set_timeout(accelerator, timeouts.setup_minutes)
 
 
 def _set_timeout(accelerator: Accelerator, minutes: float) -> None:
@@ -124,6 +123,32 @@ def set_group_timeout(timeout: timedelta) -> None:
     group = torch.distributed.group.WORLD
     for device in group._device_types:
         group._get_backend(device)._set_default_timeout(timeout)
+
+
+class CollectiveTimeouts(Component):
+    """``timeouts:``: compilation and autotuning happen in the first step, under the generous setup
+    timeout; from the first update on, a collective that waits longer than the step timeout means a
+    lost peer. A compiled model that unfreezes its backbone recompiles: the setup timeout again
+    until the next update."""
+
+    name = "timeouts"
+
+    def __init__(self, accelerator: Accelerator, cfg: TimeoutsConfig, compiled: bool):
+        self.accelerator, self.cfg, self.compiled = accelerator, cfg, compiled
+        self.short = False
+
+    def on_update(self, step: int) -> None:
+        if self.short:
+            return
+        training_timeouts(self.accelerator, self.cfg)
+        self.short = True
+        if self.accelerator.num_processes > 1:
+            self.accelerator.print(f"collective timeout now {collective_timeout()} (timeouts.step_minutes)")
+
+    def on_freeze_change(self, frozen: bool) -> None:
+        if self.compiled and self.short:
+            setup_timeouts(self.accelerator, self.cfg)
+            self.short = False
 
 
 def collective_timeout() -> timedelta | None:
@@ -154,7 +179,7 @@ SYNC_BATCHNORM_BELOW = 32  # per-process batch under which auto synchronises bat
 
 
 def use_sync_batchnorm(choice: str, batch_size: int, num_processes: int, device_type: str) -> bool:
-    """``train.sync_batchnorm``: ``auto`` = more than one GPU process, each with fewer than 32
+    """``ddp.sync_batchnorm``: ``auto`` = more than one GPU process, each with fewer than 32
     images per batch (BN statistics of 16 images on each of 16 GPUs, against 256 on one GPU). One
     process has nothing to synchronise."""
     if num_processes < 2 or choice == "false":
@@ -186,7 +211,7 @@ def sync_batchnorm(accelerator: Accelerator, model: torch.nn.Module, choice: str
 
         for norm in norms:
             norm.forward = MethodType(_all_reduce_batch_norm, norm)
-    accelerator.print(f"train.sync_batchnorm={choice}: {len(norms)} batch norms take their statistics over all "
+    accelerator.print(f"ddp.sync_batchnorm={choice}: {len(norms)} batch norms take their statistics over all "
                       f"{accelerator.num_processes} processes ({batch_size} images each)")
     return len(norms)
 
@@ -244,11 +269,7 @@ def head_only_step(accelerator: Accelerator, bare: torch.nn.Module, cfg: TrainCo
     """``(what to call, the head's DDP module)`` for two_stage's frozen stage (FrozenBackboneStep)."""
     device = accelerator.device
     ddp = torch.nn.parallel.DistributedDataParallel(
-        bare.head, device_ids=[device.index or 0] if device.type == "cuda" else None, **ddp_options(cfg))
-    if cfg.ddp_comm_hook == "bf16":
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        bare.head, device_ids=[device.index or 0] if device.type == "cuda" else None, **DDP_OPTIONS)
     step = FrozenBackboneStep(bare.backbone, ddp)
     return (torch.compile(step) if cfg.compile else step), ddp
 

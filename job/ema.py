@@ -1,4 +1,4 @@
-"""Weight EMA (``train.ema_epochs``): an exponential moving average of the weights that train,
+"""Weight EMA (``ema.epochs``): an exponential moving average of the weights that train,
 timm's ``ModelEmaV3`` (batch-norm statistics included, with its warm-up), updated once per
 optimizer update (not per micro-batch) on every rank alike, saved and resumed with the checkpoint.
 Validation scores it beside the raw weights; ``best/`` keeps whichever validation picks."""
@@ -6,6 +6,15 @@ from __future__ import annotations
 
 import torch
 from timm.utils import ModelEmaV3
+
+from job.components import Component, Evaluate
+from job.config import EmaConfig
+
+
+def ema_decay(horizon_epochs: float, updates_per_epoch: int) -> float:
+    """The per-update decay of an average over ``horizon_epochs`` (also what bench/recipe.py
+    passes to timm's ``--model-ema-decay``)."""
+    return 1.0 - 1.0 / max(horizon_epochs * updates_per_epoch, 1.0)
 
 
 class WeightEma:
@@ -22,7 +31,7 @@ class WeightEma:
     (tests/test_ema_update.py)."""
 
     def __init__(self, module: torch.nn.Module, horizon_epochs: float, updates_per_epoch: int):
-        self.decay = 1.0 - 1.0 / max(horizon_epochs * updates_per_epoch, 1.0)
+        self.decay = ema_decay(horizon_epochs, updates_per_epoch)
         self.average = ModelEmaV3(module, decay=self.decay, use_warmup=True)
         self.average.requires_grad_(False)
         self._pairs: tuple[int, list, list, list, list] | None = None  # (id(module), ema/model floats, ints)
@@ -76,3 +85,42 @@ class WeightEma:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)
         self._pairs = None  # in place today; taken again in case a later torch assigns new tensors
+
+
+class EmaComponent(Component):
+    """``ema:``: a weight EMA of ``module`` (the mode's trainable module, named ``prefix`` inside
+    the whole model), updated once per optimizer update, validated beside the raw weights and saved
+    with every checkpoint."""
+
+    name = "ema"
+    tensor_state = True
+
+    def __init__(self, module: torch.nn.Module, prefix: str, horizon_epochs: float, updates_per_epoch: int):
+        self.module, self.prefix = module, prefix
+        self.ema = WeightEma(module, horizon_epochs, updates_per_epoch)
+
+    @classmethod
+    def build(cls, cfg: EmaConfig, model: torch.nn.Module, trainable: torch.nn.Module,
+              updates_per_epoch: int) -> "EmaComponent | None":
+        """None when ``ema.epochs`` is 0 (off)."""
+        if cfg.epochs <= 0:
+            return None
+        prefix = next(name for name, module in model.named_modules() if module is trainable)
+        return cls(trainable, prefix, cfg.epochs, updates_per_epoch)
+
+    def on_update(self, step: int) -> None:
+        self.ema.update(self.module, step=step)
+
+    def validate(self, evaluate: Evaluate) -> dict:
+        return evaluate(self.ema.module)
+
+    def best_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The whole model's weights with the EMA's in place of the module that trains."""
+        prefix = self.prefix
+        return {**weights, **{f"{prefix}.{k}" if prefix else k: v for k, v in self.ema.state_dict().items()}}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.ema.load_state_dict(state)

@@ -14,12 +14,12 @@ from pathlib import Path
 from dali_pipelines.loader import make_loader
 from dali_pipelines.sampling import Shard
 from dali_pipelines.spec import LoaderSpec
-from job.config import Config, ConfigError, positive_int
+from job.config import Config, BadInput, ConfigError, positive_int
 from job.data import DataError, load_store
 from job.distributed import build_accelerator
 from job.loop import evaluate
-from job.model import WeightsError, load_trained
-from job.run_dir import RunDir
+from job.model import WeightsError
+from job.run_dir import RunDir, load_trained
 
 
 def trained_config(run: RunDir) -> Config:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         run = RunDir(args.run)
         trained = trained_config(run)
         # The run's own precision (and loader); the device is wherever this runs now.
-        accelerator = build_accelerator(dataclasses.replace(trained.train, device="auto"))
+        accelerator = build_accelerator(dataclasses.replace(trained.train, device="auto"), trained.timeouts)
         model, card = load_trained(run)
         store = load_store(args.store or store_of_run(run))
         if store.classes != card.classes:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                                   say=accelerator.print)
         shard = Shard(batch_size=args.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes)
         loader = make_loader(store, args.split, spec, train=False, shard=shard)
-    except (ConfigError, DataError, WeightsError) as e:
+    except (BadInput, DataError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model = model.to(accelerator.device)

@@ -34,8 +34,9 @@ from torch import nn
 from dali_pipelines.spec import RESIZE_INTERPOLATION
 from job.atomic import ForeignDirectoryError, atomic_directory
 from job.config import ConfigError
-from job.model import ModelCard, TransferModel, WeightsError, load_trained
-from job.run_dir import RunDir
+from job.card import ModelCard
+from job.model import TransferModel, WeightsError
+from job.run_dir import RunDir, load_trained
 
 FORMATS = ("onnx", "timm", "torch")
 DEFAULT_OUT = {"onnx": "exports/model.onnx", "timm": "exports/timm", "torch": "exports/model.pt2"}

@@ -64,7 +64,7 @@ def feature_key(cfg, prep, store, precision: str = "no") -> FeatureKey:
 
     return FeatureKey(model=cfg.model.name, weights=weights_identity(cfg.model, cfg.train.seed),
                       image_size=prep.image_size, interpolation=RESIZE_INTERPOLATION, mean=tuple(prep.mean),
-                      std=tuple(prep.std), store=store.fingerprint, dtype=cfg.train.feature_dtype,
+                      std=tuple(prep.std), store=store.fingerprint, dtype=cfg.features.dtype,
                       precision=precision)
 
 
@@ -177,7 +177,7 @@ def _write(path: Path, key: FeatureKey, store, extracted: dict[str, np.ndarray],
                     "extraction_seconds": seconds}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     except ForeignDirectoryError as e:
-        raise ConfigError(f"{e}: not a feature cache; set train.feature_cache_dir to another directory") from None
+        raise ConfigError(f"{e}: not a feature cache; set features.cache_dir to another directory") from None
 
 
 def _complete(path: Path, key: FeatureKey) -> bool:

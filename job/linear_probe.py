@@ -19,7 +19,7 @@ run's device; it stops when the largest gradient entry is below ``tol`` times it
 b=0 (``fit_logistic``), when the objective stops changing in float64 (both count as converged), or
 after ``max_iter`` iterations (not converged: the console line and metrics.json say so).
 
-Strength: the values of ``train.probe_l2_grid`` (default 15 values, 1e1 down to 1e-6, half a
+Strength: the values of ``probe.l2_grid`` (default 15 values, 1e1 down to 1e-6, half a
 decade apart), in the order given, each solve warm-started from the previous solution (strongest
 first: each next problem starts near its answer); the one with the best validation metric
 (``early_stopping.metric``, val_accuracy by default; ties keep the earlier grid value) is kept,
@@ -37,10 +37,10 @@ Kornblith, Shlens and Le ("Do Better ImageNet Models Transfer Better?", CVPR 201
 evaluate fixed features this way (L-BFGS logistic regression, the L2 penalty chosen on a
 validation split over 45 log-spaced values between 1e-6 and 1e5). Their penalty is not scaled as
 ours (ours multiplies a *mean* loss: l2 here ~ their lambda / N), and whether they standardized the
-features is not asserted here; pass their grid as ``train.probe_l2_grid`` for their sweep size.
+features is not asserted here; pass their grid as ``probe.l2_grid`` for their sweep size.
 
 Not used by the probe (nothing trains by SGD): train.epochs, optim.*, schedule.*, loss.label_smoothing,
-train.ema_epochs, mixing. Float64 features of the train and val
+ema.epochs, mixing. Float64 features of the train and val
 splits live on the run's device: ~8 bytes x N x width (45,000 x 1,536: 0.55 GB).
 
 Several processes: every rank holds every split's features (the cache), solves the same
@@ -52,13 +52,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from job.config import Config
 from job.early_stopping import EarlyStopping
 from job.records import EpochRecord
+
+# The solver's stopping rule: no run changed them (once config keys, removed in #29). Converged
+# means max |gradient| <= PROBE_TOL x its value at zero weights; PROBE_MAX_ITER L-BFGS iterations
+# per l2 value at most.
+PROBE_TOL = 1e-6
+PROBE_MAX_ITER = 1000
 
 
 @dataclass
@@ -182,66 +190,85 @@ def _as_tensors(features: np.ndarray, labels: np.ndarray, device) -> tuple[torch
             torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device))
 
 
-def fit_probe(trainer) -> None:
-    """The run's "epochs" for ``train.strategy=linear_probe`` (job/train.py: fit), on a set-up
-    Trainer whose mode is ``LinearProbeMode``: the grid search on the cached features, one
-    history row per grid value, the chosen layer written into the model's head and saved as
-    ``best/``. The trainer's test and summary follow as for any run."""
+@dataclass
+class ProbeResult:
+    """What the probe's solve returns (job/train.py records it): the chosen layer on raw
+    features, the points solved, and the figures metrics.json keeps."""
+
+    W: torch.Tensor
+    b: torch.Tensor
+    points: list[GridPoint]
+    best: int  # index into points
+    steps: int  # L-BFGS iterations over the grid: the run's "global steps"
+    solve_seconds: float
+
+    @property
+    def chosen(self) -> GridPoint:
+        return self.points[self.best]
+
+    def summary(self) -> dict:
+        """What metrics.json adds for the probe (job/records.py: RunSummary)."""
+        return {"probe_l2": self.chosen.l2, "probe_solve_seconds": self.solve_seconds, "probe_iterations": self.steps,
+                "probe_converged": all(p.info.converged for p in self.points)}
+
+
+def point_record(i: int, p: GridPoint, steps: int, n_train: int, n_val: int) -> EpochRecord:
+    """A grid value's history row: l2 in place of the learning rate, the solve in place of an epoch."""
+    rate = n_train * max(p.info.evaluations, 1) / max(p.info.seconds, 1e-9)
+    return EpochRecord(epoch=i, step=steps, lr=p.l2, train_loss=p.train_loss, train_accuracy=p.train_accuracy,
+                       train_samples=n_train, epoch_seconds=p.info.seconds, images_per_second=rate,
+                       images_per_second_per_device=rate, data_wait_fraction=0.0, val_loss=p.val_loss,
+                       val_accuracy=p.val_accuracy, val_samples=n_val)
+
+
+def solve_probe(acc, cfg: Config, feats, num_classes: int, preempted: Callable[[], bool], trackers) -> ProbeResult:
+    """The run's "epochs" for ``train.strategy=linear_probe``: the grid search on the cached
+    features ``feats`` (job/features.py: FeatureSet), one history row per grid value in
+    ``trackers``; returns the chosen layer, folded onto raw features and equal on every rank.
+    ``preempted()`` is the collective SIGTERM poll: every rank solves the same grid, so it is
+    reached at the same evaluation everywhere."""
     from accelerate.utils import broadcast
 
-    from job.checkpoint import save_best
     from job.preemption import Preempted
     from job.records import shown_epoch
 
-    acc, cfg, feats = trainer.accelerator, trainer.cfg, trainer.mode.features
-    grid = list(cfg.train.probe_l2_grid)
-    device = acc.device
-    x_train, y_train = _as_tensors(feats.features["train"], feats.labels["train"], device)
-    x_val, y_val = _as_tensors(feats.features["val"], feats.labels["val"], device)
+    grid = list(cfg.probe.l2_grid)
+    x_train, y_train = _as_tensors(feats.features["train"], feats.labels["train"], acc.device)
+    x_val, y_val = _as_tensors(feats.features["val"], feats.labels["val"], acc.device)
     mean, std = standardize(x_train)
     train, val = ((x_train - mean) / std, y_train), ((x_val - mean) / std, y_val)
     del x_train, x_val
     acc.print(f"linear probe: L2-regularised logistic regression (L-BFGS, float64, standardized features) on "
               f"{len(y_train)} train / {len(y_val)} val features of width {mean.numel()}, "
               f"{len(grid)} l2 value(s) from {grid[0]:g} to {grid[-1]:g}")
-    steps = 0
+    steps, evaluations = 0, 0
 
     def on_point(i: int, p: GridPoint) -> None:
         nonlocal steps
         steps += p.info.iterations
-        n = len(y_train)
-        record = EpochRecord(epoch=i, step=steps, lr=p.l2, train_loss=p.train_loss, train_accuracy=p.train_accuracy,
-                             train_samples=n, epoch_seconds=p.info.seconds,
-                             images_per_second=n * max(p.info.evaluations, 1) / max(p.info.seconds, 1e-9),
-                             images_per_second_per_device=n * max(p.info.evaluations, 1) / max(p.info.seconds, 1e-9),
-                             data_wait_fraction=0.0, val_loss=p.val_loss, val_accuracy=p.val_accuracy,
-                             val_samples=len(y_val))
-        trainer.trackers.log_step({"probe/l2": p.l2, "probe/iterations": p.info.iterations,
-                                   "probe/grad_norm": p.info.grad_norm, "probe/objective": p.info.objective,
-                                   "probe/converged": int(p.info.converged)}, step=steps)
-        trainer.trackers.log_epoch(record)
+        trackers.log_step({"probe/l2": p.l2, "probe/iterations": p.info.iterations,
+                           "probe/grad_norm": p.info.grad_norm, "probe/objective": p.info.objective,
+                           "probe/converged": int(p.info.converged)}, step=steps)
+        trackers.log_epoch(point_record(i, p, steps, len(y_train), len(y_val)))
         acc.print(f"l2 {p.l2:.1e} ({shown_epoch(i)}/{len(grid)}): {p.info.iterations} L-BFGS iterations, "
                   f"|grad| {p.info.grad_norm:.1e}{'' if p.info.converged else ' (NOT converged: max_iter)'}, "
                   f"{p.info.seconds:.1f}s | train_loss {p.train_loss:.4f} acc {p.train_accuracy:.4f} | "
                   f"val_loss {p.val_loss:.4f} acc {p.val_accuracy:.4f}")
-        if trainer.preemption.poll(False) == "preempted":  # collective: every rank solves the same grid
+        if preempted():
             raise Preempted("SIGTERM")
-
-    evaluations = 0
 
     def check_preemption() -> None:
-        """Every ``train.signal_check_every`` evaluations: every rank runs the same solve, so the
-        collective poll is reached at the same evaluation everywhere."""
+        """Every ``train.signal_check_every`` evaluations: a solve outlasts a pod's grace period."""
         nonlocal evaluations
         evaluations += 1
-        if evaluations % cfg.train.signal_check_every == 0 and trainer.preemption.poll(False) == "preempted":
+        if evaluations % cfg.train.signal_check_every == 0 and preempted():
             raise Preempted("SIGTERM")
 
-    start = time.perf_counter()
     es = cfg.early_stopping
-    points, best = grid_search(train, val, grid, trainer.num_classes, metric=es.metric, on_point=on_point,
-                               patience=es.patience, min_delta=es.min_delta, tol=cfg.train.probe_tol,
-                               max_iter=cfg.train.probe_max_iter, on_evaluation=check_preemption)
+    start = time.perf_counter()
+    points, best = grid_search(train, val, grid, num_classes, metric=es.metric, on_point=on_point,
+                               patience=es.patience, min_delta=es.min_delta, tol=PROBE_TOL,
+                               max_iter=PROBE_MAX_ITER, on_evaluation=check_preemption)
     solve_seconds = time.perf_counter() - start
     chosen = points[best]
     if len(points) < len(grid):
@@ -251,18 +278,6 @@ def fit_probe(trainer) -> None:
     W, b = fold(chosen.W, chosen.b, mean, std)
     # rank 0's answer everywhere: the replicas are identical whatever each device's rounding
     W, b = broadcast(W.contiguous()), broadcast(b.contiguous())
-    layer = trainer.mode.trainable(trainer.bare)[-1]
-    with torch.no_grad():
-        layer.weight.copy_(W.to(layer.weight.dtype))
-        layer.bias.copy_(b.to(layer.bias.dtype))
-    trainer.stopper = EarlyStopping(es.metric, es.patience, es.min_delta)  # what the summary reads (stopped_early)
-    for i, p in enumerate(points):
-        trainer.stopper.update(p.val_accuracy if trainer.stopper.metric == "val_accuracy" else p.val_loss, i)
-    trainer.card.epoch, trainer.card.val_accuracy, trainer.card.weights = best, chosen.val_accuracy, "raw"
-    save_best(acc, trainer.bare.state_dict(), trainer.out, trainer.card)
-    trainer.state.epoch, trainer.state.global_step = len(points), steps
-    trainer.mode.result = {"probe_l2": chosen.l2, "probe_solve_seconds": solve_seconds,
-                            "probe_iterations": steps, "probe_converged": all(p.info.converged for p in points)}
-    trainer.trackers.log_summary(trainer.mode.result)
     acc.print(f"linear probe: chose l2={chosen.l2:g} (grid index {best}, val accuracy {chosen.val_accuracy:.4f}); "
               f"{steps} L-BFGS iterations in {solve_seconds:.1f}s")
+    return ProbeResult(W=W, b=b, points=points, best=best, steps=steps, solve_seconds=solve_seconds)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import math
 import time
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from job.config import ConfigError, TrainConfig
+from job.config import BadInput, TrainConfig
 from job.optim import current_lr
 from job.records import shown_epoch
 
@@ -64,9 +65,6 @@ class TrainState:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        if "step_in_epoch" in state:  # written before positions were counted in samples
-            raise ConfigError("this checkpoint counts its position in per-rank batches (an earlier version of "
-                             "the job); resume it with that version, or start over with train.resume=never")
         self.__dict__.update({**state, "partial": EpochSums(**state["partial"])})
 
 
@@ -96,18 +94,31 @@ class TrainParts:
     # Mixup / CutMix (job/mixing.py: BatchMixer), None = off. In the epochs it is active it mixes
     # each batch, its soft-target loss replaces loss_fn and accuracy counts the dominant label.
     mix: object | None = None
+    # (model, ddp) by "backbone frozen": two_stage's frozen stage may call a head-only wrapper
+    # (job/modes.py: wrap); empty = one stage
+    stages: dict = field(default_factory=dict)
+
+    def use_stage(self, frozen: bool) -> None:
+        self.model, self.ddp = self.stages[frozen]
+
+
+class Pause(enum.Enum):
+    """Why ``train_one_epoch`` stops at a step boundary (``StepHooks.poll``, collective)."""
+
+    CHECKPOINT = "checkpoint"  # a timed checkpoint is due: save and go on
+    PREEMPTED = "preempted"  # SIGTERM reached some rank: save and exit 143
 
 
 @dataclass
 class StepHooks:
     """What the trainer does at step boundaries. ``poll`` is collective, asked every
-    ``signal_check_every`` updates: None, or an event ("checkpoint", "preempted") for ``pause``,
+    ``signal_check_every`` updates: None, or a ``Pause`` for ``pause``,
     which gets the state with this epoch's sums folded in (it saves a checkpoint; on preemption
     it raises ``job.preemption.Preempted``, which ends the epoch)."""
 
-    poll: Callable[[], str | None] = lambda: None
-    pause: Callable[[str], None] = lambda event: None
-    on_update: Callable[[], None] = lambda: None  # after each optimizer update (a weight EMA's)
+    poll: Callable[[], Pause | None] = lambda: None
+    pause: Callable[[Pause], None] = lambda event: None
+    on_update: Callable[[int], None] = lambda step: None  # after optimizer update `step` (a weight EMA's)
     on_log: Callable[[StepLog], None] = lambda _: None
     on_batch: Callable[[], None] = lambda: None
 
@@ -225,7 +236,7 @@ def train_one_epoch(cfg: TrainConfig, parts: TrainParts, loader, state: TrainSta
         parts.optimizer.step()
         parts.optimizer.zero_grad(set_to_none=True)
         state.global_step += 1
-        hooks.on_update()
+        hooks.on_update(state.global_step)
         consumed += micro
         state.samples_in_epoch = plan.position_after(consumed)
         remaining -= micro
@@ -248,7 +259,7 @@ def train_one_epoch(cfg: TrainConfig, parts: TrainParts, loader, state: TrainSta
     return metrics
 
 
-class NonFiniteLossError(ConfigError):
+class NonFiniteLossError(BadInput):
     """The training loss became NaN or infinite: the weights are garbage from there on (exit 2)."""
 
 

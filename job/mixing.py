@@ -1,4 +1,4 @@
-"""Mixup / CutMix of training batches (``train.mixup_alpha``, ``train.cutmix_alpha``): timm's
+"""Mixup / CutMix of training batches (the ``mix:`` section): timm's
 ``Mixup`` in batch mode, applied on the device after the loader, made safe for odd batch sizes
 and reproducible across preemption.
 
@@ -18,26 +18,29 @@ from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
 
+from job.components import Component
 from job.config import Config, ConfigError, cutmix_on_features_message
 
 
 def mixing_enabled(cfg: Config) -> bool:
-    return cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0
+    return cfg.mix.mixup_alpha > 0 or cfg.mix.cutmix_alpha > 0
 
 
-class BatchMixer:
-    """Mixes a batch and returns soft targets (``num_classes`` columns, label smoothing applied);
-    ``loss_fn`` is the loss that reads them, ``active(epoch)`` whether an epoch mixes at all."""
+class BatchMixer(Component):
+    """``mix:``. Mixes a batch and returns soft targets (``num_classes`` columns, label smoothing
+    applied); ``loss_fn`` is the loss that reads them, ``active(epoch)`` whether an epoch mixes at
+    all. It acts inside the step (job/loop.py: ``TrainParts.mix``); its state is the seed alone."""
 
+    name = "mix"
     loss_fn = SoftTargetCrossEntropy()
 
     def __init__(self, cfg: Config, num_classes: int, *, rank: int = 0, cached_features: bool = False):
-        tc = cfg.train
-        if cached_features and tc.cutmix_alpha > 0:  # also refused by job/config.py: validate
-            raise ConfigError(cutmix_on_features_message(tc.cutmix_alpha))
-        self.seed, self.rank, self.off_epoch = tc.seed, rank, tc.mix_off_epoch
+        mc = cfg.mix
+        if cached_features and mc.cutmix_alpha > 0:  # also refused by job/config.py: validate
+            raise ConfigError(cutmix_on_features_message(mc.cutmix_alpha))
+        self.seed, self.rank, self.off_epoch = cfg.train.seed, rank, mc.off_epoch
         self.num_classes, self.smoothing = num_classes, cfg.loss.label_smoothing
-        self.mixup = Mixup(mixup_alpha=tc.mixup_alpha, cutmix_alpha=tc.cutmix_alpha, prob=tc.mix_prob, mode="batch",
+        self.mixup = Mixup(mixup_alpha=mc.mixup_alpha, cutmix_alpha=mc.cutmix_alpha, prob=mc.prob, mode="batch",
                            label_smoothing=self.smoothing, num_classes=num_classes)
 
     @classmethod
@@ -47,7 +50,7 @@ class BatchMixer:
         return cls(cfg, num_classes, rank=rank, cached_features=cached_features) if mixing_enabled(cfg) else None
 
     def active(self, epoch: int) -> bool:
-        """``train.mix_off_epoch`` (0-based, 0 = never): from that epoch on, no mixing (timm's mixup_off_epoch)."""
+        """``mix.off_epoch`` (0-based, 0 = never): from that epoch on, no mixing (timm's mixup_off_epoch)."""
         return self.off_epoch == 0 or epoch < self.off_epoch
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, *, epoch: int, step: int,

@@ -1,14 +1,12 @@
-"""The network: a timm backbone without its classifier, the user's head on top, the strategy that
-says when the backbone is frozen, and the model card that lets a finished run be rebuilt.
+"""The network: a timm backbone without its classifier, the user's head on top, and the strategy that
+says when the backbone is frozen (the model card that lets a finished run be rebuilt: job/card.py).
 Pretrained weights come from the Hugging Face Hub or a local file (job/weights.py), never
 silently random.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import timm
 import timm.data
@@ -16,11 +14,13 @@ import torch
 from torch import nn
 
 from dali_pipelines.spec import Preprocessing
-from job.config import MAX_IMAGE_SIZE, ConfigError, ModelConfig, TrainConfig
-from job.run_dir import RunDir
+from job.config import ConfigError, ModelConfig, TrainConfig
 from job.weights import WeightsError, ensure_packaged, load_backbone_weights
 
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+# The activation of new heads' hidden blocks (model.head_activation until no run changed it); a
+# card keeps its own, so models trained with another still load.
+HEAD_ACTIVATION = "relu"
 
 
 class GlobalAvgPool(nn.Module):
@@ -45,7 +45,7 @@ def build_head(in_features: int, num_classes: int, hidden: list[int], dropout: f
     for size in hidden:
         # No bias before batch norm: BN's shift makes it redundant.
         layers += [nn.Linear(width, size, bias=False), nn.BatchNorm1d(size),
-                   _ACTIVATIONS[activation](), nn.Dropout(dropout)]
+                   ACTIVATIONS[activation](), nn.Dropout(dropout)]
         width = size
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
@@ -108,79 +108,11 @@ class Strategy:
         return self.name not in FROZEN_STRATEGIES
 
     @property
-    def needs_unused_parameter_check(self) -> bool:
+    def head_only_stage(self) -> bool:
         """two_stage: DDP is built with every parameter (so that the unfrozen backbone is
         synchronised later), and the frozen stage, whose backbone gets no gradient, runs through a
-        head-only wrapper (job/distributed.py: head_only_step)."""
+        head-only wrapper (job/distributed.py: head_only_step; job/modes.py: ImageMode.wrap)."""
         return self.name == "two_stage"
-
-
-@dataclass
-class ModelCard:
-    """``best/model.json``: everything needed to rebuild the trained model and feed it, and
-    nothing about where the data was (evaluation works wherever the store is mounted)."""
-
-    model: str
-    head_hidden: list[int]
-    head_dropout: float
-    head_activation: str
-    image_size: int
-    mean: list[float]
-    std: list[float]
-    classes: list[str]
-    epoch: int | None = None  # 0-based epoch whose weights these are
-    val_accuracy: float | None = None
-    weights: str = "raw"  # "ema": the weight EMA's (train.ema_epochs), which validation preferred
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.image_size, tuple(self.mean), tuple(self.std))
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig(name=self.model, pretrained=False, head_hidden=list(self.head_hidden),
-                           head_dropout=self.head_dropout, head_activation=self.head_activation)
-
-    @classmethod
-    def for_run(cls, cfg: ModelConfig, prep: Preprocessing, classes: list[str]) -> "ModelCard":
-        return cls(model=cfg.name, head_hidden=list(cfg.head_hidden), head_dropout=cfg.head_dropout,
-                   head_activation=cfg.head_activation, image_size=prep.image_size, mean=list(prep.mean),
-                   std=list(prep.std), classes=list(classes))
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ModelCard":
-        raw = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})  # older cards carried extra keys
-
-    def problem(self) -> str | None:
-        """What makes this card unusable (read from a file, it may say anything), or None."""
-        def numbers(values, kind=(int, float)) -> bool:
-            return isinstance(values, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in values)
-
-        if not isinstance(self.model, str) or not timm.is_model(self.model):
-            return f"model {self.model!r:.80} is not a timm model"
-        if not numbers(self.head_hidden, int) or any(h < 1 for h in self.head_hidden):
-            return "head_hidden is not a list of positive integers"
-        if not isinstance(self.head_activation, str) or self.head_activation not in _ACTIVATIONS:
-            return f"head_activation {self.head_activation!r:.40} is not one of {', '.join(_ACTIVATIONS)}"
-        if not numbers([self.head_dropout]) or not 0 <= self.head_dropout < 1:
-            return "head_dropout is not a number in [0, 1)"
-        if not numbers([self.image_size], int) or not 16 <= self.image_size <= MAX_IMAGE_SIZE:
-            return f"image_size is not an integer in [16, {MAX_IMAGE_SIZE}]"
-        if not (numbers(self.mean) and numbers(self.std) and len(self.mean) == len(self.std) == 3
-                and all(s > 0 for s in self.std)):
-            return "mean and std are not 3 numbers each (std > 0)"
-        names = self.classes if isinstance(self.classes, list) else []
-        if len(names) < 2 or not all(isinstance(c, str) for c in names) or len(set(names)) != len(names):
-            return "classes is not a list of at least 2 distinct names"
-        return None
 
 
 def create_model(cfg: ModelConfig, num_classes: int, image_size: int | None = None
@@ -192,41 +124,8 @@ def create_model(cfg: ModelConfig, num_classes: int, image_size: int | None = No
     if image_size is not None and image_size != prep.image_size:
         check_input_size(backbone, cfg.name, image_size, prep.image_size)
         prep = dataclasses.replace(prep, image_size=image_size)
-    head = build_head(backbone.num_features, num_classes, cfg.head_hidden, cfg.head_dropout, cfg.head_activation)
+    head = build_head(backbone.num_features, num_classes, cfg.head_hidden, cfg.head_dropout, HEAD_ACTIVATION)
     return TransferModel(backbone, head), prep
-
-
-def load_trained(run_dir: RunDir | str | Path) -> tuple[TransferModel, ModelCard]:
-    """The best model of a finished run (``run_dir/best``) and its model card. The card and the
-    weights file are checked against each other (shapes from the file's header, the model built
-    on the meta device) before anything is allocated: an edited card cannot ask for a huge head."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    weights = run.weights_file
-    if not weights.is_file() or not run.card_file.is_file():
-        raise WeightsError(f"{weights} or {run.card_file.name} not found: is {run.path} the output_dir of a "
-                           "run that finished at least one epoch?")
-    card = run.card()
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            in_file = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        with torch.device("meta"):
-            skeleton, _ = create_model(card.model_config(), card.num_classes)
-        expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-        if in_file != expected:
-            differ = sorted(k for k in expected.keys() | in_file.keys() if expected.get(k) != in_file.get(k))
-            raise WeightsError(f"{weights} does not fit the model {run.card_file} describes ({card.model}, head "
-                               f"{card.head_hidden}, {card.num_classes} classes): {len(differ)} tensor(s) differ "
-                               f"(first: {differ[0]} {in_file.get(differ[0])} vs {expected.get(differ[0])}); "
-                               "was model.json edited?")
-        model, _ = create_model(card.model_config(), card.num_classes)
-        model.load_state_dict(load_file(str(weights)))
-    except (SafetensorError, OSError) as e:
-        raise WeightsError(f"{weights} is not a readable safetensors file ({str(e)[:200]}): damaged or truncated; "
-                           "copy the run again or train anew") from None
-    return model.eval(), card
 
 
 def preprocessing(backbone: nn.Module) -> Preprocessing:

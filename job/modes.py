@@ -18,6 +18,7 @@ from dali_pipelines.spec import LoaderSpec
 from job.config import Config, TrainConfig
 from job.distributed import head_only_step, wrap_for_training
 from job.features import SPLITS, FeatureLoader, FeatureSet, cached_features, feature_key
+from job.linear_probe import ProbeResult, solve_probe
 from job.loop import evaluate
 from job.model import Strategy, TransferModel
 from job.storage import feature_cache_root
@@ -41,7 +42,7 @@ Stages = dict[bool, tuple[torch.nn.Module, torch.nn.Module | None]]
 
 
 class ImageMode:
-    """``finetune``, ``two_stage``, and ``feature_extraction`` with ``train.cache_features=false``:
+    """``finetune``, ``two_stage``, and ``feature_extraction`` with ``features.cache=false``:
     every batch goes through the backbone, augmented."""
 
     augments = True
@@ -74,16 +75,13 @@ class ImageMode:
         any epoch (two_stage's, frozen in stage one) must be unfrozen then."""
         return not self.strategy.trains_backbone
 
-    def frozen_at(self, epoch: int) -> bool:
-        return self.strategy.frozen_at(epoch)
-
     def wrap(self, acc: Accelerator, model: TransferModel, optimizer,
              cfg: TrainConfig) -> tuple[Stages, torch.optim.Optimizer]:
         """The DDP (and compiled) wrappers; two_stage on several processes runs its frozen stage
         through a head-only one (job/distributed.py: head_only_step)."""
         call, ddp, optimizer = wrap_for_training(acc, model, optimizer, compile=cfg.compile)
         stages = {False: (call, ddp), True: (call, ddp)}
-        if ddp is not None and self.strategy.name == "two_stage":
+        if ddp is not None and self.strategy.head_only_stage:
             stages[True] = head_only_step(acc, model, cfg)
         return stages, optimizer
 
@@ -118,7 +116,7 @@ class FeatureMode:
     def loaders(self, inputs: RunInputs) -> dict:
         acc, cfg = inputs.accelerator, inputs.cfg
         inputs.model.freeze_backbone(True)
-        acc.print("train.cache_features: the frozen backbone's features are computed once, so training-time "
+        acc.print("features.cache: the frozen backbone's features are computed once, so training-time "
                   "augmentation is off (the fixed-feature protocol)")
         key = feature_key(cfg, inputs.spec.prep, inputs.store, precision=acc.mixed_precision)
         self.features = cached_features(acc, inputs.model, inputs.store, inputs.spec, key, feature_cache_root(cfg),
@@ -139,9 +137,6 @@ class FeatureMode:
         return model.head
 
     def frozen_while_wrapping(self) -> bool:
-        return True
-
-    def frozen_at(self, epoch: int) -> bool:
         return True
 
     def wrap(self, acc: Accelerator, model: TransferModel, optimizer,
@@ -169,30 +164,36 @@ class FeatureMode:
 
 class LinearProbeMode(FeatureMode):
     """``linear_probe``: the features cached as for ``feature_extraction``, and the linear head
-    solved on them over an L2 grid (job/linear_probe.py: fit_probe) instead of trained for epochs."""
+    solved on them over an L2 grid (job/linear_probe.py: solve_probe) instead of trained for epochs."""
 
     solves = True
 
     def __init__(self, strategy: Strategy):
         super().__init__(strategy)
-        self.result: dict = {}  # set by fit_probe: the chosen l2, the solve's time and iterations
+        self.result: ProbeResult | None = None  # set by solve: the chosen l2, the solve's time and iterations
 
     def describe(self) -> str:
         return f"{self.strategy.name}, cached features, L-BFGS logistic regression"
 
     def summary_fields(self) -> dict:
-        return dict(self.result)
+        return self.result.summary() if self.result is not None else {}
+
+    def solve(self, acc: Accelerator, cfg: Config, num_classes: int, preempted: Callable[[], bool],
+              trackers) -> ProbeResult:
+        """The head's layer, solved on the cached train and val features (the trainer records it)."""
+        self.result = solve_probe(acc, cfg, self.features, num_classes, preempted, trackers)
+        return self.result
 
 
 Mode = ImageMode | FeatureMode | LinearProbeMode
 
 
 def build_mode(cfg: Config) -> Mode:
-    """The one place ``train.strategy`` and ``train.cache_features`` choose how the run trains:
+    """The one place ``train.strategy`` and ``features.cache`` choose how the run trains:
     ``auto`` caches whenever the backbone is frozen for the whole run."""
     strategy = Strategy.from_config(cfg.train)
-    if strategy.name == "linear_probe":  # always cached (job/config.py refuses cache_features=false)
+    if strategy.name == "linear_probe":  # always cached (job/config.py refuses features.cache=false)
         return LinearProbeMode(strategy)
-    if strategy.name == "feature_extraction" and cfg.train.cache_features != "false":
+    if strategy.name == "feature_extraction" and cfg.features.cache != "false":
         return FeatureMode(strategy)
     return ImageMode(strategy)

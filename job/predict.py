@@ -26,8 +26,8 @@ from job.config import ConfigError, positive_int
 from job.data import IMAGE_EXTENSIONS, check_image
 from job.distributed import resolve_device, resolve_precision
 from job.evaluate import serving_loader, trained_config
-from job.model import WeightsError, load_trained
-from job.run_dir import RunDir
+from job.model import WeightsError
+from job.run_dir import RunDir, load_trained
 
 
 def run_probabilities(run_path: str, images: list[str], device_choice: str) -> tuple[np.ndarray, list[str]]:

@@ -33,7 +33,7 @@ class EpochRecord:
     # images/s after the first log window (start-up, autotuning, compilation), device-synchronised;
     # 0 when the epoch was shorter than that window
     steady_images_per_second: float = 0.0
-    val_accuracy_ema: float | None = None  # the weight EMA's (train.ema_epochs), None without one
+    val_accuracy_ema: float | None = None  # the weight EMA's (ema.epochs), None without one
 
     # Set by the trainer from where training is; the val_* fields come from the validation pass.
     _NOT_FROM_TRAINING = ("epoch", "step", "lr")
@@ -81,9 +81,9 @@ class RunSummary:
     feature_extraction_seconds: float | None = None  # the one backbone pass (0 when the cache was reused)
     test_accuracy_cached: float | None = None  # the head on cached test features; must match test_accuracy
     train_images_per_second_steady: float | None = None  # after each epoch's first log window (EpochRecord)
-    test_accuracy_tta: float | None = None  # train.test_tta=flip: with test-time flips, beside test_accuracy
+    test_accuracy_tta: float | None = None  # tta.test=flip: with test-time flips, beside test_accuracy
     # train.strategy=linear_probe (job/linear_probe.py): the chosen L2 strength, the grid's solve time, its
-    # L-BFGS iterations, and whether every grid value converged within train.probe_max_iter
+    # L-BFGS iterations, and whether every grid value converged within PROBE_MAX_ITER
     probe_l2: float | None = None
     probe_solve_seconds: float | None = None
     probe_iterations: int | None = None

@@ -157,7 +157,7 @@ class WandbSink:
                    "epoch/train_loss": r.train_loss, "epoch/train_accuracy": r.train_accuracy, "epoch/lr": r.lr,
                    "epoch/seconds": r.epoch_seconds, "epoch/images_per_second": r.images_per_second,
                    "epoch/data_wait_fraction": r.data_wait_fraction}
-        if r.val_accuracy_ema is not None:  # train.ema_epochs: the averaged weights beside the raw ones
+        if r.val_accuracy_ema is not None:  # ema.epochs: the averaged weights beside the raw ones
             payload["val/accuracy_ema"] = r.val_accuracy_ema
         self._safely("log", lambda wandb: wandb.log(payload, step=r.step))
 

@@ -171,13 +171,13 @@ def test_help_names_every_key_with_its_default_and_meaning():
 
 
 def test_help_never_splits_a_word_across_lines():
-    """A long default (train.probe_l2_grid's list) once pushed its meaning's first word apart
+    """A long default (probe.l2_grid's list) once pushed its meaning's first word apart
     (``...1.0e-06]l`` / ``inear_probe``): long defaults now get a line of their own."""
     from job.config import keys_help
 
     text = keys_help()
     lines = text.splitlines()
-    grid = next(i for i, line in enumerate(lines) if line.strip().startswith("train.probe_l2_grid="))
+    grid = next(i for i, line in enumerate(lines) if line.strip().startswith("probe.l2_grid="))
     assert lines[grid].strip().endswith("1.0e-06]")  # the whole default on one line
     assert lines[grid + 1].split()[0] == "linear_probe"
     assert "inear_probe" not in text.replace("linear_probe", "")

@@ -44,7 +44,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("export-runs")
     return {"demo": lite0_run(root / "demo", root / "prepared", "demo.yaml", "train.epochs=2"),
             "finetuned": lite0_run(root / "finetuned", root / "prepared", "finetune_lite0.yaml", "train.epochs=1",
-                                   "train.ema_epochs=0.5", "train.test_tta=none")}
+                                   "ema.epochs=0.5", "tta.test=none")}
 
 
 @pytest.fixture(scope="module")

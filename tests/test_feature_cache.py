@@ -75,7 +75,7 @@ def test_cached_and_uncached_runs_give_the_same_numbers_and_the_cache_is_reused(
     dropout masks; only the float16 rounding of the cache differs."""
     head = ("model.head_hidden=[16]", "model.head_dropout=0.2")
     cached_log = _train(tmp_path / "cached", tmp_path / "prep", *head)
-    _train(tmp_path / "uncached", tmp_path / "prep", *head, "train.cache_features=false", "data.augment=false")
+    _train(tmp_path / "uncached", tmp_path / "prep", *head, "features.cache=false", "data.augment=false")
     assert "augmentation is off" in cached_log and "extracted features" in cached_log
     cached = RunDir(tmp_path / "cached").epochs()
     uncached = RunDir(tmp_path / "uncached").epochs()
@@ -151,7 +151,7 @@ def test_the_key_changes_with_everything_that_changes_the_features(tmp_path):
     assert digest() == base  # stable
     assert digest("model.head_hidden=[3]", "optim.lr=0.5", "train.epochs=7") == base  # the head is not in it
     changed = [digest(size=40), digest(fingerprint="abd"), digest("train.seed=1"), digest(precision="bf16"),
-               digest("train.feature_dtype=float32"), digest("model.name=resnet18"),
+               digest("features.dtype=float32"), digest("model.name=resnet18"),
                digest("model.pretrained=true", f"model.weights={weights}")]
     weights.write_bytes(b"two")  # same path, other content: another hash
     changed.append(digest("model.pretrained=true", f"model.weights={weights}"))

@@ -5,7 +5,7 @@
 * a read-only mount where the run would write (the feature cache beside a read-only prepared
   store) is refused with exit 2 and the path, before any expensive work;
 * ranks that see different listings of the checkpoint directory resume from the same one;
-* timed checkpoints (train.checkpoint_every_minutes) are mid-epoch, resumable checkpoints.
+* timed checkpoints (checkpoint.every_minutes) are mid-epoch, resumable checkpoints.
 """
 from __future__ import annotations
 
@@ -62,12 +62,12 @@ def test_feature_cache_on_a_read_only_data_volume_is_refused_before_extraction(t
     script = 'mount --bind -o ro "$0" "$0" && exec "$@"'
     proc = run(["unshare", "--mount", "bash", "-c", script, str(prep), *train], check=False, timeout=300)
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]
-    assert f"train.feature_cache_dir={prep / 'features'}" in proc.stderr and "read-only file system" in proc.stderr
+    assert f"features.cache_dir={prep / 'features'}" in proc.stderr and "read-only file system" in proc.stderr
     assert "fsGroup" in proc.stderr and "Traceback" not in proc.stderr
-    assert "extract" not in proc.stdout + proc.stderr.split("train.feature_cache_dir")[0]
+    assert "extract" not in proc.stdout + proc.stderr.split("features.cache_dir")[0]
     # A cache on a writable volume (what the manifests now give) runs.
     ok = run(["unshare", "--mount", "bash", "-c", script, str(prep), *train,
-              f"train.feature_cache_dir={tmp_path / 'runs' / 'feature-cache'}", "train.epochs=1"], timeout=300)
+              f"features.cache_dir={tmp_path / 'runs' / 'feature-cache'}", "train.epochs=1"], timeout=300)
     assert "extracted features" in ok.stdout and RunDir(tmp_path / "out").summary_file.is_file()
 
 
@@ -82,20 +82,20 @@ def test_ranks_resume_from_the_main_process_choice(tmp_path):
 
 def test_timed_checkpoints_are_mid_epoch_and_resume_to_the_same_run(tmp_path):
     out, prep = tmp_path / "out", tmp_path / "prep"
-    proc = run([PYTHON, "job/train.py", *small_run(out, prep, "train.checkpoint_every_minutes=0.0001",
-                                                   "train.signal_check_every=5", "train.keep_checkpoints=20")])
+    proc = run([PYTHON, "job/train.py", *small_run(out, prep, "checkpoint.every_minutes=0.0001",
+                                                   "train.signal_check_every=5", "checkpoint.keep=20")])
     names = sorted(p.name for p in RunDir(out).checkpoints.iterdir())
     assert names == ["epoch0000-step0000005", "epoch0000-step0000010", "epoch0000-step0000015",
                      "epoch0001-step0000017", "epoch0001-step0000020", "epoch0001-step0000025",
                      "epoch0001-step0000030", "epoch0002-step0000034"], names
-    assert "(train.checkpoint_every_minutes=0.0001)" in proc.stdout
+    assert "(checkpoint.every_minutes=0.0001)" in proc.stdout
     # The node is lost after step 25: resume from the timed checkpoint, mid epoch 2.
     again = tmp_path / "again"
     shutil.copytree(out, again)
     for name in names[names.index("epoch0001-step0000025") + 1:]:
         shutil.rmtree(RunDir(again).checkpoints / name)
     RunDir(again).summary_file.unlink()
-    resumed = run([PYTHON, "job/train.py", *small_run(again, prep, "train.checkpoint_every_minutes=0")])
+    resumed = run([PYTHON, "job/train.py", *small_run(again, prep, "checkpoint.every_minutes=0")])
     assert "resumed from" in resumed.stdout and "epoch0001-step0000025" in resumed.stdout
     keys = ("epoch", "step", "train_loss", "train_accuracy", "train_samples", "val_loss", "val_accuracy")
     history = lambda d: [{k: getattr(h, k) for k in keys} for h in RunDir(d).epochs()]  # noqa: E731

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from helpers.runs import REPO
-from job.preemption import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED
+from job.preemption import EXIT_BAD_INPUT, EXIT_PREEMPTED
 
 K8S_VERSION = "1.32.0"
 OVERLAYS = ["overlays/1gpu", "overlays/8gpu", "overlays/multinode", "overlays/spot"]
@@ -331,7 +331,7 @@ def test_training_manifests_follow_policy(manifests, target):
     assert any(a.startswith("train.output_dir=/runs/") for a in container["args"])  # W&B dir = output_dir
     assert "train.resume=auto" in container["args"]
     # the feature cache on the writable runs volume, never beside the read-only prepared store
-    assert "train.feature_cache_dir=/runs/feature-cache" in container["args"]
+    assert "features.cache_dir=/runs/feature-cache" in container["args"]
     assert "data.prepared_dir=/data/prepared" in container["args"]
     # secrets by reference only
     variables = env(container)
@@ -769,7 +769,7 @@ def test_with_kueue_the_jobsets_total_time_is_bounded(manifests):
 
 def test_successful_pods_are_never_failures(manifests):
     (job,) = by_kind(manifests["overlays/1gpu"], "Job")
-    assert pod_failure_rule(job["spec"]["podFailurePolicy"], EXIT_OK, False) == ("Count", None)
+    assert pod_failure_rule(job["spec"]["podFailurePolicy"], 0, False) == ("Count", None)
 
 
 def test_kubeflow_runtime_carries_the_policies_and_no_ttl(manifests):
@@ -836,12 +836,12 @@ def test_spot_selects_the_providers_nodes_and_grace(manifests, target, provider)
         assert spec["terminationGracePeriodSeconds"] == 300
     assert env(container)["TERMINATION_GRACE_PERIOD_SECONDS"] == str(spec["terminationGracePeriodSeconds"])
     assert spec["tolerations"][0] == GPU_TOLERATION and len(spec["tolerations"]) >= 5  # merged, not replaced
-    assert "train.checkpoint_every_minutes=10" in container["args"]  # a full save may not fit the grace
+    assert "checkpoint.every_minutes=10" in container["args"]  # a full save may not fit the grace
     ((_, spec_without, container_without),) = pod_specs(manifests["overlays/multinode"])
     assert spec_without["nodeSelector"] == {"kubernetes.io/os": "linux"}
     assert spec_without["tolerations"] == [GPU_TOLERATION, AKS_GPU_TOLERATION]
     assert spec_without["terminationGracePeriodSeconds"] == 300
-    assert not any("checkpoint_every_minutes" in a for a in container_without["args"])
+    assert not any("checkpoint.every_minutes" in a for a in container_without["args"])
 
 
 @pytest.mark.parametrize("provider", sorted(SPOT))

@@ -15,7 +15,7 @@ from job.linear_probe import fit_logistic, fold, grid_search, objective, scores,
 from job.modes import LinearProbeMode, build_mode
 from job.run_dir import RunDir
 
-GRID = ["train.probe_l2_grid=[1.0,0.01,0.0001]"]
+GRID = ["probe.l2_grid=[1.0,0.01,0.0001]"]
 PROBE = ["train.strategy=linear_probe", "model.head_hidden=[]", "model.head_dropout=0"]
 
 
@@ -140,7 +140,7 @@ def test_one_and_two_processes_give_the_same_probe(probe_run, tmp_path):
     extracted anew by the 2 processes (another cache directory), from the same prepared store."""
     two = tmp_path / "two"
     args = small_run(two, probe_run / "prep", *PROBE, *GRID, "data.synthetic_train=200", "data.synthetic_test=50",
-                     "train.log_every=1000", f"train.feature_cache_dir={tmp_path / 'features'}")
+                     "train.log_every=1000", f"features.cache_dir={tmp_path / 'features'}")
     out = run(accelerate_launch(2, "job/train.py", *args), timeout=300).stdout
     assert "extracted features" in out
     a, b = RunDir(probe_run / "run"), RunDir(two)
@@ -154,9 +154,9 @@ def test_one_and_two_processes_give_the_same_probe(probe_run, tmp_path):
 
 @pytest.mark.parametrize("override, needles", [
     ("model.head_hidden=[16]", ("model.head_hidden=[16]", "linear_probe", "model.head_hidden=[]")),
-    ("train.cache_features=false", ("train.cache_features=false", "linear_probe", "train.cache_features=auto")),
-    ("train.probe_l2_grid=[]", ("train.probe_l2_grid",)),
-    ("train.probe_l2_grid=[0.1,0]", ("train.probe_l2_grid",)),
+    ("features.cache=false", ("features.cache=false", "linear_probe", "features.cache=auto")),
+    ("probe.l2_grid=[]", ("probe.l2_grid",)),
+    ("probe.l2_grid=[0.1,0]", ("probe.l2_grid",)),
 ])
 def test_what_a_probe_cannot_be_is_refused(tmp_path, capsys, override, needles):
     from job.train import main
@@ -175,7 +175,6 @@ def test_what_a_probe_cannot_be_is_refused(tmp_path, capsys, override, needles):
 def test_a_sigterm_stops_the_probe_inside_a_solve_not_after_the_grid(tmp_path):
     """A solve takes minutes on a full split, longer than a pod's grace period: the preemption
     check runs between L-BFGS evaluations, so the job exits 143 within one check of the signal."""
-    from job.linear_probe import fit_probe
     from job.preemption import EXIT_PREEMPTED, Preempted
     from job.train import Trainer
 
@@ -183,7 +182,7 @@ def test_a_sigterm_stops_the_probe_inside_a_solve_not_after_the_grid(tmp_path):
     trainer.setup()
     trainer.preemption.received = True  # what the SIGTERM handler sets
     with pytest.raises(Preempted):
-        fit_probe(trainer)
+        trainer.solve_probe()
     assert not RunDir(trainer.out).history_file.exists() or not RunDir(trainer.out).epochs()  # stopped mid-solve
     assert trainer.exit_preempted(Preempted("SIGTERM")) == EXIT_PREEMPTED
 
@@ -203,7 +202,7 @@ def test_a_probe_run_that_stops_the_grid_says_so_and_records_only_what_it_solved
         return (loss, next(falling)) if len(y) == 20 else (loss, accuracy)  # the 20 validation features
 
     monkeypatch.setattr(linear_probe, "scores", scripted)
-    cfg = tiny(tmp_path, *PROBE, "train.probe_l2_grid=[1.0,0.1,0.01,0.001,0.0001]", "early_stopping.patience=2")
+    cfg = tiny(tmp_path, *PROBE, "probe.l2_grid=[1.0,0.1,0.01,0.001,0.0001]", "early_stopping.patience=2")
     assert fit(cfg) == 0
     out = capsys.readouterr().out
     assert "stopped the grid after 3 of 5 l2 values" in out and "l2 0.001, 0.0001 not solved" in out, out

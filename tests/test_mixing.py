@@ -1,4 +1,4 @@
-"""Mixup / CutMix (job/mixing.py, train.mixup_alpha / cutmix_alpha): soft targets over the
+"""Mixup / CutMix (job/mixing.py, mix.mixup_alpha / cutmix_alpha): soft targets over the
 dataset's classes, odd batches, draws from (seed, epoch, step, rank) only, the off epoch, the
 dominant-label training accuracy, the refusal on cached features, and in-process Trainer runs
 (one of them preempted mid-epoch and resumed)."""
@@ -38,23 +38,23 @@ def batch(n, seed=0, channels=3, size=8):
 
 def test_mixing_is_off_unless_an_alpha_is_set():
     assert mixer() is None
-    assert mixer("train.mixup_alpha=0.2") is not None and mixer("train.cutmix_alpha=1.0") is not None
+    assert mixer("mix.mixup_alpha=0.2") is not None and mixer("mix.cutmix_alpha=1.0") is not None
 
 
 @pytest.mark.parametrize("override,message", [
-    ("train.mixup_alpha=-0.1", "train.mixup_alpha and train.cutmix_alpha must be >= 0"),
-    ("train.cutmix_alpha=-1", "train.mixup_alpha and train.cutmix_alpha must be >= 0"),
-    ("train.mix_prob=1.5", r"train.mix_prob must be in \[0, 1\]"),
-    ("train.mix_prob=-0.1", r"train.mix_prob must be in \[0, 1\]"),
-    ("train.mix_off_epoch=-1", "train.mix_off_epoch must be >= 0"),
+    ("mix.mixup_alpha=-0.1", "mix.mixup_alpha and mix.cutmix_alpha must be >= 0"),
+    ("mix.cutmix_alpha=-1", "mix.mixup_alpha and mix.cutmix_alpha must be >= 0"),
+    ("mix.prob=1.5", r"mix.prob must be in \[0, 1\]"),
+    ("mix.prob=-0.1", r"mix.prob must be in \[0, 1\]"),
+    ("mix.off_epoch=-1", "mix.off_epoch must be >= 0"),
 ])
 def test_invalid_mixing_keys_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
 
 
-@pytest.mark.parametrize("alphas", [["train.mixup_alpha=0.4"], ["train.cutmix_alpha=1.0"],
-                                    ["train.mixup_alpha=0.4", "train.cutmix_alpha=1.0"]])
+@pytest.mark.parametrize("alphas", [["mix.mixup_alpha=0.4"], ["mix.cutmix_alpha=1.0"],
+                                    ["mix.mixup_alpha=0.4", "mix.cutmix_alpha=1.0"]])
 def test_targets_are_soft_over_the_datasets_classes_with_label_smoothing(alphas):
     mix = mixer(*alphas, "loss.label_smoothing=0.1")
     x, labels = batch(8)
@@ -63,14 +63,14 @@ def test_targets_are_soft_over_the_datasets_classes_with_label_smoothing(alphas)
         assert targets.shape == (8, 10)  # the dataset's 10 classes, not timm's default 1000
         assert torch.allclose(targets.sum(1), torch.ones(8))
         assert targets.min() >= 0.1 / 10 - 1e-6  # smoothing: every class keeps at least its share
-    unmixed = mixer(*alphas, "loss.label_smoothing=0.1", "train.mix_prob=0")
+    unmixed = mixer(*alphas, "loss.label_smoothing=0.1", "mix.prob=0")
     _, targets = unmixed(x.clone(), labels, epoch=0, step=0)
     expected = torch.full((8, 10), 0.01).scatter_(1, labels[:, None], 0.91)
     assert torch.allclose(targets, expected)
 
 
 def test_mixup_mixes_the_batch_with_its_reverse():
-    mix = mixer("train.mixup_alpha=0.4")
+    mix = mixer("mix.mixup_alpha=0.4")
     x, labels = batch(4)[0], torch.tensor([0, 1, 2, 3])
     mixed, targets = mix(x.clone(), labels, epoch=0, step=0)
     lam = float(targets[0, 0])
@@ -79,7 +79,7 @@ def test_mixup_mixes_the_batch_with_its_reverse():
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 33])
-@pytest.mark.parametrize("alphas", [["train.mixup_alpha=0.4"], ["train.mixup_alpha=0.4", "train.cutmix_alpha=1.0"]])
+@pytest.mark.parametrize("alphas", [["mix.mixup_alpha=0.4"], ["mix.mixup_alpha=0.4", "mix.cutmix_alpha=1.0"]])
 def test_any_batch_size_mixes_without_crashing(n, alphas):
     mix = mixer(*alphas, "loss.label_smoothing=0.1")
     x, labels = batch(n)
@@ -92,7 +92,7 @@ def test_any_batch_size_mixes_without_crashing(n, alphas):
 
 
 def test_mixup_of_feature_vectors():
-    mix = mixer("train.mixup_alpha=0.4", cached=True)
+    mix = mixer("mix.mixup_alpha=0.4", cached=True)
     features, labels = torch.rand(5, 16), torch.randint(0, 10, (5,))
     mixed, targets = mix(features.clone(), labels, epoch=0, step=0)
     assert mixed.shape == (5, 16) and targets.shape == (5, 10)
@@ -102,7 +102,7 @@ def test_draws_come_from_seed_epoch_step_and_rank_only_and_leave_the_global_rng_
     x, labels = batch(6)
 
     def draw(epoch=0, step=3, rank=0, micro=1, seed=0):
-        mix = mixer("train.mixup_alpha=1.0", "train.cutmix_alpha=1.0", f"train.seed={seed}", rank=rank)
+        mix = mixer("mix.mixup_alpha=1.0", "mix.cutmix_alpha=1.0", f"train.seed={seed}", rank=rank)
         return mix(x.clone(), labels, epoch=epoch, step=step, micro=micro)
 
     a, b = draw(), draw()
@@ -120,21 +120,21 @@ def test_draws_come_from_seed_epoch_step_and_rank_only_and_leave_the_global_rng_
 
 
 def test_mix_off_epoch_turns_mixing_off_from_that_epoch():
-    mix = mixer("train.mixup_alpha=0.2", "train.mix_off_epoch=2")
+    mix = mixer("mix.mixup_alpha=0.2", "mix.off_epoch=2")
     assert mix.active(0) and mix.active(1) and not mix.active(2) and not mix.active(5)
-    always = mixer("train.mixup_alpha=0.2")
+    always = mixer("mix.mixup_alpha=0.2")
     assert always.active(0) and always.active(1000)
 
 
 def test_cutmix_on_cached_features_is_refused_with_the_fix():
-    for overrides in (["train.strategy=feature_extraction", "train.cutmix_alpha=1.0"],
-                      ["train.strategy=feature_extraction", "train.cache_features=true", "train.cutmix_alpha=1.0"]):
-        with pytest.raises(ConfigError, match=r"train.cutmix_alpha.*cached features.*train.cache_features=false"):
+    for overrides in (["train.strategy=feature_extraction", "mix.cutmix_alpha=1.0"],
+                      ["train.strategy=feature_extraction", "features.cache=true", "mix.cutmix_alpha=1.0"]):
+        with pytest.raises(ConfigError, match=r"mix.cutmix_alpha.*cached features.*features.cache=false"):
             load_config(None, overrides)
-    load_config(None, ["train.strategy=feature_extraction", "train.cache_features=false", "train.cutmix_alpha=1.0"])
-    load_config(None, ["train.strategy=feature_extraction", "train.mixup_alpha=0.2"])  # mixup is allowed
-    with pytest.raises(ConfigError, match="train.cache_features=false"):
-        mixer("train.cutmix_alpha=1.0", cached=True)
+    load_config(None, ["train.strategy=feature_extraction", "features.cache=false", "mix.cutmix_alpha=1.0"])
+    load_config(None, ["train.strategy=feature_extraction", "mix.mixup_alpha=0.2"])  # mixup is allowed
+    with pytest.raises(ConfigError, match="features.cache=false"):
+        mixer("mix.cutmix_alpha=1.0", cached=True)
 
 
 class _NoSchedule:
@@ -145,7 +145,7 @@ class _NoSchedule:
 def test_training_accuracy_counts_the_dominant_label_and_the_loss_is_soft_target():
     """With the learning rate 0 the model is fixed: the epoch's accuracy must be that of its
     predictions against the argmax of each mixed batch's targets, its loss the soft-target one."""
-    cfg = load_config(None, ["train.mixup_alpha=1.0", "loss.label_smoothing=0.1"])
+    cfg = load_config(None, ["mix.mixup_alpha=1.0", "loss.label_smoothing=0.1"])
     torch.manual_seed(0)
     features = np.random.default_rng(0).standard_normal((45, 6)).astype(np.float32)
     labels = np.random.default_rng(1).integers(0, 10, 45)
@@ -175,14 +175,14 @@ def test_training_accuracy_counts_the_dominant_label_and_the_loss_is_soft_target
 
 
 def test_a_trainer_run_with_mixup_trains_and_logs_the_dominant_label(tmp_path, capsys):
-    trainer = Trainer(tiny(tmp_path, "train.mixup_alpha=0.2", "train.epochs=2", "train.mix_off_epoch=1",
+    trainer = Trainer(tiny(tmp_path, "mix.mixup_alpha=0.2", "train.epochs=2", "mix.off_epoch=1",
                            "data.batch_size=14", "data.image_size=16"))
     trainer.setup()
     assert trainer.parts.mix is not None and trainer.parts.mix.num_classes == trainer.num_classes
     trainer.train_and_validate_epoch(0)
     trainer.train_and_validate_epoch(1)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
-    assert "acc (dominant label)" in lines[0] and "dominant" not in lines[1]  # mix_off_epoch=1
+    assert "acc (dominant label)" in lines[0] and "dominant" not in lines[1]  # mix.off_epoch=1
     assert [r.epoch for r in RunDir(trainer.out).epochs()] == [0, 1]
 
 
@@ -191,7 +191,7 @@ def test_mixup_and_cutmix_resume_exactly_after_a_mid_epoch_preemption(tmp_path):
     ends with the weights of an uninterrupted one, because the mixing draws depend on (seed,
     epoch, step, rank) only."""
     def build(out):
-        return Trainer(tiny(tmp_path / out, "train.mixup_alpha=0.4", "train.cutmix_alpha=1.0", "train.mix_prob=0.8",
+        return Trainer(tiny(tmp_path / out, "mix.mixup_alpha=0.4", "mix.cutmix_alpha=1.0", "mix.prob=0.8",
                             "train.grad_accum_steps=2", "train.epochs=2", "data.batch_size=16",
                             "early_stopping.metric=val_loss", "model.head_dropout=0", "data.image_size=16"))
 

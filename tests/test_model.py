@@ -61,11 +61,11 @@ def test_two_stage_switches_at_head_epochs():
 
     two_stage = strategy("train.strategy=two_stage", "train.head_epochs=2", "train.epochs=5")
     assert [two_stage.frozen_at(e) for e in range(5)] == [True, True, False, False, False]
-    assert two_stage.trains_backbone and two_stage.needs_unused_parameter_check
+    assert two_stage.trains_backbone and two_stage.head_only_stage
     finetune, frozen = strategy("train.strategy=finetune"), strategy("train.strategy=feature_extraction")
     assert not any(finetune.frozen_at(e) for e in range(3)) and finetune.trains_backbone
     assert all(frozen.frozen_at(e) for e in range(3)) and not frozen.trains_backbone
-    assert not finetune.needs_unused_parameter_check and not frozen.needs_unused_parameter_check
+    assert not finetune.head_only_stage and not frozen.head_only_stage
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth", "pth_wrapped"])

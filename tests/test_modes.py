@@ -30,14 +30,14 @@ def changed(before: dict, module: torch.nn.Module) -> bool:
 
 def test_the_config_chooses_the_mode_in_one_place(tmp_path):
     assert isinstance(build_mode(tiny(tmp_path, "train.strategy=feature_extraction")), FeatureMode)
-    assert isinstance(build_mode(tiny(tmp_path, "train.strategy=feature_extraction", "train.cache_features=false")),
+    assert isinstance(build_mode(tiny(tmp_path, "train.strategy=feature_extraction", "features.cache=false")),
                       ImageMode)
     assert isinstance(build_mode(tiny(tmp_path, "train.strategy=two_stage")), ImageMode)
     assert isinstance(build_mode(tiny(tmp_path)), ImageMode)
 
 
 def test_cached_features_train_and_evaluate_the_head_alone_and_save_the_whole_model(tmp_path):
-    trainer = Trainer(tiny(tmp_path, "train.strategy=feature_extraction", "train.epochs=1", "train.test_tta=flip"))
+    trainer = Trainer(tiny(tmp_path, "train.strategy=feature_extraction", "train.epochs=1", "tta.test=flip"))
     trainer.setup()
     assert trainer.mode.trainable(trainer.bare) is trainer.bare.head is trainer.mode.evaluated(trainer.bare)
     backbone, head = snapshot(trainer.bare.backbone), snapshot(trainer.bare.head)
@@ -48,7 +48,7 @@ def test_cached_features_train_and_evaluate_the_head_alone_and_save_the_whole_mo
     trainer.summarise_run(test)
     summary = RunDir(trainer.out).summary()
     assert summary.features_cached and summary.feature_extraction_seconds > 0
-    assert summary.test_accuracy_tta is not None  # train.test_tta=flip: beside test_accuracy
+    assert summary.test_accuracy_tta is not None  # tta.test=flip: beside test_accuracy
     saved = RunDir(trainer.out).card()
     assert saved.model == "test_resnet"
 
@@ -83,17 +83,18 @@ def test_preemption_is_one_exception_caught_where_the_checkpoint_is_saved(tmp_pa
 
 
 def test_weight_ema_updates_once_per_optimizer_update_and_resumes_exactly(tmp_path):
-    """train.ema_epochs: timm's ModelEmaV3 of what trains, one update per optimizer update
+    """ema.epochs: timm's ModelEmaV3 of what trains, one update per optimizer update
     (accumulation 2: half the micro-batches), validated beside the raw weights, saved with the
     checkpoint: a run preempted mid-epoch and resumed ends with the EMA of an uninterrupted one."""
     def build(out):
-        return Trainer(tiny(tmp_path / out, "train.ema_epochs=0.5", "train.grad_accum_steps=2", "train.epochs=2",
+        return Trainer(tiny(tmp_path / out, "ema.epochs=0.5", "train.grad_accum_steps=2", "train.epochs=2",
                             "data.batch_size=16", "early_stopping.metric=val_loss"))
 
     whole = build("whole")
     whole.setup()
     updates = []
-    whole.ema.update = (lambda real: lambda module, step: (updates.append(step), real(module, step)))(whole.ema.update)
+    (ema,) = [c for c in whole.components if c.name == "ema"]  # registered once, by its section
+    ema.ema.update = (lambda real: lambda module, step: (updates.append(step), real(module, step)))(ema.ema.update)
     for epoch in range(2):
         whole.train_and_validate_epoch(epoch)
     assert updates == list(range(1, whole.state.global_step + 1))  # once per update, numbered like them
@@ -114,5 +115,6 @@ def test_weight_ema_updates_once_per_optimizer_update_and_resumes_exactly(tmp_pa
     resumed.setup()
     assert resumed.state.epoch == 1 and resumed.state.samples_in_epoch > 0
     resumed.train_and_validate_epoch(1)
-    for (name, a), b in zip(whole.ema.state_dict().items(), resumed.ema.state_dict().values()):
+    (resumed_ema,) = [c for c in resumed.components if c.name == "ema"]
+    for (name, a), b in zip(ema.state_dict().items(), resumed_ema.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name

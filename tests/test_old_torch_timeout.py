@@ -24,11 +24,11 @@ def test_two_processes_train_past_the_first_update_without_set_timeout(tmp_path)
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(_WITHOUT_SET_TIMEOUT)
     out = tmp_path / "run"
-    args = small_run(out, tmp_path / "prep", "train.epochs=1", "train.step_timeout_minutes=0.5",
-                     "train.setup_timeout_minutes=2")
+    args = small_run(out, tmp_path / "prep", "train.epochs=1", "timeouts.step_minutes=0.5",
+                     "timeouts.setup_minutes=2")
     proc = run(accelerate_launch(2, "job/train.py", *args), env={"PYTHONPATH": str(shim)}, timeout=400)
     # the timeout really changed: 2 min during setup, 30 s from the first update on
-    assert "collective timeout now 0:00:30 (train.step_timeout_minutes)" in proc.stdout
+    assert "collective timeout now 0:00:30 (timeouts.step_minutes)" in proc.stdout
     assert "AttributeError" not in proc.stdout + proc.stderr
     summary = RunDir(out).summary()
     assert summary.world_size == 2 and summary.epochs_completed == 1 and summary.replicas_identical is True

@@ -22,8 +22,8 @@ def test_presets_settings_on_two_processes_run_to_the_end(tmp_path):
     args = small_run(out, tmp_path / "prep", "train.channels_last=true", "model.head_hidden=[32,16]",
                      "train.grad_accum_steps=2", "train.compile=true", "train.epochs=1", "data.synthetic_train=500",
                      # and the GPU recipe's switches (finetune.yaml) on 2 processes, under compile
-                     "train.ema_epochs=0.5", "train.mixup_alpha=0.2", "optim.layer_decay=0.9",
-                     "data.auto_augment=rand_augment", "train.test_tta=flip")
+                     "ema.epochs=0.5", "mix.mixup_alpha=0.2", "optim.layer_decay=0.9",
+                     "data.auto_augment=rand_augment", "tta.test=flip")
     proc = run(accelerate_launch(2, "job/train.py", *args), env={"TORCH_LOGS": "recompiles"}, timeout=900)
     output = proc.stdout + proc.stderr
     m = RunDir(out).summary()
@@ -52,8 +52,8 @@ def test_a_mid_epoch_checkpoint_resumes_on_another_world_size(tmp_path, before, 
     training sample exactly once (sampling.EpochPlan; the property test covers every size)."""
     out = tmp_path / "run"
     # with the recipe's stateful switches (EMA, seeded Mixup/CutMix) and auto-augmentation on
-    args = small_run(out, tmp_path / "prep", "train.epochs=2", "data.batch_size=16", "train.ema_epochs=0.5",
-                     "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0", "data.auto_augment=trivial_augment")
+    args = small_run(out, tmp_path / "prep", "train.epochs=2", "data.batch_size=16", "ema.epochs=0.5",
+                     "mix.mixup_alpha=0.2", "mix.cutmix_alpha=1.0", "data.auto_augment=trivial_augment")
     # 540 training images; step 5 is mid epoch 1 on either world size
     code, _ = train_until_sigterm(accelerate_launch(before, "job/train.py", *args), at_line="step 5:")
     assert code == 143 or code != 0

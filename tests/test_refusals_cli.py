@@ -92,7 +92,7 @@ def test_a_run_folder_whose_history_is_not_ours_is_refused_naming_the_file(tmp_p
 
 
 @pytest.mark.parametrize("key, where", [("train.output_dir", "train"), ("train.output_dir", "."),
-                                        ("train.output_dir", ".."), ("train.feature_cache_dir", "train/cat")])
+                                        ("train.output_dir", ".."), ("features.cache_dir", "train/cat")])
 def test_outputs_inside_or_around_the_dataset_are_refused(tmp_path, capsys, key, where):
     from job.train import main
 

@@ -25,7 +25,7 @@ def args(out, prepared, *overrides):
 def test_only_the_named_keys_may_differ_and_every_other_difference_is_listed():
     saved = load_config(SMALL).to_dict()
     current = load_config(SMALL, ["optim.lr=0.2", "train.seed=3", "train.epochs=9", "tracking.project=x",
-                                  "data.num_threads=2", "train.checkpoint_every_minutes=5"]).to_dict()
+                                  "data.num_threads=2", "checkpoint.every_minutes=5"]).to_dict()
     assert config_differences(saved, current) == {"optim.lr": (0.003, 0.2), "train.seed": (0, 3)}
     assert may_change_on_resume("tracking.tags") and may_change_on_resume("train.epochs")
     assert not may_change_on_resume("train.strategy") and not may_change_on_resume("optim.lr")
@@ -91,13 +91,13 @@ def test_a_larger_epochs_extends_the_run_and_the_resume_is_recorded(finished, tm
     from job.train import main
 
     out = copied(finished, tmp_path)
-    assert main(args(out, finished / "prep", "train.epochs=3", "train.keep_checkpoints=3")) == 0
+    assert main(args(out, finished / "prep", "train.epochs=3", "checkpoint.keep=3")) == 0
     run = RunDir(out)
     assert run.summary().epochs_completed == 3 and [r.epoch for r in run.epochs()] == [0, 1, 2]
     saved = yaml.safe_load(run.config_file.read_text())
     assert saved["train"]["epochs"] == 3 and saved["optim"]["lr"] == 0.003
     (entry,) = run.resumes()
     assert entry["world_size"] == 1 and entry["checkpoint"] == "epoch0002-step0000012"
-    assert entry["overrides"] == {"train.epochs": {"was": 2, "now": 3}, "train.keep_checkpoints": {"was": 2, "now": 3},
+    assert entry["overrides"] == {"train.epochs": {"was": 2, "now": 3}, "checkpoint.keep": {"was": 2, "now": 3},
                                   "train.output_dir": {"was": str(finished / "run"), "now": str(out)}}
     assert entry["time"].endswith("+00:00")

@@ -1,4 +1,4 @@
-"""train.sync_batchnorm (job/distributed.py): when it is on, and that two processes then hold the
+"""ddp.sync_batchnorm (job/distributed.py): when it is on, and that two processes then hold the
 batch-norm statistics one process computes over the same global batch."""
 from __future__ import annotations
 
@@ -81,9 +81,9 @@ def test_two_processes_hold_the_statistics_of_one_process_over_the_global_batch(
 def test_a_two_process_training_run_with_sync_batchnorm(tmp_path):
     """Through the real entry point: converted before DDP, with the weight EMA and a checkpoint."""
     out = tmp_path / "run"
-    args = small_run(out, tmp_path / "prep", "train.epochs=1", "train.sync_batchnorm=true", "data.batch_size=16",
-                     "train.ema_epochs=0.5")
+    args = small_run(out, tmp_path / "prep", "train.epochs=1", "ddp.sync_batchnorm=true", "data.batch_size=16",
+                     "ema.epochs=0.5")
     proc = run(accelerate_launch(2, "job/train.py", *args), timeout=400)
-    assert "train.sync_batchnorm=true:" in proc.stdout and "over all 2 processes (16 images each)" in proc.stdout
+    assert "ddp.sync_batchnorm=true:" in proc.stdout and "over all 2 processes (16 images each)" in proc.stdout
     summary = RunDir(out).summary()
     assert summary.world_size == 2 and summary.epochs_completed == 1 and summary.replicas_identical is True

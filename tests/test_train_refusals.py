@@ -36,7 +36,7 @@ def test_refusals_before_any_work(tmp_path, capsys):
         (("train.seed=-1",), ("train.seed must be >= 0",)),
         (("data.split_seed=-5",), ("data.split_seed",)),
         (("data.val_fraction=0",), ("training needs a validation split",)),
-        (("train.cache_features=true", "train.strategy=finetune"), ("needs train.strategy=feature_extraction",)),
+        (("features.cache=true", "train.strategy=finetune"), ("needs train.strategy=feature_extraction",)),
         ((f"data.root={tmp_path}", "data.source=cifar10"), ("overlaps data.root", "outside data.root")),
         ((f"data.root={tmp_path / 'prep' / 'cifar10' / 'x'}", "data.source=cifar10"), ("overlaps data.root",)),
     ]
@@ -51,7 +51,7 @@ def test_refusals_before_any_work(tmp_path, capsys):
 def test_an_output_dir_this_job_cannot_use(tmp_path, capsys, monkeypatch):
     """A best/ the job did not write would be replaced: refused; an unwritable output_dir is
     refused before any work (checked with os.access, patched here: root may write anywhere)."""
-    from job import checkpoint
+    from job import storage
     from job import train as train_module
 
     foreign = RunDir(tmp_path / "out").best
@@ -61,7 +61,7 @@ def test_an_output_dir_this_job_cannot_use(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert str(foreign) in err and "was not written by this job" in err
     assert (foreign / "notes.txt").read_text() == "mine"
-    monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(storage.os, "access", lambda path, mode: False)
     assert train_module.main(train_args(tmp_path, f"train.output_dir={tmp_path / 'elsewhere'}")) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path} is not writable" in err

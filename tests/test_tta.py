@@ -1,4 +1,4 @@
-"""Test-time flips (train.test_tta, evaluate.py --tta): each image's probabilities are the mean of
+"""Test-time flips (tta.test, evaluate.py --tta): each image's probabilities are the mean of
 its and its mirror's softmax, checked against a direct computation."""
 import pytest
 import torch

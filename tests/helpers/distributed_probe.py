@@ -27,9 +27,10 @@ from job.loop import TrainParts, TrainState, train_one_epoch
 
 
 out = Path(sys.argv[1])
-cfg = load_config(None, ["train.setup_timeout_minutes=1", "train.step_timeout_minutes=0.05",
-                         "train.log_every=1000", "train.signal_check_every=1000"]).train
-accelerator = build_accelerator(cfg)
+config = load_config(None, ["timeouts.setup_minutes=1", "timeouts.step_minutes=0.05",
+                            "train.log_every=1000", "train.signal_check_every=1000"])
+cfg = config.train
+accelerator = build_accelerator(cfg, config.timeouts)
 result = {"setup_timeout_seconds": collective_timeout().total_seconds()}
 
 torch.manual_seed(0)
@@ -74,7 +75,7 @@ result["all_reduces"] = {"eager_accum1": all_reduces(1, compile=False),
                          "compiled_accum2": all_reduces(2, compile=True),
                          "compiled_accum2_without_no_sync": all_reduces(2, compile=True, use_no_sync=False)}
 
-training_timeouts(accelerator, cfg)
+training_timeouts(accelerator, config.timeouts)
 result["step_timeout_seconds"] = collective_timeout().total_seconds()
 if accelerator.process_index == 1:
     time.sleep(12)  # a lost peer: never joins the collective below in time

@@ -15,7 +15,8 @@ from job.distributed import build_accelerator
 from job.run_dir import RunDir
 
 out = Path(sys.argv[1])
-accelerator = build_accelerator(load_config(None, ["train.setup_timeout_minutes=1"]).train)
+config = load_config(None, ["timeouts.setup_minutes=1"])
+accelerator = build_accelerator(config.train, config.timeouts)
 rank = accelerator.process_index
 view = out / f"view{rank}"
 names = ["epoch0001-step0000017", "epoch0002-step0000034"] if rank == 0 else ["epoch0001-step0000017"]

@@ -1,4 +1,4 @@
-"""Run under `accelerate launch --num_processes 2` (CPU, gloo): train.sync_batchnorm=true on a small
+"""Run under `accelerate launch --num_processes 2` (CPU, gloo): ddp.sync_batchnorm=true on a small
 network with every kind of batch norm the models have (BatchNorm2d, timm's BatchNormAct2d, the
 head's BatchNorm1d); each rank takes its half of one global batch, two training forwards and
 backwards. Writes each rank's batch-norm buffers, outputs and gradients for
@@ -49,11 +49,11 @@ def run(model: torch.nn.Module, batches) -> dict:
 
 
 if __name__ == "__main__":
-    cfg = load_config(None, ["train.sync_batchnorm=true"]).train
-    acc = build_accelerator(cfg)
+    cfg = load_config(None, ["ddp.sync_batchnorm=true"])
+    acc = build_accelerator(cfg.train, cfg.timeouts)
     rank = acc.process_index
     model = network()
-    converted = sync_batchnorm(acc, model, cfg.sync_batchnorm, PER_RANK)
+    converted = sync_batchnorm(acc, model, cfg.ddp.sync_batchnorm, PER_RANK)
     mine = [(x[rank * PER_RANK:(rank + 1) * PER_RANK], w[rank * PER_RANK:(rank + 1) * PER_RANK])
             for x, w in global_batches()]
     result = {"converted": converted, "world_size": acc.num_processes, **run(model, mine)}
