@@ -24,11 +24,6 @@ class Preprocessing:
     std: tuple[float, float, float]
 
 
-# data.auto_augment's choices ("none" = off) and RandAugment's magnitude bins: DALI's
-# rand_augment takes m in [0, num_magnitude_bins - 1] with 31 bins by default, as torchvision does.
-AUTO_AUGMENT_POLICIES = ("none", "rand_augment", "trivial_augment", "auto_augment")
-RAND_AUGMENT_MAX_M = 30
-
 
 @dataclass(frozen=True)
 class AutoAugment:
@@ -42,11 +37,8 @@ class AutoAugment:
 
     @classmethod
     def of(cls, name: str, n: int = 2, m: int = 9) -> "AutoAugment | None":
-        """The policy named by data.auto_augment, or None for "none"."""
-        if name not in AUTO_AUGMENT_POLICIES:
-            raise ValueError(f"auto_augment={name!r}; choose one of {', '.join(AUTO_AUGMENT_POLICIES)}")
-        if n < 1 or not 0 <= m <= RAND_AUGMENT_MAX_M:
-            raise ValueError(f"rand_augment n={n} must be >= 1 and m={m} in [0, {RAND_AUGMENT_MAX_M}]")
+        """The policy named by data.auto_augment, or None for "none" (the name, n and m are checked
+        once, with the config: job/config.py)."""
         return None if name == "none" else cls(name, n, m)
 
 
