@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from job.early_stopping import metric_value
+
 # Evaluates a module on the validation split (or the test split): {"loss", "accuracy", ...}.
 Evaluate = Callable[[torch.nn.Module], dict]
 
@@ -68,10 +70,14 @@ class Component:
 def pick_best(candidates: dict[str, dict], metric: str) -> str:
     """The candidate whose validation scores best on the early-stopping metric; the first one
     (the raw weights) on a tie."""
-    key, sign = ("accuracy", 1) if metric == "val_accuracy" else ("loss", -1)
+    sign = -1 if metric.endswith("loss") else 1
+
+    def score(name: str) -> float:
+        return sign * metric_value(metric, candidates[name]["accuracy"], candidates[name]["loss"])
+
     names = list(candidates)
     best = names[0]
     for name in names[1:]:
-        if sign * candidates[name][key] > sign * candidates[best][key]:
+        if score(name) > score(best):
             best = name
     return best

@@ -35,13 +35,13 @@ MAX_IMAGE_SIZE = 1024
 
 # Keys that moved to their component's section (issue #29): an old config gets the new name.
 MOVED_KEYS = {
-    "features.cache": "features.cache", "features.dtype": "features.dtype",
-    "features.cache_dir": "features.cache_dir", "probe.l2_grid": "probe.l2_grid",
-    "ema.epochs": "ema.epochs", "mix.mixup_alpha": "mix.mixup_alpha", "mix.cutmix_alpha": "mix.cutmix_alpha",
-    "mix.prob": "mix.prob", "mix.off_epoch": "mix.off_epoch", "tta.test": "tta.test",
-    "checkpoint.keep": "checkpoint.keep", "checkpoint.every_minutes": "checkpoint.every_minutes",
-    "timeouts.setup_minutes": "timeouts.setup_minutes", "timeouts.step_minutes": "timeouts.step_minutes",
-    "ddp.sync_batchnorm": "ddp.sync_batchnorm",
+    "train.cache_features": "features.cache", "train.feature_dtype": "features.dtype",
+    "train.feature_cache_dir": "features.cache_dir", "train.probe_l2_grid": "probe.l2_grid",
+    "train.ema_epochs": "ema.epochs", "train.mixup_alpha": "mix.mixup_alpha", "train.cutmix_alpha": "mix.cutmix_alpha",
+    "train.mix_prob": "mix.prob", "train.mix_off_epoch": "mix.off_epoch", "train.test_tta": "tta.test",
+    "train.keep_checkpoints": "checkpoint.keep", "train.checkpoint_every_minutes": "checkpoint.every_minutes",
+    "train.setup_timeout_minutes": "timeouts.setup_minutes", "train.step_timeout_minutes": "timeouts.step_minutes",
+    "train.sync_batchnorm": "ddp.sync_batchnorm",
 }
 # Keys no run ever changed, now constants where they act (STYLE.md: a key only with a run that changes it).
 REMOVED_KEYS = {
@@ -481,6 +481,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, e.g. {key}=[512,256]; got {shown(value)}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    return _coerce_scalar(value, hint, key)
+
+
+def _coerce_scalar(value: Any, hint: Any, key: str) -> Any:
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {shown(value)}")

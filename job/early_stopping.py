@@ -4,6 +4,12 @@ from __future__ import annotations
 import math
 
 
+def metric_value(metric: str, accuracy: float, loss: float) -> float:
+    """The number ``early_stopping.metric`` names among a validation's accuracy and loss: the one
+    place that maps the metric's name to a value (epochs, EMA candidates, the probe's grid)."""
+    return accuracy if metric == "val_accuracy" else loss
+
+
 class EarlyStopping:
     """Stop after ``patience`` epochs in which ``metric`` did not improve by more than ``min_delta``.
 

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from job.config import Config
-from job.early_stopping import EarlyStopping
+from job.early_stopping import EarlyStopping, metric_value
 from job.records import EpochRecord
 
 # The solver's stopping rule: no run changed them (once config keys, removed in #29). Converged
@@ -171,7 +171,7 @@ def grid_search(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tenso
         init = (W, b)
         point = GridPoint(l2, W, b, info, *scores(*train, W, b), *scores(*val, W, b))
         points.append(point)
-        pick.update(point.val_accuracy if metric == "val_accuracy" else point.val_loss, i)
+        pick.update(metric_value(metric, point.val_accuracy, point.val_loss), i)
         if on_point is not None:
             on_point(i, point)
         if pick.should_stop:

@@ -43,7 +43,7 @@ from job.config import BadInput, Config, parse_args, per_process_batch  # noqa: 
 from job.data import DataError, prepare_from_config  # noqa: E402
 from job.distributed import (CollectiveTimeouts, all_ranks_or_none, build_accelerator,  # noqa: E402
                              once_per_node_first, replicas_identical, sync_batchnorm)
-from job.early_stopping import EarlyStopping  # noqa: E402
+from job.early_stopping import EarlyStopping, metric_value  # noqa: E402
 from job.ema import EmaComponent  # noqa: E402
 from job.loop import Pause, StepHooks, StepLog, TrainParts, TrainState, evaluate, train_one_epoch  # noqa: E402
 from job.mixing import BatchMixer  # noqa: E402
@@ -243,7 +243,7 @@ class Trainer:
         candidates = self._validate()
         chosen = pick_best(candidates, self.cfg.early_stopping.metric)
         val, picked = candidates["raw"], candidates[chosen]
-        metric = picked["accuracy"] if self.cfg.early_stopping.metric == "val_accuracy" else picked["loss"]
+        metric = metric_value(self.cfg.early_stopping.metric, picked["accuracy"], picked["loss"])
         self.parts.scheduler.step(epoch + 1, metric)
         if self.stopper.update(metric, epoch):
             card = self.data.card
@@ -268,7 +268,7 @@ class Trainer:
             layer.weight.copy_(result.W.to(layer.weight.dtype))
             layer.bias.copy_(result.b.to(layer.bias.dtype))
         for i, p in enumerate(result.points):  # what the summary reads (best epoch, stopped_early)
-            self.stopper.update(p.val_accuracy if self.stopper.metric == "val_accuracy" else p.val_loss, i)
+            self.stopper.update(metric_value(self.stopper.metric, p.val_accuracy, p.val_loss), i)
         card = self.data.card
         card.epoch, card.val_accuracy, card.weights = result.best, result.chosen.val_accuracy, "raw"
         save_best(self.accelerator, self.bare.state_dict(), self.out, card)
