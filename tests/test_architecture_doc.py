@@ -39,3 +39,24 @@ def _find(name: str, near) -> bool:
         if obj is not None:
             return True
     return False
+
+
+def test_the_component_table_is_build_components():
+    """docs/ARCHITECTURE.md's component table names each component that job/train.py:
+    build_components registers, with its file and its registration line, in order."""
+    import inspect
+
+    from job.components import Component
+    from job.train import build_components
+
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    table = text.split("<!-- components:start -->")[1].split("<!-- components:end -->")[0]
+    rows = [re.findall(r"`([^`]+)`", line) for line in table.splitlines() if line.startswith("| `")]
+    source = inspect.getsource(build_components)
+    body = source.split("components = [")[1].split("]")[0]
+    registered = [line.split("  #")[0].strip().rstrip(",") for line in body.splitlines() if line.strip()]
+    assert [row[3] for row in rows] == registered  # component, file, section, registration line
+    for name, path, *_ in rows:
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        cls = getattr(module, name)
+        assert issubclass(cls, Component), name
