@@ -30,10 +30,9 @@ def atomic_directory(final: Path, *, is_ours: Callable[[Path], bool]) -> Iterato
     call (``remove_abandoned``).
     """
     final = Path(final)
-    if final.is_symlink() or final.exists() and not final.is_dir():
-        raise ForeignDirectoryError(final, "exists and is not a directory")
-    if final.is_dir() and any(final.iterdir()) and not is_ours(final):
-        raise ForeignDirectoryError(final, "is a non-empty directory that this job did not write")
+    why = foreign(final, is_ours)
+    if why is not None:
+        raise ForeignDirectoryError(final, why)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(final)
     tag = f"{socket.gethostname()}-{os.getpid()}"
@@ -56,6 +55,16 @@ def atomic_directory(final: Path, *, is_ours: Callable[[Path], bool]) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def foreign(final: Path, is_ours: Callable[[Path], bool]) -> str | None:
+    """Why ``final`` must not be replaced (it is something this job did not write), or None: the
+    rule of ``atomic_directory``, for checks made before the write (job/storage.py)."""
+    if final.is_symlink() or final.exists() and not final.is_dir():
+        return "exists and is not a directory"
+    if final.is_dir() and any(final.iterdir()) and not is_ours(final):
+        return "is a non-empty directory that this job did not write"
+    return None
 
 
 # Another host's temporary (shared storage; a rescheduled pod gets a new hostname) is removed once

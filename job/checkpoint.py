@@ -281,7 +281,7 @@ def save_best(accelerator: Accelerator, weights: dict[str, torch.Tensor], output
         return
     best = RunDir(output_dir).best
     try:
-        with atomic_directory(best, is_ours=lambda p: (p / RunDir.CARD).is_file()) as tmp:
+        with atomic_directory(best, is_ours=RunDir.is_best) as tmp:
             state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
             save_file(state, str(tmp / RunDir.WEIGHTS), metadata={"format": "pt"})
             (tmp / RunDir.CARD).write_text(card.to_json())

@@ -34,6 +34,11 @@ class RunDir:
     WEIGHTS: ClassVar[str] = "model.safetensors"
     CARD: ClassVar[str] = "model.json"
 
+    @classmethod
+    def is_best(cls, folder: Path) -> bool:
+        """Whether ``folder`` is a best/ this job wrote: it holds a model card."""
+        return (Path(folder) / cls.CARD).is_file()
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
 

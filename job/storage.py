@@ -8,6 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from job.atomic import foreign
 from job.config import Config, ConfigError
 from job.run_dir import RunDir
 
@@ -47,7 +48,7 @@ def check_output_dir(out: Path) -> None:
         raise ConfigError(f"train.output_dir={out}: {existing} is not writable; choose a writable path")
     run = RunDir(out)
     best = run.best
-    if best.exists() and not run.card_file.is_file() and (not best.is_dir() or any(best.iterdir())):
+    if foreign(best, is_ours=RunDir.is_best) is not None:  # what save_best would refuse to replace
         raise ConfigError(f"{best} exists and was not written by this job (no model.json); it would be replaced "
                           "by the best model: choose another train.output_dir")
     if out.is_dir() and any(out.iterdir()) and not run.is_ours():

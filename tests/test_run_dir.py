@@ -138,3 +138,30 @@ def test_only_what_this_job_writes_is_read_as_ours(written, tmp_path):
     assert run.card() == written[2] and run.is_ours()
     run.config_file.write_text(run.config_file.read_text().split("\n", 1)[1])  # all of it but the header
     assert run.is_ours() is False
+
+
+def test_the_output_dir_check_refuses_the_best_folders_that_save_best_would_refuse(tmp_path):
+    """check_output_dir (at start) and save_best's atomic_directory (after training) apply one rule."""
+    from job.atomic import foreign
+    from job.storage import check_output_dir
+
+    from job.config import CONFIG_HEADER
+
+    run = RunDir(tmp_path / "out")
+    run.best.mkdir(parents=True)
+    run.config_file.write_text(CONFIG_HEADER + "\n")  # a run of ours
+    check_output_dir(run.path)  # an empty best/ is fine
+    (run.best / RunDir.CARD).write_text("{}")
+    check_output_dir(run.path)  # so is one of ours
+    elsewhere = tmp_path / "elsewhere"
+    run.best.rename(elsewhere)
+    run.best.symlink_to(elsewhere, target_is_directory=True)
+    assert foreign(run.best, RunDir.is_best) == "exists and is not a directory"
+    with pytest.raises(ConfigError, match=f"{re.escape(str(run.best))} exists and was not written by this job"):
+        check_output_dir(run.path)
+    run.best.unlink()
+    run.best.mkdir()
+    (run.best / "notes.txt").write_text("mine")
+    assert foreign(run.best, RunDir.is_best) == "is a non-empty directory that this job did not write"
+    with pytest.raises(ConfigError, match="was not written by this job"):
+        check_output_dir(run.path)
