@@ -20,13 +20,13 @@ import timm
 import torch
 from accelerate import Accelerator
 
-from job.config import Config
+from job.config import BadInput, Config
 from job.records import EpochRecord, RunSummary, shown_epoch
 from job.run_dir import RunDir
 
 
-class TrackingError(RuntimeError):
-    """W&B cannot start in the mode asked for; the message says what to do."""
+class TrackingError(BadInput, RuntimeError):
+    """W&B cannot start in the mode asked for; the message says what to do (exit 2)."""
 
 
 def redact(text: str) -> str:

@@ -59,7 +59,7 @@ from job.records import EpochRecord, RunSummary, shown_epoch  # noqa: E402
 from job.reporting import sample_predictions  # noqa: E402
 from job.run_dir import RunDir  # noqa: E402
 from job.storage import check_output_dir, check_writable  # noqa: E402
-from job.tracking import Trackers, TrackingError, redact  # noqa: E402
+from job.tracking import Trackers, redact  # noqa: E402
 from job.tta import TtaComponent  # noqa: E402
 
 
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv, description=__doc__.split("\n\n")[0])
         code = fit(cfg)
-    except (BadInput, DataError, WeightsError, TrackingError) as e:
+    except (BadInput, DataError, WeightsError) as e:  # ConfigError, CheckpointError, NonFiniteLossError, ...
         print(f"error: {redact(str(e))}", file=sys.stderr)
         code = EXIT_BAD_INPUT
     except SystemExit as e:  # argparse: --help (0) or a bad option (2)

@@ -117,3 +117,29 @@ def test_the_timed_checkpoint_is_due_by_its_clock_and_resets_on_a_save():
     assert not timed.checkpoint_due() and said == ["saved ckpt (checkpoint.every_minutes=1)"]
     timed.on_checkpoint("epoch-end")  # an epoch-end save resets the clock without a line
     assert said == ["saved ckpt (checkpoint.every_minutes=1)"]
+
+
+def test_each_refusal_is_named_for_what_happened_under_one_base():
+    """Item 5: a NaN loss and a damaged checkpoint are not configuration errors; every kind of
+    bad input is a BadInput, which job/train.py turns into exit 2."""
+    from job.checkpoint import CheckpointError
+    from job.config import BadInput
+    from job.loop import NonFiniteLossError
+    from job.tracking import TrackingError
+
+    assert all(issubclass(e, BadInput) for e in (ConfigError, CheckpointError, NonFiniteLossError, TrackingError))
+    assert not issubclass(CheckpointError, ConfigError) and not issubclass(NonFiniteLossError, ConfigError)
+
+
+def test_a_damaged_checkpoint_is_a_checkpoint_error(tmp_path):
+    from job.checkpoint import Checkpointer, CheckpointError
+    from job.config import CHECKPOINT_MARKER
+    from job.distributed import build_accelerator
+
+    cfg = load_config(None, ["train.device=cpu"])
+    ckpt = tmp_path / "checkpoints" / "epoch0001-step00000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / CHECKPOINT_MARKER).write_text("{not json")
+    checkpointer = Checkpointer(build_accelerator(cfg.train, cfg.timeouts), tmp_path, keep=2, states={})
+    with pytest.raises(CheckpointError, match="not a readable checkpoint of this job"):
+        checkpointer.load(ckpt)
