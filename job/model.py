@@ -18,8 +18,8 @@ from job.config import ConfigError, ModelConfig, TrainConfig
 from job.weights import WeightsError, ensure_packaged, load_backbone_weights
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
-# The activation of new heads' hidden blocks (model.head_activation until no run changed it); a
-# card keeps its own, so models trained with another still load.
+# The activation of the head's hidden blocks (model.head_activation until no run changed it). A
+# card records it, and a card naming another is refused (job/card.py), not loaded into a ReLU head.
 HEAD_ACTIVATION = "relu"
 
 
