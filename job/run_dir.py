@@ -104,6 +104,29 @@ class RunDir:
         with open(self.resumes_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
 
+    def clear_previous_run(self) -> list[str]:
+        """A run starting from scratch (``train.resume=never``, or no checkpoint to resume) in a
+        folder an earlier run of this job wrote: that run's outputs go first, so config.yaml never
+        sits beside weights, figures or checkpoints another config made (a later ``resume=auto``
+        would otherwise pick up the old run's checkpoints). Only this job's names, only in a
+        folder it wrote (``is_ours``); ``wandb/`` stays (W&B keeps each run under its own id).
+        Returns what was removed."""
+        import shutil
+
+        if not self.is_ours():
+            return []
+        removed = []
+        for path in (self.best, self.checkpoints, self.summary_file, self.history_file, self.resumes_file,
+                     self.curves_png, self.confusion_png, self.samples_png):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+            else:
+                continue
+            removed.append(path.name + ("/" if path.name in ("best", "checkpoints") else ""))
+        return removed
+
     def resumes(self) -> list[dict]:
         """``resumes.jsonl`` read back ([] for a run never resumed)."""
         import json

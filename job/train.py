@@ -212,6 +212,10 @@ class Trainer:
                       f"sample {self.state.samples_in_epoch})")
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
+            if resume_from is None:  # from scratch: an earlier run's outputs here would describe other weights
+                removed = self.run.clear_previous_run()
+                if removed:
+                    acc.print(f"starting over in {self.out}: removed the earlier run's {', '.join(removed)}")
             # Resumed, the config differs from the checkpoint's only in RESUME_MAY_CHANGE keys
             # (Checkpointer.load refused anything else): config.yaml still describes these weights.
             cfg.save(self.run.config_file)

@@ -101,3 +101,24 @@ def test_a_larger_epochs_extends_the_run_and_the_resume_is_recorded(finished, tm
     assert entry["overrides"] == {"train.epochs": {"was": 2, "now": 3}, "checkpoint.keep": {"was": 2, "now": 3},
                                   "train.output_dir": {"was": str(finished / "run"), "now": str(out)}}
     assert entry["time"].endswith("+00:00")
+
+
+def test_starting_over_replaces_the_earlier_runs_outputs(finished, tmp_path, capsys):
+    """train.resume=never in a finished run's folder: none of its weights, records or checkpoints
+    stay beside the new config.yaml (a later resume=auto would otherwise continue the old run)."""
+    from job.train import main
+
+    out = copied(finished, tmp_path)
+    run = RunDir(out)
+    run.record_resume(out / "checkpoints" / "epoch0002-step0000012", 1, {})
+    assert (out / "checkpoints" / "epoch0002-step0000012").is_dir() and run.resumes_file.is_file()
+    capsys.readouterr()
+    assert main(args(out, finished / "prep", "train.resume=never", "train.epochs=1", "optim.lr=0.2")) == 0
+    said = capsys.readouterr().out
+    assert "removed the earlier run's best/, checkpoints/, metrics.json, history.jsonl, resumes.jsonl" in said, said
+    saved = yaml.safe_load(run.config_file.read_text())
+    assert saved["optim"]["lr"] == 0.2 and saved["train"]["epochs"] == 1
+    assert run.summary().epochs_completed == 1 and [r.epoch for r in run.epochs()] == [0]
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["epoch0001-step0000006"]
+    assert not run.resumes_file.exists()
+    assert run.summary().best_epoch == 0 and run.summary().global_steps == 6
