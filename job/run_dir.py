@@ -104,27 +104,36 @@ class RunDir:
         with open(self.resumes_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
 
-    def clear_previous_run(self) -> list[str]:
+    def clear_previous_run(self, checkpoints: list[Path]) -> list[str]:
         """A run starting from scratch (``train.resume=never``, or no checkpoint to resume) in a
         folder an earlier run of this job wrote: that run's outputs go first, so config.yaml never
         sits beside weights, figures or checkpoints another config made (a later ``resume=auto``
-        would otherwise pick up the old run's checkpoints). Only this job's names, only in a
-        folder it wrote (``is_ours``); ``wandb/`` stays (W&B keeps each run under its own id).
-        Returns what was removed."""
+        would otherwise pick up the old run's ``checkpoints``: the complete ones this job wrote).
+        Only what this job wrote: each record is read back first, and one that is not ours is a
+        ConfigError naming it before anything is removed; a ``best/`` without its card stays (the
+        run refuses to replace it when it saves). ``wandb/`` stays (W&B keeps runs under their
+        ids). Returns what was removed."""
         import shutil
 
         if not self.is_ours():
             return []
+        self.epochs()
+        self.resumes()
+        if self.summary_file.exists():
+            self.summary()
         removed = []
-        for path in (self.best, self.checkpoints, self.summary_file, self.history_file, self.resumes_file,
-                     self.curves_png, self.confusion_png, self.samples_png):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
+        if self.is_best(self.best) and not self.best.is_symlink():
+            shutil.rmtree(self.best)
+            removed.append("best/")
+        for checkpoint in checkpoints:
+            shutil.rmtree(checkpoint)
+        if checkpoints:
+            removed.append(f"{len(checkpoints)} checkpoint(s)")
+        for path in (self.summary_file, self.history_file, self.resumes_file, self.curves_png, self.confusion_png,
+                     self.samples_png):
+            if path.is_file():
                 path.unlink()
-            else:
-                continue
-            removed.append(path.name + ("/" if path.name in ("best", "checkpoints") else ""))
+                removed.append(path.name)
         return removed
 
     def resumes(self) -> list[dict]:

@@ -213,7 +213,7 @@ class Trainer:
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             if resume_from is None:  # from scratch: an earlier run's outputs here would describe other weights
-                removed = self.run.clear_previous_run()
+                removed = self.run.clear_previous_run(self.checkpointer.all())
                 if removed:
                     acc.print(f"starting over in {self.out}: removed the earlier run's {', '.join(removed)}")
             # Resumed, the config differs from the checkpoint's only in RESUME_MAY_CHANGE keys

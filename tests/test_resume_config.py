@@ -115,7 +115,8 @@ def test_starting_over_replaces_the_earlier_runs_outputs(finished, tmp_path, cap
     capsys.readouterr()
     assert main(args(out, finished / "prep", "train.resume=never", "train.epochs=1", "optim.lr=0.2")) == 0
     said = capsys.readouterr().out
-    assert "removed the earlier run's best/, checkpoints/, metrics.json, history.jsonl, resumes.jsonl" in said, said
+    assert ("removed the earlier run's best/, 2 checkpoint(s), metrics.json, history.jsonl, resumes.jsonl"
+            in said), said
     saved = yaml.safe_load(run.config_file.read_text())
     assert saved["optim"]["lr"] == 0.2 and saved["train"]["epochs"] == 1
     assert run.summary().epochs_completed == 1 and [r.epoch for r in run.epochs()] == [0]
