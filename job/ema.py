@@ -34,7 +34,7 @@ class WeightEma:
         self.decay = ema_decay(horizon_epochs, updates_per_epoch)
         self.average = ModelEmaV3(module, decay=self.decay, use_warmup=True)
         self.average.requires_grad_(False)
-        self._pairs: tuple[int, list, list, list, list] | None = None  # (id(module), ema/model floats, ints)
+        self._pairs: tuple[int, tuple[list, list, list, list] | None] | None = None  # (id(module), lists or None)
 
     @property
     def module(self) -> torch.nn.Module:
