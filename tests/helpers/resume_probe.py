@@ -28,3 +28,4 @@ chosen = Checkpointer(accelerator, view, keep=2).resolve("auto")
                                                   "listed": [p.name for p in Checkpointer(accelerator, view, 2)
                                                              .all()]}))
 accelerator.wait_for_everyone()
+accelerator.end_training()  # destroys the process group: exiting with it alive can abort in gloo's teardown

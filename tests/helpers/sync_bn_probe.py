@@ -59,3 +59,4 @@ if __name__ == "__main__":
     result = {"converted": converted, "world_size": acc.num_processes, **run(model, mine)}
     with open(f"{sys.argv[1]}.{rank}.json", "w") as f:
         json.dump(result, f)
+    acc.end_training()  # destroys the process group: exiting with it alive can abort in gloo's teardown
