@@ -13,6 +13,12 @@ exist the table is rebuilt in minutes. Each finished row's figures are also reco
 docs/results/rows/<row>.json (committed), so the table of rows measured on another machine or day
 is rebuilt from those records, not retyped; a row rerun here replaces its record. The extraction
 figure of a feature set is the run that computed it (rows that reuse it show it in brackets).
+
+The table leads with the one-hour preset's best record of docs/results/time_to_accuracy.jsonl
+(bench/cpu_hour.py measures and records it), and the page's time-to-accuracy section (its plot,
+that record, every record, the lever on/off pairs) is rebuilt from that ledger
+(bench/time_to_accuracy.py). ``--records-only`` (`make results-doc`) runs nothing: it rebuilds the
+tables and that section from the committed records in seconds.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from datetime import date
 from pathlib import Path
 
 from bench import recipe as recipe_bench
+from bench import time_to_accuracy
 from bench.harness import REPO, keep_row, kept_row, log_beside, run_job
 from job.run_dir import RunDir
 
@@ -143,9 +150,23 @@ def extraction_of(recipe: Recipe, results: dict[str, Result], all_recipes: list[
     return "0 (cached)"
 
 
-def table(all_recipes: list[Recipe], results: dict[str, Result]) -> str:
+def headline_name(record: time_to_accuracy.Record) -> str:
+    return f"one-hour preset `{record.label}`: {record.model}, {len(record.epochs)} ep"
+
+
+def table(all_recipes: list[Recipe], results: dict[str, Result],
+          headline: time_to_accuracy.Record | None = None) -> str:
+    """The rows' table; ``headline`` (the one-hour preset's best ledger record) first."""
     lines = ["| recipe | test accuracy | weakest classes | extraction s | training s | wall s | "
              "train img/s | CPU share |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    if headline is not None:
+        h = headline
+        tta = "" if h.test_accuracy_tta is None else f", flip-TTA {h.test_accuracy_tta:.4f}"
+        weakest = ", ".join(f"{c} {a:.2f}" for c, a in h.weakest)
+        share = f"{h.cpu_share:.2f}" if h.cpu_share is not None else "not recorded"
+        lines.append(f"| {headline_name(h)} | **{h.test_accuracy:.4f}** ({h.test_samples}){tta} | {weakest} | - | "
+                     f"{sum(e['epoch_seconds'] for e in h.epochs):.0f} | {h.wall_seconds:.0f} | "
+                     f"{h.train_images_per_second:.0f} | {share} |")
     for recipe in all_recipes:
         r = results.get(recipe.key)
         if r is None:
@@ -163,8 +184,11 @@ def _share(r: Result) -> str:
     return f"{r.cpu_share:.2f}" if r.cpu_share is not None else "not recorded"
 
 
-def commands(all_recipes: list[Recipe], results: dict[str, Result]) -> str:
-    return "\n".join(f"- `{r.key}`: `{_relative(results[r.key].command)}`" for r in all_recipes if r.key in results)
+def commands(all_recipes: list[Recipe], results: dict[str, Result],
+             headline: time_to_accuracy.Record | None = None) -> str:
+    lines = [] if headline is None else [f"- `{headline.label}`: `{headline.command}`"]
+    lines += [f"- `{r.key}`: `{_relative(results[r.key].command)}`" for r in all_recipes if r.key in results]
+    return "\n".join(lines)
 
 
 def plot_cost(all_recipes: list[Recipe], results: dict[str, Result], path: Path) -> None:
@@ -190,9 +214,14 @@ def plot_cost(all_recipes: list[Recipe], results: dict[str, Result], path: Path)
     plt.close(fig)
 
 
-def short_table(all_recipes: list[Recipe], results: dict[str, Result]) -> str:
-    """The README's version: what each row reaches and what it cost."""
+def short_table(all_recipes: list[Recipe], results: dict[str, Result],
+                headline: time_to_accuracy.Record | None = None) -> str:
+    """The README's version: what each row reaches and what it cost, the one-hour preset first."""
     lines = ["| recipe (EfficientNet-Lite0, 2 CPU cores) | test accuracy | wall time |", "| --- | --- | --- |"]
+    if headline is not None:
+        tta = "" if headline.test_accuracy_tta is None else f" (flip-TTA {headline.test_accuracy_tta:.4f})"
+        lines.append(f"| {headline_name(headline)} | {headline.test_accuracy:.4f}{tta} | "
+                     f"{headline.wall_minutes:.0f} min |")
     for recipe in all_recipes:
         r = results.get(recipe.key)
         if r is not None:
@@ -201,40 +230,86 @@ def short_table(all_recipes: list[Recipe], results: dict[str, Result]) -> str:
     return "\n".join(lines)
 
 
-def replace_between(path: Path, body: str) -> None:
-    text = path.read_text() if path.is_file() else f"{START}\n{END}\n"
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
-    path.write_text(head + START + "\n" + body + "\n" + END + tail)
+def replace_between(path: Path, body: str, start: str = START, end: str = END) -> None:
+    text = path.read_text() if path.is_file() else f"{start}\n{end}\n"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    path.write_text(head + start + "\n" + body + "\n" + end + tail)
 
 
-def write_doc(all_recipes: list[Recipe], results: dict[str, Result], work: Path) -> None:
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    plot_cost(all_recipes, results, FIGURES / "accuracy_vs_time.png")
-    best = max(results.values(), key=lambda r: r.test_accuracy)
-    for name in ("confusion_matrix.png", "test_samples.png"):
-        if (work / best.key / name).is_file():
-            shutil.copyfile(work / best.key / name, FIGURES / f"best_{name}")
+def write_time_to_accuracy(records: list[time_to_accuracy.Record]) -> None:
+    """The ledger's plot (when it has a record) and the page's section between its markers."""
+    if records:
+        time_to_accuracy.plot(records, time_to_accuracy.FIGURE)
+    figure = time_to_accuracy.FIGURE.relative_to(DOC.parent).as_posix() \
+        if time_to_accuracy.FIGURE.is_relative_to(DOC.parent) else str(time_to_accuracy.FIGURE)
+    replace_between(DOC, time_to_accuracy.section(records, figure), time_to_accuracy.START, time_to_accuracy.END)
+
+
+def measured_line(best: Result) -> str:
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU" if shutil.which("nvidia-smi") is None \
         else f"{platform.machine()}, {os.cpu_count()} CPU cores"
-    replace_between(DOC, f"Measured {date.today().isoformat()} on {machine} by `python bench/results.py` "
-                         f"(best row: `{best.key}`).\n\n{table(all_recipes, results)}\n\n"
-                         f"Commands (each row exactly):\n\n{commands(all_recipes, results)}\n\n"
+    return f"Measured {date.today().isoformat()} on {machine} by `python bench/results.py` (best row: `{best.key}`)."
+
+
+def published_measured_line() -> str | None:
+    """The first line of the page's table block as it stands: when the rows were measured."""
+    text = DOC.read_text() if DOC.is_file() else ""
+    if START not in text:
+        return None
+    first = text.split(START, 1)[1].split(END, 1)[0].strip().splitlines()
+    return first[0] if first and first[0].startswith("Measured ") else None
+
+
+def write_doc(all_recipes: list[Recipe], results: dict[str, Result], work: Path, records_only: bool = False) -> None:
+    """The page's tables, figures and time-to-accuracy section. ``records_only``: nothing was run,
+    so the cost plot and the best row's figures stay, and so does the line saying when the rows
+    were measured."""
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    records = time_to_accuracy.read_ledger()
+    headline = time_to_accuracy.headline(records)
+    write_time_to_accuracy(records)
+    best = max(results.values(), key=lambda r: r.test_accuracy)
+    if not records_only:
+        plot_cost(all_recipes, results, FIGURES / "accuracy_vs_time.png")
+        for name in ("confusion_matrix.png", "test_samples.png"):
+            if (work / best.key / name).is_file():
+                shutil.copyfile(work / best.key / name, FIGURES / f"best_{name}")
+    measured = (records_only and published_measured_line()) or measured_line(best)
+    replace_between(DOC, f"{measured}\n\n{table(all_recipes, results, headline)}\n\n"
+                         f"Commands (each row exactly):\n\n{commands(all_recipes, results, headline)}\n\n"
                          "![test accuracy against wall-clock time](results/accuracy_vs_time.png)\n"
                          "![the best row's test confusion matrix](results/best_confusion_matrix.png)\n"
                          "![the best row's sample test predictions](results/best_test_samples.png)")
-    replace_between(README, short_table(all_recipes, results))
+    replace_between(README, short_table(all_recipes, results, headline))
+
+
+def rebuild_from_records(all_recipes: list[Recipe], work: Path) -> None:
+    results = {recipe.key: r for recipe in all_recipes if (r := recorded(recipe.key, work)) is not None}
+    if not results:
+        sys.exit(f"no row record in {RECORDS} or {work}: run `make results DATA=DIR` first")
+    write_doc(all_recipes, results, work, records_only=True)
+    print(f"rebuilt {DOC} and {README}'s table from the records; {time_to_accuracy.LEDGER.name}: "
+          f"{len(time_to_accuracy.read_ledger())} record(s)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="CIFAR-10 folders: DIR/train/<class>, DIR/test/<class>")
+    p.add_argument("--data", type=Path, help="CIFAR-10 folders: DIR/train/<class>, DIR/test/<class>")
+    p.add_argument("--records-only", action="store_true",
+                   help="run nothing: rebuild the tables and the time-to-accuracy section from the committed "
+                        "records (docs/results/rows/, docs/results/time_to_accuracy.jsonl)")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "results")
     p.add_argument("--rows", help="comma-separated row keys to run (default: all); the table shows every kept row")
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--no-doc", action="store_true", help="print the table, leave docs/RESULTS.md alone")
     args = p.parse_args()
     all_recipes = recipes(args.finetune_epochs)
+    if args.records_only:
+        rebuild_from_records(all_recipes, args.work)
+        return
+    if args.data is None:
+        sys.exit("--data DIR is required to run rows (or --records-only to rebuild the page from the records)")
     wanted = set(args.rows.split(",")) if args.rows else {r.key for r in all_recipes}
     unknown = wanted - {r.key for r in all_recipes}
     if unknown:
