@@ -102,6 +102,14 @@ class DaliLoader(ImageLoader):
             self._held.hold(previous)
         self._exhausted = True
 
+    def close(self) -> None:
+        """Wait until the GPU work that reads the last batches has run (DALI reuses or frees their
+        buffers with the pipeline), then drop the pipeline."""
+        super().close()
+        while self._held.held:
+            self._held.held.popleft()[0].synchronize()
+        self._iterator = None
+
     def _start(self) -> None:
         """(Re)start the DALI pipeline on the freshly planned epoch."""
         if self._iterator is not None and self._exhausted:

@@ -38,10 +38,11 @@ def image_pipeline(source, *, augment: bool, encoded: bool, prep: Preprocessing,
 
     ``source`` returns per batch: images (uint8 HWC arrays, or encoded file bytes), labels and,
     when ``augment``, a (2,) float shift per sample (fraction of the side, zero padded) and an
-    int32 flip flag. ``prep``: the model's input size and mean/std ([0, 1] units, timm's
-    pretrained config). ``auto_augment``: a policy of nvidia.dali.auto_aug applied to the uint8
-    images (after the shift, before the normalization and resize); the pipeline must then be built
-    with ``enable_conditionals=True`` (DaliLoader does), and ``source`` returns last, per sample,
+    int32 flip flag. ``prep``: the output size and mean/std ([0, 1] units, timm's pretrained
+    config); a loader at another size (progressive resizing) builds another pipeline.
+    ``auto_augment``: a policy of nvidia.dali.auto_aug applied to the uint8 images (after the
+    shift, before the normalization and resize); the pipeline must then be built with
+    ``enable_conditionals=True`` (DaliLoader does), and ``source`` returns last, per sample,
     ``auto_augment_draw_count(policy)`` float32 uniforms in [0, 1) that make its random choices:
     drawn on the host per (seed, epoch, sample position) like the shift and flip, so one pipeline
     serves every epoch (no rebuild) and a mid-epoch resume replays them exactly.

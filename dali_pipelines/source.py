@@ -3,6 +3,7 @@
 TorchLoader (torch_loader.py) each import this module and not each other."""
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -89,3 +90,15 @@ class ImageLoader(sampling.PlannedLoader):
         self.spec = spec
         self._source = BatchSource(images, [str(f) for f in files] if files is not None else None,
                                    np.asarray(labels), self.augment, io_threads=max(2, spec.num_threads))
+        self._made_from = dict(labels=labels, train=train, shard=shard, images=images, files=files, batches=batches)
+
+    def resized(self, image_size: int) -> "ImageLoader":
+        """The same loader (split, shard, sampling, augmentation draws) making ``image_size`` px images:
+        a new one, whose pipeline is built when it is first iterated (progressive resizing, job/resize.py)."""
+        spec = dataclasses.replace(self.spec, prep=dataclasses.replace(self.spec.prep, image_size=image_size))
+        return type(self)(spec=spec, **self._made_from)
+
+    def close(self) -> None:
+        """Release what the loader holds (its file readers); it is not iterated again."""
+        if self._source.pool is not None:
+            self._source.pool.shutdown(wait=True, cancel_futures=True)

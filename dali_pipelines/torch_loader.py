@@ -40,6 +40,11 @@ class TorchLoader(ImageLoader):
         std = torch.tensor(spec.prep.std, dtype=torch.float32, device=self.device) * 255
         self._mean, self._std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
 
+    def close(self) -> None:
+        super().close()
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=True, cancel_futures=True)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._source.restart(self.plan.batches, *self.epoch_draws())
         with ThreadPoolExecutor(max_workers=1) as ahead:  # the next batch's host work overlaps this step

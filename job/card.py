@@ -22,7 +22,7 @@ class ModelCard:
     head_hidden: list[int]
     head_dropout: float
     head_activation: str
-    image_size: int
+    image_size: int  # the size it is evaluated and served at: data.test_image_size, else the last training size
     mean: list[float]
     std: list[float]
     classes: list[str]
@@ -46,6 +46,8 @@ class ModelCard:
 
     @classmethod
     def for_run(cls, cfg: ModelConfig, prep: Preprocessing, classes: list[str]) -> "ModelCard":
+        """``prep``: the run's evaluation preprocessing (job/model.py: create_model), whatever sizes
+        it trained at (progressive resizing, FixRes: job/resize.py)."""
         from job.model import HEAD_ACTIVATION
 
         return cls(model=cfg.name, head_hidden=list(cfg.head_hidden), head_dropout=cfg.head_dropout,

@@ -159,7 +159,8 @@ class CheckpointError(BadInput):
 # is logged, tracked and checkpointed, how long collectives wait, loader threads, the device, and
 # where the same files are mounted (another pod sees the same data and weights at another path;
 # the prepared store and the feature cache check what they hold). Every other key is what the
-# checkpoint's weights, optimizer state and step counters mean: a resume that changes one is refused.
+# checkpoint's weights, optimizer state and step counters mean: a resume that changes one is refused
+# (data.image_size's size schedule and data.test_image_size among them: job/resize.py).
 RESUME_MAY_CHANGE = ("train.epochs", "train.resume", "train.output_dir", "train.log_every", "train.signal_check_every",
                      "checkpoint.*", "timeouts.*", "train.device", "data.num_threads", "tracking.*",
                      "model.weights", "data.root", "data.download", "data.prepared_dir", "features.cache_dir")

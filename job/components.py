@@ -24,6 +24,11 @@ class Component:
     name = ""
     tensor_state = False  # True: state_dict() is tensors, saved as {name}.safetensors in each checkpoint
 
+    def train_loader(self, epoch: int, loader):
+        """The loader training epoch ``epoch`` reads: ``loader`` (the run's, or the previous
+        component's), or one made instead (progressive resizing's, at the epoch's image size)."""
+        return loader
+
     def on_epoch_start(self, epoch: int, batches: int, done: int) -> None:
         """Before training epoch ``epoch`` (0-based), ``done`` of its ``batches`` already trained (a resume)."""
 

@@ -72,7 +72,13 @@ class DataConfig:
     root: str | None = None
     download: bool = False  # cifar10 only: fetch and md5-verify the official tarball into root
     prepared_dir: str = "data/prepared"  # the prepared store lives in {prepared_dir}/{source}
-    image_size: int | None = None  # pixels per side; None = the model's pretrained input size (299)
+    # Pixels per side of the training images; None = the model's pretrained input size (299). A list
+    # is progressive resizing (job/resize.py): epoch i (0-based) trains at entry i, later epochs at the
+    # last; low resolution early, full late (fast.ai's DAWNBench, EfficientNetV2). Not with cached features.
+    image_size: int | list[int] | None = None
+    # FixRes (Touvron et al. 2019): validation, test, best/model.json and every tool that serves the
+    # model evaluate at this size; None = the last training size. Training is unchanged by it.
+    test_image_size: int | None = None
     batch_size: int = 64  # images per process per step; per update: x processes x train.grad_accum_steps
     val_fraction: float = 0.1  # of train, stratified; an explicit val/ folder wins
     split_seed: int = 0  # seed of the validation split (and of synthetic data)
@@ -96,8 +102,7 @@ class DataConfig:
 
     def problems(self) -> list[tuple[bool, str]]:
         return [
-            (self.image_size is None or 16 <= self.image_size <= MAX_IMAGE_SIZE,
-             f"data.image_size must be in [16, {MAX_IMAGE_SIZE}] (MAX_IMAGE_SIZE), or null for the model's size"),
+            *self._size_problems(),
             (self.batch_size >= 1, "data.batch_size must be >= 1"),
             (self.global_batch_size is None or self.global_batch_size >= 1,
              "data.global_batch_size must be >= 1, or null to use data.batch_size per process"),
@@ -110,6 +115,25 @@ class DataConfig:
             (self.source != "folder" or self.root, "data.root is required for data.source=folder"),
             (not self.download or self.source == "cifar10", "data.download only applies to data.source=cifar10"),
         ]
+
+    def _size_problems(self) -> list[tuple[bool, str]]:
+        """data.image_size (an int, or each entry of a list, named by its index) and data.test_image_size
+        in [16, MAX_IMAGE_SIZE]; whether the architecture takes them is job/model.py's check."""
+        def ok(size: int | None) -> bool:
+            return size is None or 16 <= size <= MAX_IMAGE_SIZE
+
+        test = (ok(self.test_image_size), f"data.test_image_size={self.test_image_size} must be in [16, "
+                                          f"{MAX_IMAGE_SIZE}] (MAX_IMAGE_SIZE), or null to evaluate at the last "
+                                          "training size")
+        if not isinstance(self.image_size, list):
+            return [(ok(self.image_size), f"data.image_size must be in [16, {MAX_IMAGE_SIZE}] (MAX_IMAGE_SIZE), "
+                                          "or null for the model's size"), test]
+        bad = [(i, size) for i, size in enumerate(self.image_size) if not ok(size)]
+        entry = f"data.image_size[{bad[0][0]}]={bad[0][1]}" if bad else ""
+        return [(len(self.image_size) >= 1, "data.image_size=[] lists no size: give one per epoch (e.g. [96, 128, "
+                                            "160]), a single size, or null for the model's size"),
+                (not bad, f"{entry} must be in [16, {MAX_IMAGE_SIZE}] (MAX_IMAGE_SIZE): every entry of "
+                          "data.image_size is one epoch's training size; fix that entry"), test]
 
 
 @dataclass
@@ -475,8 +499,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # int | list[int]: the list form for a list, the other for anything else
+            inner = [a for a in inner if (typing.get_origin(a) is list) == isinstance(value, list)] or inner
+        return _coerce(value, inner[0], key)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, e.g. {key}=[512,256]; got {shown(value)}")
@@ -524,6 +550,22 @@ def per_process_batch(data: DataConfig, world_size: int, grad_accum_steps: int) 
     return share
 
 
+def training_sizes(image_size: int | list[int] | None, pretrained: int) -> list[int]:
+    """``data.image_size`` as training sizes, one per epoch from the first (the last repeats for the
+    epochs after it): the list itself, one size, or the model's ``pretrained`` size for null."""
+    if image_size is None:
+        return [pretrained]
+    return list(image_size) if isinstance(image_size, list) else [image_size]
+
+
+def serving_size(data: DataConfig, pretrained: int) -> int:
+    """The one size validation, test, ``best/model.json`` and every tool that serves the model use:
+    ``data.test_image_size`` (FixRes), else the last training size."""
+    if data.test_image_size is not None:
+        return data.test_image_size
+    return training_sizes(data.image_size, pretrained)[-1]
+
+
 def validate(cfg: Config) -> None:
     """Each section's own range checks (its ``problems()``, beside its fields), then the rules
     that span sections, then the paths."""
@@ -535,7 +577,8 @@ def validate(cfg: Config) -> None:
 
 
 def cross_section_problems(cfg: Config) -> list[tuple[bool, str]]:
-    """The rules between sections: what the strategy allows of the feature cache, the head and mixing."""
+    """The rules between sections: what the strategy allows of the feature cache, the head, mixing and
+    the image sizes."""
     strategy, cache = cfg.train.strategy, cfg.features.cache
     return [
         (cache != "true" or strategy in ("feature_extraction", "linear_probe"),
@@ -550,6 +593,31 @@ def cross_section_problems(cfg: Config) -> list[tuple[bool, str]]:
          "set model.head_hidden=[] (or use train.strategy=feature_extraction for a deeper head)"),
         (cfg.mix.cutmix_alpha == 0 or strategy != "feature_extraction" or cache == "false",
          cutmix_on_features_message(cfg.mix.cutmix_alpha)),
+        *_image_size_rules(cfg),
+    ]
+
+
+def _image_size_rules(cfg: Config) -> list[tuple[bool, str]]:
+    """Progressive resizing and FixRes (job/resize.py) need images every epoch (cached features are
+    computed once, at one size, for every split), and a list of sizes no longer than the run."""
+    data, strategy, epochs = cfg.data, cfg.train.strategy, cfg.train.epochs
+    sizes = data.image_size if isinstance(data.image_size, list) else [data.image_size]
+    cached = strategy == "linear_probe" or (strategy == "feature_extraction" and cfg.features.cache != "false")
+    why = (f"with cached features (train.strategy={strategy}): the frozen backbone's features of every split are "
+           "computed once, at one size")
+    other = (", or features.cache=false (images through the frozen backbone every epoch)"
+             if strategy == "feature_extraction" else "")
+    return [
+        (not cached or len(set(sizes)) <= 1,
+         f"data.image_size={data.image_size} {why}; set data.image_size to one size (e.g. {sizes[-1] if sizes else 0})"
+         f"{other}"),
+        (not cached or data.test_image_size is None or set(sizes) == {data.test_image_size},
+         f"data.test_image_size={data.test_image_size} {why}; set data.image_size={data.test_image_size} instead "
+         f"(and data.test_image_size=null){other}"),
+        (not isinstance(data.image_size, list) or len(data.image_size) <= epochs,
+         f"data.image_size lists {len(sizes)} sizes, one per epoch, but train.epochs={epochs}: the entries past the "
+         f"last epoch would never train. Shorten the list to {epochs} entries (data.test_image_size sets the "
+         "evaluation size)"),
     ]
 
 

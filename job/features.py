@@ -43,7 +43,7 @@ class FeatureKey:
 
     model: str
     weights: str  # file hash, Hub tag, or random seed (job.model.weights_identity)
-    image_size: int
+    image_size: int  # every split's: cached runs train and evaluate at one size (job/config.py refuses others)
     interpolation: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -58,8 +58,9 @@ class FeatureKey:
 
 def feature_key(cfg, prep, store, precision: str = "no") -> FeatureKey:
     """The key of a run's features: ``cfg`` a job.config.Config, ``prep`` the loader's
-    Preprocessing (image size after any override), ``store`` the prepared store, ``precision`` the
-    autocast precision of the extraction (Accelerator.mixed_precision)."""
+    Preprocessing (the size the features are computed at: data.image_size, one size with cached
+    features), ``store`` the prepared store, ``precision`` the autocast precision of the extraction
+    (Accelerator.mixed_precision)."""
     from job.model import weights_identity
 
     return FeatureKey(model=cfg.model.name, weights=weights_identity(cfg.model, cfg.train.seed),

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dali_pipelines.spec import Preprocessing
-from job.config import ConfigError, ModelConfig, TrainConfig
+from job.config import ConfigError, ModelConfig, TrainConfig, training_sizes
 from job.weights import WeightsError, ensure_packaged, load_backbone_weights
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -115,17 +115,35 @@ class Strategy:
         return self.name == "two_stage"
 
 
-def create_model(cfg: ModelConfig, num_classes: int, image_size: int | None = None
-                 ) -> tuple[TransferModel, Preprocessing]:
-    """The backbone (pretrained as ``cfg`` says) and a new head; ``image_size`` overrides the
-    backbone's pretrained input size and is checked against what the architecture accepts."""
+def create_model(cfg: ModelConfig, num_classes: int, image_size: int | list[int] | None = None,
+                 test_image_size: int | None = None) -> tuple[TransferModel, Preprocessing]:
+    """The backbone (pretrained as ``cfg`` says) and a new head. ``image_size`` (data.image_size: one
+    size, a size per epoch, or None for the pretrained size) and ``test_image_size`` are each checked
+    against what the architecture accepts; the Preprocessing returned is the one the model is
+    evaluated and served at (job/config.py: serving_size), which its card records."""
     backbone = create_backbone(cfg)
     prep = preprocessing(backbone)
-    if image_size is not None and image_size != prep.image_size:
-        check_input_size(backbone, cfg.name, image_size, prep.image_size)
-        prep = dataclasses.replace(prep, image_size=image_size)
+    for key, size in named_sizes(image_size, test_image_size):
+        check_input_size(backbone, cfg.name, size, prep.image_size, key)
+    serving = test_image_size if test_image_size is not None else training_sizes(image_size, prep.image_size)[-1]
+    prep = dataclasses.replace(prep, image_size=serving)
     head = build_head(backbone.num_features, num_classes, cfg.head_hidden, cfg.head_dropout, HEAD_ACTIVATION)
     return TransferModel(backbone, head), prep
+
+
+def named_sizes(image_size: int | list[int] | None, test_image_size: int | None) -> list[tuple[str, int]]:
+    """Each distinct size the config names, with the key that names it (``data.image_size[i]`` for a
+    list's first entry of that size): what ``check_input_size`` checks."""
+    if isinstance(image_size, list):
+        named = {}
+        for i, size in enumerate(image_size):
+            named.setdefault(size, f"data.image_size[{i}]")
+        pairs = [(key, size) for size, key in named.items()]
+    else:
+        pairs = [] if image_size is None else [("data.image_size", image_size)]
+    if test_image_size is not None and test_image_size not in {size for _, size in pairs}:
+        pairs.append(("data.test_image_size", test_image_size))
+    return pairs
 
 
 def preprocessing(backbone: nn.Module) -> Preprocessing:
@@ -135,10 +153,12 @@ def preprocessing(backbone: nn.Module) -> Preprocessing:
                          std=tuple(float(s) for s in data_cfg["std"]))
 
 
-def check_input_size(backbone: nn.Module, name: str, size: int, pretrained_size: int) -> None:
+def check_input_size(backbone: nn.Module, name: str, size: int, pretrained_size: int,
+                     key: str = "data.image_size") -> None:
     """One tiny forward pass: some architectures cannot shrink a small image far enough
     (Inception-ResNet-V2 needs at least 75 px), others take only their own size (a ViT's patch
-    grid is fixed: timm asserts it)."""
+    grid is fixed: timm asserts it). ``key`` names the size in the refusal (``data.image_size[1]``:
+    an entry of a list)."""
     if size == pretrained_size:
         return
     was_training = backbone.training
@@ -148,9 +168,11 @@ def check_input_size(backbone: nn.Module, name: str, size: int, pretrained_size:
     except (RuntimeError, AssertionError, ValueError) as e:
         what = "too small" if size < pretrained_size else "not an input size"
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError(f"data.image_size={size} is {what} for {name} (its pretrained size is "
-                          f"{pretrained_size}): {reason}. Use another data.image_size, or null "
-                          "for the pretrained size") from None
+        fix = {"data.image_size": "null for the pretrained size",
+               "data.test_image_size": "null to evaluate at the last training size"}.get(
+                   key, f"the pretrained size ({pretrained_size})")
+        raise ConfigError(f"{key}={size} is {what} for {name} (its pretrained size is "
+                          f"{pretrained_size}): {reason}. Use another {key.split('[')[0]}, or {fix}") from None
     finally:
         backbone.train(was_training)
 

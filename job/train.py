@@ -57,6 +57,7 @@ from job.preemption import (EXIT_BAD_INPUT, EXIT_PREEMPTED, Preempted, Preemptio
                             is_first_process, record_exit_code)
 from job.records import EpochRecord, RunSummary, shown_epoch  # noqa: E402
 from job.reporting import sample_predictions  # noqa: E402
+from job.resize import ProgressiveResize  # noqa: E402
 from job.run_dir import RunDir  # noqa: E402
 from job.storage import check_output_dir, check_writable  # noqa: E402
 from job.tracking import Trackers, redact  # noqa: E402
@@ -106,6 +107,7 @@ def build_components(cfg: Config, acc, parts: TrainParts, trainable: tuple, upda
         EmaComponent.build(cfg.ema, model, module, updates_per_epoch),
         TimedCheckpoint.build(cfg.checkpoint, acc.print),
         TtaComponent.build(cfg.tta, acc.print),
+        ProgressiveResize.build(cfg.data, model, acc, cfg.timeouts if cfg.train.compile else None),
     ]
     return [c for c in components if c is not None]
 
@@ -156,7 +158,7 @@ class Trainer:
         # ---- data and model: built once per node first (shared or node-local caches), then everywhere
         store = once_per_node_first(acc, lambda: prepare_from_config(cfg.data))
         self.bare, prep = once_per_node_first(
-            acc, lambda: create_model(cfg.model, len(store.classes), cfg.data.image_size))
+            acc, lambda: create_model(cfg.model, len(store.classes), cfg.data.image_size, cfg.data.test_image_size))
         if not cfg.model.pretrained:
             acc.print(f"model.pretrained=false: the {cfg.model.name} backbone starts from random weights")
         if self.mode.strategy.trains_backbone:
@@ -235,7 +237,7 @@ class Trainer:
         """One epoch, its validation, the best model and a checkpoint."""
         acc, tc, state = self.accelerator, self.cfg.train, self.state
         self._apply_freeze_schedule(epoch)
-        loader = self.data.loaders["train"]
+        loader = self._train_loader(epoch)
         loader.set_epoch(epoch, start_sample=state.samples_in_epoch)
         self._each("on_epoch_start", epoch, len(loader), len(loader) - len(loader.plan.batches))
         hooks = StepHooks(poll=self._poll, pause=self._pause, on_log=self._on_step,
@@ -359,6 +361,13 @@ class Trainer:
         self.bare.freeze_backbone(frozen)
         self.parts.use_stage(frozen)
         self._each("on_freeze_change", frozen)
+
+    def _train_loader(self, epoch: int):
+        """The run's training loader for ``epoch``, as the components make it (at the epoch's image
+        size: job/resize.py); kept as the run's."""
+        for component in self.components:
+            self.data.loaders["train"] = component.train_loader(epoch, self.data.loaders["train"])
+        return self.data.loaders["train"]
 
     def _validate(self) -> dict[str, dict]:
         """The raw weights' validation, and each component's candidate (the weight EMA's): what

@@ -94,9 +94,10 @@ def test_each_section_registers_its_component_once_and_its_state_with_the_checkp
     assert len(vars(plain)) <= 12, sorted(vars(plain))
 
     every = Trainer(tiny(tmp_path / "every", "ema.epochs=0.5", "mix.mixup_alpha=0.2", "tta.test=flip",
-                         "checkpoint.every_minutes=5", "train.epochs=1"))
+                         "checkpoint.every_minutes=5", "train.epochs=1", "data.test_image_size=24"))
     every.setup()
-    assert [c.name for c in every.components] == ["progress", "timeouts", "mix", "ema", "timed_checkpoint", "tta"]
+    assert [c.name for c in every.components] == ["progress", "timeouts", "mix", "ema", "timed_checkpoint", "tta",
+                                                  "resize"]
     assert every.parts.mix is every.components[2]
     (ema,) = every.checkpointer.tensor_states.values()
     assert list(every.checkpointer.tensor_states) == ["ema"] and ema is every.components[3]
