@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from helpers.runs import FOLDER_MINI, PYTHON, accelerate_launch, assert_refused, run, small_run, train_until_sigterm
+from job.distributed import cpu_bf16_features
 from job.run_dir import RunDir
 
 pytestmark = pytest.mark.slow
@@ -95,6 +96,7 @@ def test_predict_prints_top5_for_image_files(trained):
     assert bad.returncode == 2 and "/nope.jpg: no such file" in bad.stderr
 
 
+@pytest.mark.skipif(not cpu_bf16_features(), reason="bf16 on CPU is refused where the CPU has no native bf16")
 def test_folder_source_bf16_channels_last_and_accumulation(tmp_path):
     """Your own JPEG folders end to end, with the mixed-precision / memory-format / accumulation
     branches a GPU run takes (bf16 autocast and channels_last also run on CPU)."""
