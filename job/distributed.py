@@ -108,8 +108,8 @@ def resolve_precision(choice: str, device: str, *, source: str | None = None) ->
 
     ``auto`` = bf16 on GPUs that compute it natively (Ampere and newer), else full precision: on
     older GPUs bf16 is emulated and slower than fp32. On CPUs ``auto`` is fp32 even where bf16 is
-    native, because bf16 autocast did not measure faster than fp32 in this job on CPU
-    (docs/BENCHMARKS.md has the figure).
+    native: bf16 autocast has not measured clearly faster than fp32 in channels_last on CPU, and
+    it costs exactness (docs/BENCHMARKS.md, "bf16 on CPU").
 
     Asked for explicitly on a CPU, a precision it cannot run as asked is a ConfigError (exit 2)
     before any data or model is touched: bf16 without AVX512-BF16 / AMX-BF16 (emulated, slower
