@@ -128,8 +128,8 @@ def timm(work: Path, data: Path, timm_train: Path, name: str, extra: tuple[str, 
     cfg = load_config(PRESET, [f"train.epochs={epochs}", *extra])
     if isinstance(cfg.data.image_size, list) or cfg.data.test_image_size is not None:
         # timm's train.py has one --img-size for training and evaluation: refuse rather than pretend
-        raise SystemExit(f"timm train.py trains and evaluates at one size: compare with one data.image_size "
-                         f"(got data.image_size={cfg.data.image_size}, data.test_image_size={cfg.data.test_image_size})")
+        raise SystemExit(f"timm train.py trains and evaluates at one size: compare with one data.image_size (got "
+                         f"data.image_size={cfg.data.image_size}, data.test_image_size={cfg.data.test_image_size})")
     batch = cfg.data.global_batch_size
     updates = math.ceil(train_images / batch)
     args = [str(timm_train), "--data-dir", str(data), "--train-split", "train", "--val-split", "test",
