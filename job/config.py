@@ -558,12 +558,12 @@ def training_sizes(image_size: int | list[int] | None, pretrained: int) -> list[
     return list(image_size) if isinstance(image_size, list) else [image_size]
 
 
-def serving_size(data: DataConfig, pretrained: int) -> int:
+def serving_size(image_size: int | list[int] | None, test_image_size: int | None, pretrained: int) -> int:
     """The one size validation, test, ``best/model.json`` and every tool that serves the model use:
     ``data.test_image_size`` (FixRes), else the last training size."""
-    if data.test_image_size is not None:
-        return data.test_image_size
-    return training_sizes(data.image_size, pretrained)[-1]
+    if test_image_size is not None:
+        return test_image_size
+    return training_sizes(image_size, pretrained)[-1]
 
 
 def validate(cfg: Config) -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dali_pipelines.spec import Preprocessing
-from job.config import ConfigError, ModelConfig, TrainConfig, training_sizes
+from job.config import ConfigError, ModelConfig, TrainConfig, serving_size
 from job.weights import WeightsError, ensure_packaged, load_backbone_weights
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -125,8 +125,7 @@ def create_model(cfg: ModelConfig, num_classes: int, image_size: int | list[int]
     prep = preprocessing(backbone)
     for key, size in named_sizes(image_size, test_image_size):
         check_input_size(backbone, cfg.name, size, prep.image_size, key)
-    serving = test_image_size if test_image_size is not None else training_sizes(image_size, prep.image_size)[-1]
-    prep = dataclasses.replace(prep, image_size=serving)
+    prep = dataclasses.replace(prep, image_size=serving_size(image_size, test_image_size, prep.image_size))
     head = build_head(backbone.num_features, num_classes, cfg.head_hidden, cfg.head_dropout, HEAD_ACTIVATION)
     return TransferModel(backbone, head), prep
 

@@ -72,7 +72,8 @@ class ProgressiveResize(Component):
         from job.model import preprocessing
 
         pretrained = preprocessing(model.backbone).image_size
-        sizes, serving = training_sizes(data.image_size, pretrained), serving_size(data, pretrained)
+        sizes = training_sizes(data.image_size, pretrained)
+        serving = serving_size(data.image_size, data.test_image_size, pretrained)
         if set(sizes) == {serving}:
             return None
         if timeouts is not None and len(set(sizes)) > 1:

@@ -68,9 +68,9 @@ def test_a_size_per_epoch_the_last_repeating_and_one_serving_size():
     data = load_config(None, ["data.image_size=[16,24,24,32]"]).data
     assert training_sizes(data.image_size, 299) == [16, 24, 24, 32]
     assert [size_at([16, 24, 24, 32], e) for e in range(6)] == [16, 24, 24, 32, 32, 32]
-    assert serving_size(data, 299) == 32
+    assert serving_size(data.image_size, data.test_image_size, 299) == 32
     data.test_image_size = 40
-    assert serving_size(data, 299) == 40
+    assert serving_size(data.image_size, data.test_image_size, 299) == 40
     assert training_sizes(None, 299) == [299] and training_sizes(128, 299) == [128]
     assert describe([16, 24, 24, 32], 40) == "training at 16 px (epoch 1), 24 px (epochs 2-3), 32 px (epochs 4+); " \
                                              "evaluating at 40 px"
