@@ -195,6 +195,19 @@ class FeaturesConfig:
 
 
 @dataclass
+class TrunkConfig:
+    # Partial fine-tuning over a cached trunk (job/trunk.py): the backbone's modules before this one are
+    # frozen and their output maps of every image computed once, cached like features (features.dtype,
+    # features.cache_dir); the modules from it on train with the head over the cache every epoch. A name
+    # from `python -m job.trunk MODEL` (e.g. blocks.4 of an EfficientNet); null = off.
+    train_from: str | None = None
+    views: int = 2  # cached views of each training image: 1 = the image, 2 = and its mirror image (a flip)
+
+    def problems(self) -> list[tuple[bool, str]]:
+        return [(self.views in (1, 2), f"trunk.views={self.views}: 1 (the image) or 2 (and its mirror image)")]
+
+
+@dataclass
 class ProbeConfig:
     # linear_probe (job/linear_probe.py): the L2 strengths tried, in this order (each solve warm-starts
     # from the previous), on loss = mean cross-entropy + l2/2 ||W||^2 over standardized features
@@ -373,6 +386,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    trunk: TrunkConfig = field(default_factory=TrunkConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     mix: MixConfig = field(default_factory=MixConfig)
@@ -594,6 +608,28 @@ def cross_section_problems(cfg: Config) -> list[tuple[bool, str]]:
         (cfg.mix.cutmix_alpha == 0 or strategy != "feature_extraction" or cache == "false",
          cutmix_on_features_message(cfg.mix.cutmix_alpha)),
         *_image_size_rules(cfg),
+        *_trunk_rules(cfg),
+    ]
+
+
+def _trunk_rules(cfg: Config) -> list[tuple[bool, str]]:
+    """A cached trunk (job/trunk.py) trains part of the backbone, from cached maps of unaugmented images."""
+    if cfg.trunk.train_from is None:
+        return []
+    on = f"trunk.train_from={cfg.trunk.train_from}"
+    return [
+        (cfg.train.strategy == "finetune",
+         f"{on} with train.strategy={cfg.train.strategy}: a cached trunk trains the backbone from that module on; "
+         "set train.strategy=finetune, or trunk.train_from=null"),
+        (cfg.features.cache != "false",
+         f"{on} with features.cache=false: the trunk's maps are always cached; set features.cache=auto, or "
+         "trunk.train_from=null to train every layer on images"),
+        (cfg.data.auto_augment == "none",
+         f"{on} with data.auto_augment={cfg.data.auto_augment}: the trunk's maps are computed once, from "
+         "unaugmented images (trunk.views=2 adds each mirror image); set data.auto_augment=none"),
+        (cfg.mix.cutmix_alpha == 0,
+         f"{on} with mix.cutmix_alpha={cfg.mix.cutmix_alpha:g}: CutMix pastes image boxes, not cached maps; set "
+         "mix.cutmix_alpha=0 (mix.mixup_alpha works on cached maps)"),
     ]
 
 
@@ -605,6 +641,9 @@ def _image_size_rules(cfg: Config) -> list[tuple[bool, str]]:
     cached = strategy == "linear_probe" or (strategy == "feature_extraction" and cfg.features.cache != "false")
     why = (f"with cached features (train.strategy={strategy}): the frozen backbone's features of every split are "
            "computed once, at one size")
+    if cfg.trunk.train_from is not None:
+        cached, why = True, (f"with a cached trunk (trunk.train_from={cfg.trunk.train_from}): its maps are computed "
+                             "once, at one size")
     other = (", or features.cache=false (images through the frozen backbone every epoch)"
              if strategy == "feature_extraction" else "")
     return [

@@ -95,8 +95,8 @@ class EmaComponent(Component):
     name = "ema"
     tensor_state = True
 
-    def __init__(self, module: torch.nn.Module, prefix: str, horizon_epochs: float, updates_per_epoch: int):
-        self.module, self.prefix = module, prefix
+    def __init__(self, module: torch.nn.Module, names: dict[str, str], horizon_epochs: float, updates_per_epoch: int):
+        self.module, self.names = module, names
         self.ema = WeightEma(module, horizon_epochs, updates_per_epoch)
 
     @classmethod
@@ -105,8 +105,7 @@ class EmaComponent(Component):
         """None when ``ema.epochs`` is 0 (off)."""
         if cfg.epochs <= 0:
             return None
-        prefix = next(name for name, module in model.named_modules() if module is trainable)
-        return cls(trainable, prefix, cfg.epochs, updates_per_epoch)
+        return cls(trainable, state_names(model, trainable), cfg.epochs, updates_per_epoch)
 
     def on_update(self, step: int) -> None:
         self.ema.update(self.module, step=step)
@@ -116,11 +115,17 @@ class EmaComponent(Component):
 
     def best_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The whole model's weights with the EMA's in place of the module that trains."""
-        prefix = self.prefix
-        return {**weights, **{f"{prefix}.{k}" if prefix else k: v for k, v in self.ema.state_dict().items()}}
+        return {**weights, **{self.names[k]: v for k, v in self.ema.state_dict().items()}}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.ema.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.ema.load_state_dict(state)
+
+
+def state_names(model: torch.nn.Module, module: torch.nn.Module) -> dict[str, str]:
+    """Each ``module`` state_dict key -> the key of the same tensor in ``model``'s: the trainable
+    module may be a submodule (the head) or a view of several (job/trunk.py's upper modules)."""
+    names = {id(v): k for k, v in model.state_dict(keep_vars=True).items()}
+    return {k: names[id(v)] for k, v in module.state_dict(keep_vars=True).items()}

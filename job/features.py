@@ -51,43 +51,67 @@ class FeatureKey:
     dtype: str  # of the stored features
     precision: str  # the autocast they were computed under: "bf16", "fp16" or "no"
     version: int = CACHE_VERSION
+    # What is cached of each image: "pooled" (the head's input), or the output maps of the frozen
+    # trunk before this module, and the views (job/trunk.py: "trunk:blocks.4:views=2").
+    rows: str = "pooled"
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:24]
 
 
-def feature_key(cfg, prep, store, precision: str = "no") -> FeatureKey:
+def feature_key(cfg, prep, store, precision: str = "no", rows: str = "pooled") -> FeatureKey:
     """The key of a run's features: ``cfg`` a job.config.Config, ``prep`` the loader's
     Preprocessing (the size the features are computed at: data.image_size, one size with cached
     features), ``store`` the prepared store, ``precision`` the autocast precision of the extraction
-    (Accelerator.mixed_precision)."""
+    (Accelerator.mixed_precision), ``rows`` what is cached of each image (FeatureKey.rows)."""
     from job.model import weights_identity
 
     return FeatureKey(model=cfg.model.name, weights=weights_identity(cfg.model, cfg.train.seed),
                       image_size=prep.image_size, interpolation=RESIZE_INTERPOLATION, mean=tuple(prep.mean),
                       std=tuple(prep.std), store=store.fingerprint, dtype=cfg.features.dtype,
-                      precision=precision)
+                      precision=precision, rows=rows)
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """What a cache holds for each image of each split: ``compute(images)`` -> (batch, *shape) rows
+    (the backbone's pooled features by default; job/trunk.py caches the trunk's output maps)."""
+
+    model: torch.nn.Module  # in eval mode while the rows are computed
+    compute: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], tuple[int, ...]]]
+
+    @classmethod
+    def pooled(cls, model) -> "Extraction":
+        row = (model.pooled_features, (model.backbone.num_features,))
+        return cls(model, {split: row for split in SPLITS})
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.compute)
 
 
 @dataclass
 class FeatureSet:
     path: Path
-    features: dict[str, np.ndarray]  # split -> (N, C), memory-mapped
+    features: dict[str, np.ndarray]  # split -> (N, *row shape): (N, C) pooled, memory-mapped
     labels: dict[str, np.ndarray]
     reused: bool
     extraction_seconds: float  # this run's backbone pass; 0 when the cache was reused
 
 
-def cached_features(accelerator: Accelerator, model: torch.nn.Module, store, spec: LoaderSpec, key: FeatureKey,
-                    cache_root: Path, batch_size: int, stop_requested: Callable[[], bool]) -> FeatureSet:
-    """Reuse the cache for ``key`` or extract it with ``model.pooled_features`` on every rank."""
+def cached_features(accelerator: Accelerator, rows: torch.nn.Module | Extraction, store, spec: LoaderSpec,
+                    key: FeatureKey, cache_root: Path, batch_size: int,
+                    stop_requested: Callable[[], bool]) -> FeatureSet:
+    """Reuse the cache for ``key`` or extract it on every rank: the rows of each split an Extraction
+    names, or a model's pooled features of every split."""
+    extraction = rows if isinstance(rows, Extraction) else Extraction.pooled(rows)
     path = Path(cache_root) / key.digest()
     local_ok = _complete(path, key)
     missing = accelerator.reduce(torch.tensor([0.0 if local_ok else 1.0], device=accelerator.device), "sum")
     seconds = 0.0
     if missing.item() > 0:  # some node lacks it: every rank takes part in the gathers
         start = time.perf_counter()
-        extracted = _extract(accelerator, model, store, spec, batch_size, key.dtype, stop_requested)
+        extracted = _extract(accelerator, extraction, store, spec, batch_size, key.dtype, stop_requested)
         seconds = time.perf_counter() - start
         # The global main process writes first; then each other node's local main writes only if
         # its storage still lacks the cache (node-local disks), never racing it on shared storage.
@@ -95,8 +119,8 @@ def cached_features(accelerator: Accelerator, model: torch.nn.Module, store, spe
         all_ranks_or_none(accelerator, write if accelerator.is_main_process else lambda: None)
         all_ranks_or_none(accelerator, write if accelerator.is_local_main_process and not accelerator.is_main_process
                           else lambda: None)
-    features = {s: np.load(path / f"{s}_features.npy", mmap_mode="r") for s in SPLITS}
-    labels = {s: np.load(path / f"{s}_labels.npy") for s in SPLITS}
+    features = {s: np.load(path / f"{s}_features.npy", mmap_mode="r") for s in extraction.splits}
+    labels = {s: np.load(path / f"{s}_labels.npy") for s in extraction.splits}
     return FeatureSet(path=path, features=features, labels=labels, reused=missing.item() == 0,
                       extraction_seconds=seconds)
 
@@ -109,15 +133,16 @@ def extraction_batches(num_samples: int, world_size: int, rank: int, batch_size:
 
 
 @torch.no_grad()
-def _extract(acc: Accelerator, model: torch.nn.Module, store, spec: LoaderSpec, batch_size: int, dtype: str,
+def _extract(acc: Accelerator, extraction: Extraction, store, spec: LoaderSpec, batch_size: int, dtype: str,
              stop_requested: Callable[[], bool]) -> dict[str, np.ndarray] | None:
     """Every rank computes its batches; the local main process of each node assembles all rows."""
+    model = extraction.model
     was_training = model.training
     model.eval()
-    torch_dtype, width, world = getattr(torch, dtype), model.backbone.num_features, acc.num_processes
+    torch_dtype, world = getattr(torch, dtype), acc.num_processes
     out = {}
     try:
-        for split in SPLITS:
+        for split, (compute, shape) in extraction.compute.items():
             data = store.split(split)
             n = len(data)
             loader = image_loader(spec, labels=data.labels, images=data.images, files=data.files, train=False,
@@ -125,17 +150,17 @@ def _extract(acc: Accelerator, model: torch.nn.Module, store, spec: LoaderSpec, 
                                   shard=sampling.Shard(batch_size=batch_size))
             num_batches = -(-n // batch_size)
             steps = -(-num_batches // world)  # the most batches any rank has
-            rows = HostRows(steps, world * batch_size, width, torch_dtype, acc.device) \
+            rows = HostRows(steps, world * batch_size, shape, torch_dtype, acc.device) \
                 if acc.is_local_main_process else None
             batches = iter(loader)
             for step in range(steps):
-                padded = torch.zeros(batch_size, width, dtype=torch_dtype, device=acc.device)
+                padded = torch.zeros(batch_size, *shape, dtype=torch_dtype, device=acc.device)
                 images, _ = next(batches, (None, None))  # a rank may have one batch fewer: it still gathers
                 if images is not None:
                     with acc.autocast():
-                        feats = model.pooled_features(images)
+                        feats = compute(images)
                     padded[: feats.shape[0]] = feats.to(torch_dtype)
-                gathered = acc.gather(padded)  # (world x batch, width): batch step*W + r came from rank r
+                gathered = acc.gather(padded)  # (world x batch, *shape): batch step*W + r came from rank r
                 if rows is not None:
                     rows.add(step, gathered)
                 if stop_requested():
@@ -153,10 +178,12 @@ class HostRows:
     synchronous), read once, after the split's last step. Step s holds batches s*W .. s*W + W - 1 in
     order, so the buffer seen flat is the rows in sample order, padding last."""
 
-    def __init__(self, steps: int, rows_per_step: int, width: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, steps: int, rows_per_step: int, shape: int | tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device):
         self.device = torch.device(device)
         self.pinned = self.device.type == "cuda"
-        self.buffer = torch.empty((steps, rows_per_step, width), dtype=dtype, pin_memory=self.pinned)
+        self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        self.buffer = torch.empty((steps, rows_per_step, *self.shape), dtype=dtype, pin_memory=self.pinned)
 
     def add(self, step: int, gathered: torch.Tensor) -> None:
         self.buffer[step].copy_(gathered, non_blocking=True)
@@ -165,7 +192,7 @@ class HostRows:
         """The first ``n`` rows (the samples), once every copy has landed."""
         if self.pinned:
             torch.cuda.current_stream(self.device).synchronize()
-        return self.buffer.view(-1, self.buffer.shape[-1])[:n].numpy()
+        return self.buffer.view(-1, *self.shape)[:n].numpy()
 
 
 def _write(path: Path, key: FeatureKey, store, extracted: dict[str, np.ndarray], seconds: float) -> None:

@@ -22,6 +22,7 @@ from job.linear_probe import ProbeResult, solve_probe
 from job.loop import evaluate
 from job.model import Strategy, TransferModel
 from job.storage import feature_cache_root
+from job.trunk import TrunkMode
 
 
 @dataclass
@@ -185,13 +186,16 @@ class LinearProbeMode(FeatureMode):
         return self.result
 
 
-Mode = ImageMode | FeatureMode | LinearProbeMode
+Mode = ImageMode | FeatureMode | LinearProbeMode | TrunkMode
 
 
 def build_mode(cfg: Config) -> Mode:
     """The one place ``train.strategy`` and ``features.cache`` choose how the run trains:
-    ``auto`` caches whenever the backbone is frozen for the whole run."""
+    ``auto`` caches whenever the backbone is frozen for the whole run; ``trunk.train_from`` caches
+    the frozen lower part of a fine-tuned backbone (job/trunk.py)."""
     strategy = Strategy.from_config(cfg.train)
+    if cfg.trunk.train_from is not None:  # finetune only (job/config.py)
+        return TrunkMode(strategy, cfg.trunk)
     if strategy.name == "linear_probe":  # always cached (job/config.py refuses features.cache=false)
         return LinearProbeMode(strategy)
     if strategy.name == "feature_extraction" and cfg.features.cache != "false":
