@@ -240,7 +240,7 @@ def replace_between(path: Path, body: str, start: str = START, end: str = END) -
 def write_time_to_accuracy(records: list[time_to_accuracy.Record]) -> None:
     """The ledger's plot (when it has a record) and the page's section between its markers."""
     if records:
-        time_to_accuracy.plot(records, time_to_accuracy.FIGURE)
+        time_to_accuracy.plot(time_to_accuracy.distinct_runs(records), time_to_accuracy.FIGURE)
     figure = time_to_accuracy.FIGURE.relative_to(DOC.parent).as_posix() \
         if time_to_accuracy.FIGURE.is_relative_to(DOC.parent) else str(time_to_accuracy.FIGURE)
     replace_between(DOC, time_to_accuracy.section(records, figure), time_to_accuracy.START, time_to_accuracy.END)

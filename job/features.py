@@ -152,7 +152,7 @@ def _extract(acc: Accelerator, extraction: Extraction, store, spec: LoaderSpec, 
             steps = -(-num_batches // world)  # the most batches any rank has
             rows = HostRows(steps, world * batch_size, shape, torch_dtype, acc.device) \
                 if acc.is_local_main_process else None
-            batches = iter(loader)
+            batches, start = iter(loader), time.perf_counter()
             for step in range(steps):
                 padded = torch.zeros(batch_size, *shape, dtype=torch_dtype, device=acc.device)
                 images, _ = next(batches, (None, None))  # a rank may have one batch fewer: it still gathers
@@ -167,6 +167,8 @@ def _extract(acc: Accelerator, extraction: Extraction, store, spec: LoaderSpec, 
                     # nothing kept: the next run extracts again
                     raise Preempted(f"SIGTERM during feature extraction ({split}, step {step + 1}/{steps})")
             out[split] = rows.numpy(n) if rows is not None else None
+            seconds = time.perf_counter() - start
+            acc.print(f"cached {split}: {n} images x {shape} in {seconds:.0f}s ({n / max(seconds, 1e-9):.0f} images/s)")
     finally:
         model.train(was_training)
     return out if acc.is_local_main_process else None

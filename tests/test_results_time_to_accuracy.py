@@ -4,6 +4,7 @@ and the Pareto front, the lever pairs, the plot and docs/RESULTS.md's section ar
 ledger alone."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -173,6 +174,20 @@ def test_lever_records_pair_by_name_the_latest_of_each_side():
     table = time_to_accuracy.lever_table([ema, mixup])
     assert "| ema | 0.9000 | 0.9120 | +0.0120 | 50.0 min | 53.0 min |" in table
     assert "| mixup | not run | 0.8800 | - | - | 55.0 min |" in table
+
+
+def test_a_run_recorded_again_under_a_lever_label_is_one_row_and_one_point_but_pairs():
+    baseline = _record("cpu_hour", 44.5, 0.9073)
+    again = dataclasses.replace(baseline, label="lever:trunk:off")
+    records = [baseline, _record("trunk", 44, 0.92), again, dataclasses.replace(_record("trunk", 44, 0.92),
+                                                                                label="lever:trunk:on")]
+    runs = time_to_accuracy.distinct_runs(records)
+    assert [r.label for r in runs] == ["cpu_hour, lever:trunk:off", "trunk, lever:trunk:on"]
+    (pair,) = time_to_accuracy.lever_pairs(records)
+    assert pair.difference == pytest.approx(0.92 - 0.9073)
+    text = time_to_accuracy.section(records)
+    assert text.count("| `cpu_hour, lever:trunk:off` |") == 1 and "| trunk | 0.9073 | 0.9200 | +0.0127 |" in text
+    assert "The best `cpu_hour` record does not meet" in text
 
 
 def test_the_plot_has_every_record_the_front_and_both_targets_and_is_the_same_each_time(tmp_path):
