@@ -202,6 +202,9 @@ class TrunkConfig:
     # from `python -m job.trunk MODEL` (e.g. blocks.4 of an EfficientNet); null = off.
     train_from: str | None = None
     views: int = 2  # cached views of each training image: 1 = the image, 2 = and its mirror image (a flip)
+    # The image loaders' random shift (up to 4 of 32 px) applied to the cached training maps, rounded to
+    # whole map cells, zero-filled: a translation-equivariant trunk's maps of the shifted image, but at the borders
+    shift: bool = False
 
     def problems(self) -> list[tuple[bool, str]]:
         return [(self.views in (1, 2), f"trunk.views={self.views}: 1 (the image) or 2 (and its mirror image)")]

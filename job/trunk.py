@@ -99,23 +99,40 @@ def split_backbone(model: TransferModel, train_from: str, image_size: int) -> Sp
     return split_
 
 
+def translate(maps: torch.Tensor, cells: np.ndarray) -> torch.Tensor:
+    """Each map (B, C, H, W) moved by its (x, y) whole cells, zero-filled where it came from outside."""
+    pad = int(np.abs(cells).max(initial=0))
+    if pad == 0:
+        return maps
+    height, width = maps.shape[-2:]
+    padded = torch.nn.functional.pad(maps, (pad, pad, pad, pad))
+    return torch.stack([padded[i, :, pad - dy:pad - dy + height, pad - dx:pad - dx + width]
+                        for i, (dx, dy) in enumerate(cells.tolist())])
+
+
 class TrunkLoader(sampling.PlannedLoader):
     """The DaliLoader contract over cached maps (N, views, C, H, W): the image loaders' shard rule and
     per-epoch shuffle; a training batch takes each sample's view from the epoch's flip draw (view 1
-    is the mirror image's maps), evaluation view 0. Float32 on ``device``, channels_last if asked."""
+    is the mirror image's maps) and, with ``shift``, moves its maps by the epoch's shift draw in whole
+    cells (job/trunk.py: translate); evaluation reads view 0 as it is. Float32 on ``device``,
+    channels_last if asked."""
 
     def __init__(self, maps: np.ndarray, labels: np.ndarray, *, train: bool, shard: sampling.Shard, device,
-                 channels_last: bool):
-        super().__init__(len(labels), train=train, shard=shard, augment=train and maps.shape[1] > 1)
+                 channels_last: bool, shift: bool = False):
+        super().__init__(len(labels), train=train, shard=shard, augment=train and (maps.shape[1] > 1 or shift))
         self.maps, self.labels, self.device = maps, labels, torch.device(device)
+        self.shift = train and shift
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __iter__(self):
         order, aug = self.epoch_draws()
+        two_views = self.maps.shape[1] > 1
         for positions in self.plan.batches:
             idx = order[positions] if order is not None else positions
-            views = aug.flip[positions] if aug is not None else np.zeros(len(idx), dtype=np.int64)
+            views = aug.flip[positions] if aug is not None and two_views else np.zeros(len(idx), dtype=np.int64)
             x = torch.from_numpy(np.asarray(self.maps[idx, views]))
+            if self.shift:  # a fraction of the side -> whole cells of these maps
+                x = translate(x, np.rint(aug.shift[positions] * np.array(x.shape[-1:-3:-1])).astype(np.int64))
             y = torch.from_numpy(self.labels[idx])
             if self.device.type == "cuda":  # non_blocking copies only from pinned memory
                 x, y = x.pin_memory(), y.pin_memory()
@@ -147,7 +164,8 @@ class TrunkMode:
         self.features: FeatureSet | None = None
 
     def describe(self) -> str:
-        return f"{self.strategy.name} from {self.cfg.train_from}, cached trunk ({self.cfg.views} view(s))"
+        shift = ", shifted" if self.cfg.shift else ""
+        return f"{self.strategy.name} from {self.cfg.train_from}, cached trunk ({self.cfg.views} view(s){shift})"
 
     def summary_fields(self) -> dict:
         return {}
@@ -170,7 +188,7 @@ class TrunkMode:
         acc.print(f"{verb}: {self.split.map_shape} per view, {self.features.path}")
         return {split: TrunkLoader(self.features.features[split], self.features.labels[split],
                                    train=split == "train", shard=inputs.shard, device=acc.device,
-                                   channels_last=cfg.train.channels_last)
+                                   channels_last=cfg.train.channels_last, shift=self.cfg.shift)
                 for split in ("train", "val")}
 
     def trainable(self, model: TransferModel) -> nn.Module:

@@ -18,7 +18,7 @@ from job.model import TransferModel, build_head, create_model
 from job.modes import build_mode
 from job.run_dir import RunDir
 from job.train import Trainer
-from job.trunk import TrunkLoader, TrunkMode, backbone_units, split_backbone
+from job.trunk import TrunkLoader, TrunkMode, backbone_units, split_backbone, translate
 
 
 def tiny(tmp_path, name="run", *overrides):
@@ -144,3 +144,28 @@ def test_each_epoch_draws_each_samples_view_from_its_flip_draw_and_evaluation_re
     assert 0 < sum(flip) < n
     val = TrunkLoader(maps, labels, train=False, shard=Shard(batch_size=4), device="cpu", channels_last=False)
     assert torch.cat([batch for batch, _ in val]).flatten().tolist() == [2 * i for i in range(n)]
+
+
+def test_shift_moves_each_training_map_by_the_epochs_shift_draw_in_whole_cells_and_never_evaluation():
+    one_hot = torch.zeros(2, 1, 5, 5)
+    one_hot[:, 0, 2, 2] = 1
+    moved = translate(one_hot, np.array([[1, 0], [-2, 1]]))
+    assert moved[0, 0, 2, 3] == 1 and moved[1, 0, 3, 0] == 1 and moved.sum() == 2  # (x, y): right, then left-down
+    assert translate(one_hot, np.array([[3, 0], [0, 0]]))[0].sum() == 0  # moved out: zero-filled
+
+    n, side = 12, 16  # a 16-cell map: shifts of up to 4/32 of the side are up to 2 cells
+    maps = torch.randn(n, 2, 3, side, side).half().numpy()
+    loader = TrunkLoader(maps, np.arange(n), train=True, shard=Shard(batch_size=5, seed=1), device="cpu",
+                         channels_last=True, shift=True)
+    loader.set_epoch(2)
+    order, aug = epoch_permutation(n, 1, 2), epoch_augmentation(n, 1, 2)
+    cells = np.rint(aug.shift * side).astype(np.int64)
+    assert np.abs(cells).max() == 2 and (cells != 0).any()
+    x = torch.cat([batch for batch, _ in loader])
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    for p in range(n):
+        view = torch.from_numpy(maps[order[p], aug.flip[p]]).float()[None]
+        assert torch.equal(x[p], translate(view, cells[p:p + 1])[0]), p
+    val = TrunkLoader(maps, np.arange(n), train=False, shard=Shard(batch_size=5), device="cpu", channels_last=False,
+                      shift=True)
+    assert torch.equal(torch.cat([batch for batch, _ in val]), torch.from_numpy(maps[:, 0]).float())
