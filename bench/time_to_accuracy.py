@@ -271,11 +271,12 @@ def headline_table(records: Sequence[Record]) -> str:
 
 def ledger_table(records: Sequence[Record]) -> str:
     lines = ["| label | test accuracy | flip-TTA | wall time | CPU share | val accuracy by epoch (epoch s) | "
-             "finished | command |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "finished (commit: its --config is read there) | command |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         curve = ", ".join(f"{e['val_accuracy']:.3f} ({e['epoch_seconds']:.0f})" for e in r.epochs) or "-"
         lines.append(f"| `{r.label}` | {r.test_accuracy:.4f} | {_tta(r)} | {r.wall_minutes:.1f} min | {_share(r)} | "
-                     f"{curve} | {r.finished[:10]} | {_code(r.command)} |")
+                     f"{curve} | {r.finished[:10]} ({(r.commit or 'not recorded')[:7]}) | {_code(r.command)} |")
     return "\n".join(lines)
 
 
