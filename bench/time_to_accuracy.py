@@ -96,7 +96,7 @@ def append(record: Record, path: Path | None = None) -> Path:
 def distinct_runs(records: Sequence[Record]) -> list[Record]:
     """One record per run: a run recorded again under another label (``--record-existing`` to make it
     one side of a lever pair) is one point and one row, its labels joined, at its first record's place."""
-    merged: dict[tuple[str, str], Record] = {}
+    merged: dict[tuple[str, str, int, float], Record] = {}
     for r in records:
         key = (r.run_dir, r.finished, round(r.wall_seconds), r.test_accuracy)
         if key in merged:

@@ -219,19 +219,29 @@ def _complete(path: Path, key: FeatureKey) -> bool:
 
 
 class FeatureLoader(sampling.PlannedLoader):
-    """The DaliLoader contract over cached features: the same shard rule and the same per-epoch
-    shuffle as the image loaders, no augmentation; batches are moved to ``device`` as float32."""
+    """The DaliLoader contract over cached rows: the same shard rule and the same per-epoch shuffle
+    as the image loaders; batches are moved to ``device`` as float32 in ``memory_format``. The rows
+    are used as stored, no augmentation; a subclass's ``rows`` may pick or move them with the
+    epoch's augmentation draws (``augment``: job/trunk.py's TrunkLoader)."""
 
-    def __init__(self, features: np.ndarray, labels: np.ndarray, *, train: bool, shard: sampling.Shard, device):
-        super().__init__(len(labels), train=train, shard=shard)
+    memory_format = torch.contiguous_format
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, *, train: bool, shard: sampling.Shard, device,
+                 augment: bool = False):
+        super().__init__(len(labels), train=train, shard=shard, augment=augment)
         self.features, self.labels, self.device = features, labels, device
 
+    def rows(self, idx: np.ndarray, positions: np.ndarray, aug: sampling.Augmentation | None) -> torch.Tensor:
+        """The host rows of samples ``idx`` (at ``positions`` of the epoch's draws)."""
+        return torch.from_numpy(np.asarray(self.features[idx]))
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order, _ = self.epoch_draws()
+        order, aug = self.epoch_draws()
         for positions in self.plan.batches:
             idx = order[positions] if order is not None else positions
-            x = torch.from_numpy(np.asarray(self.features[idx]))
+            x = self.rows(idx, positions, aug)
             y = torch.from_numpy(self.labels[idx])
             if torch.device(self.device).type == "cuda":  # non_blocking copies only from pinned memory
                 x, y = x.pin_memory(), y.pin_memory()
-            yield x.to(self.device, torch.float32, non_blocking=True), y.to(self.device, non_blocking=True)
+            x = x.to(self.device, torch.float32, non_blocking=True).contiguous(memory_format=self.memory_format)
+            yield x, y.to(self.device, non_blocking=True)

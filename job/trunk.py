@@ -25,7 +25,7 @@ from torch import nn
 from dali_pipelines import sampling
 from job.config import ConfigError, TrainConfig, TrunkConfig
 from job.distributed import wrap_for_training
-from job.features import Extraction, FeatureSet, cached_features, feature_key
+from job.features import Extraction, FeatureLoader, FeatureSet, cached_features, feature_key
 from job.loop import evaluate
 from job.model import Strategy, TransferModel
 from job.storage import feature_cache_root
@@ -80,23 +80,21 @@ def split_backbone(model: TransferModel, train_from: str, image_size: int) -> Sp
                           f"{', '.join(names[1:])} (`python -m job.trunk MODEL` lists them with their output "
                           "sizes), or null to train every layer")
     cut = names.index(train_from)
-    split_ = Split(nn.Sequential(*[m for _, m in units[:cut]]), Upper([m for _, m in units[cut:]], model.head),
-                   (0, 0, 0))
+    trunk, upper = nn.Sequential(*[m for _, m in units[:cut]]), Upper([m for _, m in units[cut:]], model.head)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
             x = x.to(next(model.parameters()).device)
-            maps = split_.trunk(x)
-            whole, chained = model(x), split_.upper(maps)
+            maps = trunk(x)
+            whole, chained = model(x), upper(maps)
     finally:
         model.train(was_training)
     if not torch.allclose(whole, chained, rtol=1e-4, atol=1e-4):
         raise ConfigError(f"trunk.train_from: {model.backbone.__class__.__name__}'s forward is not the chain of its "
                           "modules, so it cannot be cut; set trunk.train_from=null")
-    split_.map_shape = tuple(maps.shape[1:])
-    return split_
+    return Split(trunk, upper, tuple(maps.shape[1:]))
 
 
 def translate(maps: torch.Tensor, cells: np.ndarray) -> torch.Tensor:
@@ -110,34 +108,26 @@ def translate(maps: torch.Tensor, cells: np.ndarray) -> torch.Tensor:
                         for i, (dx, dy) in enumerate(cells.tolist())])
 
 
-class TrunkLoader(sampling.PlannedLoader):
-    """The DaliLoader contract over cached maps (N, views, C, H, W): the image loaders' shard rule and
-    per-epoch shuffle; a training batch takes each sample's view from the epoch's flip draw (view 1
-    is the mirror image's maps) and, with ``shift``, moves its maps by the epoch's shift draw in whole
-    cells (job/trunk.py: translate); evaluation reads view 0 as it is. Float32 on ``device``,
-    channels_last if asked."""
+class TrunkLoader(FeatureLoader):
+    """The feature cache's loader over cached maps (N, views, C, H, W): a training batch takes each
+    sample's view from the epoch's flip draw (view 1 is the mirror image's maps) and, with ``shift``,
+    moves its maps by the epoch's shift draw in whole cells (``translate``); evaluation reads view 0
+    as it is. Channels_last if asked."""
 
     def __init__(self, maps: np.ndarray, labels: np.ndarray, *, train: bool, shard: sampling.Shard, device,
                  channels_last: bool, shift: bool = False):
-        super().__init__(len(labels), train=train, shard=shard, augment=train and (maps.shape[1] > 1 or shift))
-        self.maps, self.labels, self.device = maps, labels, torch.device(device)
+        super().__init__(maps, labels, train=train, shard=shard, device=device,
+                         augment=train and (maps.shape[1] > 1 or shift))
         self.shift = train and shift
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def __iter__(self):
-        order, aug = self.epoch_draws()
-        two_views = self.maps.shape[1] > 1
-        for positions in self.plan.batches:
-            idx = order[positions] if order is not None else positions
-            views = aug.flip[positions] if aug is not None and two_views else np.zeros(len(idx), dtype=np.int64)
-            x = torch.from_numpy(np.asarray(self.maps[idx, views]))
-            if self.shift:  # a fraction of the side -> whole cells of these maps
-                x = translate(x, np.rint(aug.shift[positions] * np.array(x.shape[-1:-3:-1])).astype(np.int64))
-            y = torch.from_numpy(self.labels[idx])
-            if self.device.type == "cuda":  # non_blocking copies only from pinned memory
-                x, y = x.pin_memory(), y.pin_memory()
-            x = x.to(self.device, torch.float32, non_blocking=True).contiguous(memory_format=self.memory_format)
-            yield x, y.to(self.device, non_blocking=True)
+    def rows(self, idx: np.ndarray, positions: np.ndarray, aug: sampling.Augmentation | None) -> torch.Tensor:
+        two_views = aug is not None and self.features.shape[1] > 1
+        views = aug.flip[positions] if two_views else np.zeros(len(idx), dtype=np.int64)
+        x = torch.from_numpy(np.asarray(self.features[idx, views]))
+        if self.shift:  # a fraction of the side -> whole cells of these maps
+            x = translate(x, np.rint(aug.shift[positions] * np.array(x.shape[-1:-3:-1])).astype(np.int64))
+        return x
 
 
 def trunk_extraction(model: nn.Module, trunk: nn.Module, map_shape: tuple[int, ...], views: int) -> Extraction:
